@@ -1,0 +1,1 @@
+"""dm-audit: find and fix bad labels with derivative manipulation."""
