@@ -1,0 +1,721 @@
+"""Example-weighting curves: a loss's derivative magnitude as a function of p_i.
+
+A classification loss that depends only on p_i, the probability of the given label, back-propagates
+``dL/dz_i = w(p_i) / (2(1 - p_i)) * (p - onehot(y_i))``: its direction is the same for CCE, MAE,
+MSE and GCE, and its L1 magnitude ``w(p_i)`` is the example's *weight*. Derivative manipulation
+(DM) chooses ``w`` directly. This module holds those weighting curves, their normalisation into
+emphasis density functions (EDF, a curve divided by its integral over [0, 1]), their emphasis mode
+and variance, and a plot of several curves.
+
+Every ``weight_*`` function accepts a NumPy array or a torch tensor of probabilities of any shape
+and returns the same type with the same shape (and dtype, for floating inputs), so the same code
+serves analysis in NumPy and training on any torch device. Probabilities are clipped to [0, 1]
+first: rounding can push a softmax output a hair past 1, which would make ``1 - p`` negative.
+
+Constants follow the DM paper's L1 magnitudes: MAE is ``1 - p_i`` with weight ``2 p (1 - p)``.
+IMAE and GR write MAE as ``2 (1 - p_i)`` and so its weight as ``4 p (1 - p)``; constant factors
+vanish under any normalisation (EDF or batch), so only analyses of raw variance see the difference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from dm_audit.errors import ConfigError, DataError
+
+__all__ = [
+    "WEIGHTING_NAMES",
+    "Weighting",
+    "batch_variance",
+    "create_weighting",
+    "curve_variance",
+    "dm_emphasis_mode",
+    "edf",
+    "emphasis_mode",
+    "integrate_unit",
+    "plot_weighting_curves",
+    "weight_beta",
+    "weight_cce",
+    "weight_dm",
+    "weight_exponential",
+    "weight_gce",
+    "weight_imae",
+    "weight_mae",
+    "weight_mse",
+    "weight_normal",
+]
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+# Training evaluates weights in float32 (max 3.4e38) and sums a batch of them, so a curve whose
+# peak exceeds this bound would overflow to inf and turn the batch normalisation into NaN; a peak
+# below the lower bound underflows to zero and silently stops learning.
+_MAX_WEIGHT = 1e30
+_MIN_PEAK = 1e-30
+_DN_SUFFIX = "-dn"
+
+
+# --------------------------------------------------------------------------- array backend
+
+
+def _backend(p: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """Return ``(p clipped to [0, 1], exp)`` in p's own library, floating point."""
+    if isinstance(p, torch.Tensor):
+        x = p if p.is_floating_point() else p.to(torch.get_default_dtype())
+        return x.clamp(0.0, 1.0), torch.exp
+    x = np.asarray(p)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    return np.clip(x, 0.0, 1.0), np.exp
+
+
+# --------------------------------------------------------------------------- parameter checks
+
+
+def _finite(name: str, value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter {name!r} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"parameter {name!r} must be finite, got {value!r}")
+    return value
+
+
+def _at_least(name: str, value: float, low: float) -> float:
+    value = _finite(name, value)
+    if value < low:
+        raise ConfigError(f"parameter {name!r} must be >= {low:g}, got {value:g}")
+    return value
+
+
+def _within(name: str, value: float, low: float, high: float) -> float:
+    value = _finite(name, value)
+    if not low <= value <= high:
+        raise ConfigError(f"parameter {name!r} must lie in [{low:g}, {high:g}], got {value:g}")
+    return value
+
+
+# --------------------------------------------------------------------------- weighting functions
+
+
+def weight_cce(p: ArrayT) -> ArrayT:
+    """Weight of categorical cross entropy, ``w = 2 (1 - p)``; emphasis mode 0.
+
+    Parameters
+    ----------
+    p : np.ndarray or torch.Tensor, shape (...)
+        Probability of the given label, in [0, 1].
+
+    Returns
+    -------
+    np.ndarray or torch.Tensor, shape (...)
+        The weights, same type as ``p``.
+    """
+    x, _ = _backend(p)
+    return 2.0 * (1.0 - x)
+
+
+def weight_mae(p: ArrayT) -> ArrayT:
+    """Weight of mean absolute error ``1 - p``, ``w = 2 p (1 - p)``; emphasis mode 0.5.
+
+    IMAE and GR define MAE as ``2 (1 - p)``, whose weight ``4 p (1 - p)`` is twice this one.
+
+    Parameters
+    ----------
+    p : np.ndarray or torch.Tensor, shape (...)
+        Probability of the given label, in [0, 1].
+
+    Returns
+    -------
+    np.ndarray or torch.Tensor, shape (...)
+        The weights, same type as ``p``.
+    """
+    x, _ = _backend(p)
+    return 2.0 * x * (1.0 - x)
+
+
+def weight_mse(p: ArrayT) -> ArrayT:
+    """Weight of mean square error ``(1 - p)^2``, ``w = 4 p (1 - p)^2``; emphasis mode 1/3.
+
+    Parameters
+    ----------
+    p : np.ndarray or torch.Tensor, shape (...)
+        Probability of the given label, in [0, 1].
+
+    Returns
+    -------
+    np.ndarray or torch.Tensor, shape (...)
+        The weights, same type as ``p``.
+    """
+    x, _ = _backend(p)
+    return 4.0 * x * (1.0 - x) ** 2
+
+
+def weight_gce(p: ArrayT, q: float) -> ArrayT:
+    """Weight of generalised cross entropy ``(1 - p^q)/q``, ``w = 2 p^q (1 - p)``.
+
+    Parameters
+    ----------
+    p : np.ndarray or torch.Tensor, shape (...)
+        Probability of the given label, in [0, 1].
+    q : float
+        GCE exponent in [0, 1]; q = 0 gives CCE's weight, q = 1 MAE's. Emphasis mode q/(q+1).
+
+    Returns
+    -------
+    np.ndarray or torch.Tensor, shape (...)
+        The weights, same type as ``p``.
+    """
+    q = _within("q", q, 0.0, 1.0)
+    x, _ = _backend(p)
+    return 2.0 * x**q * (1.0 - x)
+
+
+def weight_dm(p: ArrayT, lam: float, beta: float) -> ArrayT:
+    """DM weighting (DM Eq. 12, GR Eq. 6/7), ``w = exp(beta p^lam (1 - p))``.
+
+    Parameters
+    ----------
+    p : np.ndarray or torch.Tensor, shape (...)
+        Probability of the given label, in [0, 1].
+    lam : float
+        Emphasis-mode parameter, >= 0; the mode is lam/(lam+1) for beta > 0 (0: hardest examples
+        first, like CCE; larger: easier examples).
+    beta : float
+        Emphasis-spread parameter; 0 weighs every example the same.
+
+    Returns
+    -------
+    np.ndarray or torch.Tensor, shape (...)
+        The weights, same type as ``p``.
+    """
+    lam = _at_least("lam", lam, 0.0)
+    beta = _finite("beta", beta)
+    x, exp = _backend(p)
+    return exp(beta * x**lam * (1.0 - x))
+
+
+def weight_normal(p: ArrayT, psi: float, beta: float) -> ArrayT:
+    """Normal-distribution variant (DM Eq. 9), ``w = exp(-beta p (p - 2 psi))``.
+
+    Parameters
+    ----------
+    p : np.ndarray or torch.Tensor, shape (...)
+        Probability of the given label, in [0, 1].
+    psi : float
+        Emphasis mode in [0, 1] (for beta > 0).
+    beta : float
+        Emphasis spread; larger is narrower around ``psi``.
+
+    Returns
+    -------
+    np.ndarray or torch.Tensor, shape (...)
+        The weights, same type as ``p``.
+    """
+    psi = _within("psi", psi, 0.0, 1.0)
+    beta = _finite("beta", beta)
+    x, exp = _backend(p)
+    return exp(-beta * x * (x - 2.0 * psi))
+
+
+def weight_exponential(p: ArrayT, beta: float) -> ArrayT:
+    """Exponential-distribution variant (DM Eq. 10), ``w = exp(beta (1 - p))``.
+
+    Equal to :func:`weight_dm` with ``lam = 0``.
+
+    Parameters
+    ----------
+    p : np.ndarray or torch.Tensor, shape (...)
+        Probability of the given label, in [0, 1].
+    beta : float
+        beta > 0 favours hard examples (small p), beta < 0 easy ones.
+
+    Returns
+    -------
+    np.ndarray or torch.Tensor, shape (...)
+        The weights, same type as ``p``.
+    """
+    beta = _finite("beta", beta)
+    x, exp = _backend(p)
+    return exp(beta * (1.0 - x))
+
+
+def weight_beta(p: ArrayT, alpha: float, eta: float) -> ArrayT:
+    """Beta-distribution variant (DM Eq. 11), ``w = p^(alpha-1) (1 - p)^(eta-1)``.
+
+    (alpha, eta) = (1, 2), (2, 2), (2, 3), (q+1, 2) give CCE, MAE, MSE and GCE up to a constant.
+    The DM paper allows alpha, eta >= 0; we require >= 1 so that the weight stays finite at
+    p = 0 and p = 1 (a weight of infinity cannot be trained with).
+
+    Parameters
+    ----------
+    p : np.ndarray or torch.Tensor, shape (...)
+        Probability of the given label, in [0, 1].
+    alpha, eta : float
+        Shape parameters, >= 1. Emphasis mode (alpha-1)/(alpha+eta-2).
+
+    Returns
+    -------
+    np.ndarray or torch.Tensor, shape (...)
+        The weights, same type as ``p``.
+    """
+    alpha = _at_least("alpha", alpha, 1.0)
+    eta = _at_least("eta", eta, 1.0)
+    x, _ = _backend(p)
+    return x ** (alpha - 1.0) * (1.0 - x) ** (eta - 1.0)
+
+
+def weight_imae(p: ArrayT, T: float) -> ArrayT:
+    """IMAE weighting, ``w = exp(T p (1 - p))`` (DM with lam = 1, beta = T); mode 0.5.
+
+    Parameters
+    ----------
+    p : np.ndarray or torch.Tensor, shape (...)
+        Probability of the given label, in [0, 1].
+    T : float
+        Emphasis spread, >= 0 (the IMAE paper uses 8 on noisy data, 0.5 on clean data).
+
+    Returns
+    -------
+    np.ndarray or torch.Tensor, shape (...)
+        The weights, same type as ``p``.
+    """
+    T = _at_least("T", T, 0.0)
+    x, exp = _backend(p)
+    return exp(T * x * (1.0 - x))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _scale_keys(*keys: str) -> Callable[[dict[str, float], float], dict[str, float]]:
+    """Ramp rule: the listed parameters grow linearly from 0 with the emphasis scale."""
+
+    def rule(params: dict[str, float], scale: float) -> dict[str, float]:
+        return {k: v * scale if k in keys else v for k, v in params.items()}
+
+    return rule
+
+
+def _scale_beta_shape(params: dict[str, float], scale: float) -> dict[str, float]:
+    # Shape parameters grow from 1 (a flat curve), not from 0 (an unbounded one).
+    return {k: 1.0 + (v - 1.0) * scale for k, v in params.items()}
+
+
+@dataclass(frozen=True)
+class _Family:
+    fn: Callable[..., Any]
+    params: tuple[str, ...]
+    defaults: Mapping[str, float]
+    # How an emphasis scale s in [0, 1] maps the parameters (s = 0: the ramp's start);
+    # None for curves without emphasis parameters.
+    ramp: Callable[[dict[str, float], float], dict[str, float]] | None
+
+
+_FAMILIES: dict[str, _Family] = {
+    "cce": _Family(weight_cce, (), {}, None),
+    "mae": _Family(weight_mae, (), {}, None),
+    "mse": _Family(weight_mse, (), {}, None),
+    # q = 0.7 is GCE's recommended setting; (lam, beta) = (0.5, 8) is GR's all-round default;
+    # T = 8 is IMAE's setting for noisy labels. The other variants have no published default.
+    "gce": _Family(weight_gce, ("q",), {"q": 0.7}, _scale_keys("q")),
+    "dm": _Family(
+        weight_dm, ("lam", "beta"), {"lam": 0.5, "beta": 8.0}, _scale_keys("lam", "beta")
+    ),
+    "normal": _Family(weight_normal, ("psi", "beta"), {}, _scale_keys("psi", "beta")),
+    "exponential": _Family(weight_exponential, ("beta",), {}, _scale_keys("beta")),
+    "beta": _Family(weight_beta, ("alpha", "eta"), {}, _scale_beta_shape),
+    "imae": _Family(weight_imae, ("T",), {"T": 8.0}, _scale_keys("T")),
+}
+
+WEIGHTING_NAMES: tuple[str, ...] = tuple(_FAMILIES) + tuple(n + _DN_SUFFIX for n in _FAMILIES)
+"""Every name :func:`create_weighting` accepts: the families and their "-dn" (EDF) versions."""
+
+
+def _split_name(name: str) -> tuple[str, bool]:
+    if not isinstance(name, str) or name not in WEIGHTING_NAMES:
+        raise ConfigError(
+            f"unknown weighting {name!r}; choose one of: {', '.join(WEIGHTING_NAMES)}"
+        )
+    if name.endswith(_DN_SUFFIX):
+        return name[: -len(_DN_SUFFIX)], True
+    return name, False
+
+
+# --------------------------------------------------------------------------- quadrature
+
+
+def _tanh_sinh_rule(step: float = 1.0 / 64.0, t_max: float = 4.5) -> tuple[np.ndarray, np.ndarray]:
+    # Tanh-sinh (double-exponential) quadrature mapped to [0, 1]: p = sigmoid(pi sinh t). The
+    # trapezoid rule in t converges exponentially even for endpoint singularities such as
+    # p^0.01 (GCE, DM with small lam), which defeat plain Gauss-Legendre; 577 nodes give ~1e-15
+    # on every curve of this module. The tails beyond |t| = 4.5 weigh < 1e-60.
+    t = np.arange(-t_max, t_max + step / 2, step)
+    s = np.pi * np.sinh(t)
+    p = 1.0 / (1.0 + np.exp(-s))
+    one_minus_p = 1.0 / (1.0 + np.exp(s))
+    weights = step * np.pi * np.cosh(t) * p * one_minus_p
+    return p, weights
+
+
+_NODES, _QWEIGHTS = _tanh_sinh_rule()
+
+
+def integrate_unit(f: Callable[[np.ndarray], Any]) -> float:
+    """Integral of a vectorised function over [0, 1], accurate to about 1e-12.
+
+    Parameters
+    ----------
+    f : callable
+        Maps a float64 array of probabilities, shape (n,), to values of the same shape
+        (a :class:`Weighting` or any ``weight_*`` function with its parameters bound).
+
+    Returns
+    -------
+    float
+        ``∫₀¹ f(p) dp`` by tanh-sinh quadrature.
+    """
+    values = np.asarray(f(_NODES.copy()), dtype=np.float64)
+    if values.shape != _NODES.shape:
+        raise ConfigError(f"integrand returned shape {values.shape}, expected {_NODES.shape}")
+    return float(np.dot(_QWEIGHTS, values))
+
+
+@functools.lru_cache(maxsize=4096)
+def _raw_integral(base: str, params: tuple[tuple[str, float], ...]) -> float:
+    fn = _FAMILIES[base].fn
+    kwargs = dict(params)
+    return integrate_unit(lambda p: fn(p, **kwargs))
+
+
+# --------------------------------------------------------------------------- Weighting
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """A named weighting curve with bound parameters, callable on probabilities.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`WEIGHTING_NAMES`. A name ending in "-dn" is the family's emphasis density
+        function: the curve divided by its integral over [0, 1].
+    params : dict of str to float
+        The family's parameters (see the ``weight_*`` functions); missing ones take the family's
+        default where it has one. Unknown or invalid parameters raise :class:`ConfigError`.
+
+    Examples
+    --------
+    >>> w = Weighting("dm", {"lam": 1.0, "beta": 8.0})
+    >>> w(np.array([0.0, 0.5, 1.0])).round(4)
+    array([1.    , 7.3891, 1.    ])
+    """
+
+    name: str
+    params: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        base, _ = _split_name(self.name)
+        family = _FAMILIES[base]
+        if not isinstance(self.params, Mapping):
+            raise ConfigError(f"weighting params must be a mapping, got {type(self.params)}")
+        unknown = sorted(set(self.params) - set(family.params))
+        if unknown:
+            accepted = ", ".join(family.params) or "none"
+            raise ConfigError(
+                f"weighting {base!r} got unknown parameter(s) {', '.join(unknown)}; "
+                f"accepted: {accepted}"
+            )
+        merged = {**family.defaults, **self.params}
+        missing = [k for k in family.params if k not in merged]
+        if missing:
+            raise ConfigError(f"weighting {base!r} needs parameter(s) {', '.join(missing)}")
+        params = {k: _finite(k, merged[k]) for k in family.params}
+        object.__setattr__(self, "params", params)
+        # Evaluate once in float64: runs the family's parameter checks and bounds the range.
+        peak = float(np.max(family.fn(np.linspace(0.0, 1.0, 1025), **params)))
+        if not _MIN_PEAK <= peak <= _MAX_WEIGHT:
+            raise ConfigError(
+                f"weighting {self} peaks at {peak:.3g} on [0, 1], outside the float32-safe range "
+                f"[{_MIN_PEAK:g}, {_MAX_WEIGHT:g}]; use a smaller |beta| or T"
+            )
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted(self.params.items()))))
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+        return f"{self.name}({args})" if args else self.name
+
+    @property
+    def base(self) -> str:
+        """Family name without the "-dn" suffix."""
+        return _split_name(self.name)[0]
+
+    @property
+    def normalised(self) -> bool:
+        """Whether this is an EDF (integral one over [0, 1])."""
+        return _split_name(self.name)[1]
+
+    def __call__(self, p: ArrayT) -> ArrayT:
+        """Evaluate the curve.
+
+        Parameters
+        ----------
+        p : np.ndarray or torch.Tensor, shape (...)
+            Probabilities of the given labels, in [0, 1].
+
+        Returns
+        -------
+        np.ndarray or torch.Tensor, shape (...)
+            The weights, same type (and floating dtype) as ``p``.
+        """
+        w = _FAMILIES[self.base].fn(p, **self.params)
+        if self.normalised:
+            w = w / self._raw_integral()
+        return w
+
+    def _raw_integral(self) -> float:
+        return _raw_integral(self.base, tuple(sorted(self.params.items())))
+
+    def integral(self) -> float:
+        """``∫₀¹ w(p) dp`` (1 up to ~1e-15 for an EDF).
+
+        Returns
+        -------
+        float
+            The area under the curve.
+        """
+        # An EDF is w / ∫w by construction; its integral is checked numerically in the tests.
+        return 1.0 if self.normalised else self._raw_integral()
+
+    @property
+    def scalable(self) -> bool:
+        """Whether the curve has emphasis parameters that an emphasis scale can ramp."""
+        return _FAMILIES[self.base].ramp is not None
+
+    def scaled(self, scale: float) -> Weighting:
+        """The curve with its emphasis parameters scaled by ``scale`` in [0, 1].
+
+        Used by an emphasis ramp: dm scales lam and beta, normal psi and beta, exponential beta,
+        imae T, gce q (0: CCE's curve); beta moves alpha and eta towards 1 (a flat curve). At
+        scale 0 the dm, normal, exponential, imae and beta curves weigh every example the same.
+
+        Parameters
+        ----------
+        scale : float
+            Fraction of the emphasis parameters to apply, in [0, 1].
+
+        Returns
+        -------
+        Weighting
+            A new weighting of the same name.
+        """
+        scale = _within("scale", scale, 0.0, 1.0)
+        rule = _FAMILIES[self.base].ramp
+        if rule is None:
+            raise ConfigError(f"weighting {self.name!r} has no emphasis parameters to scale")
+        if scale == 1.0:
+            return self
+        return Weighting(self.name, rule(dict(self.params), scale))
+
+
+def create_weighting(name: str, **params: float) -> Weighting:
+    """Build a weighting curve by name.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`WEIGHTING_NAMES`: "cce", "mae", "mse", "gce" (q), "dm" (lam, beta),
+        "normal" (psi, beta), "exponential" (beta), "beta" (alpha, eta), "imae" (T), or any of
+        these with "-dn" appended for its emphasis density function.
+    **params : float
+        The family's parameters. Defaults: gce q=0.7, dm lam=0.5 beta=8, imae T=8.
+
+    Returns
+    -------
+    Weighting
+        The validated curve.
+
+    Raises
+    ------
+    ConfigError
+        Unknown name, unknown, missing or invalid parameter, or a curve outside float32 range.
+    """
+    return Weighting(name, dict(params))
+
+
+def edf(weighting: Weighting) -> Weighting:
+    """Emphasis density function: the curve divided by its integral over [0, 1].
+
+    Parameters
+    ----------
+    weighting : Weighting
+        Any weighting; an EDF is returned unchanged.
+
+    Returns
+    -------
+    Weighting
+        The "-dn" version, with ``∫₀¹ h(p) dp = 1``.
+    """
+    if weighting.normalised:
+        return weighting
+    return Weighting(weighting.name + _DN_SUFFIX, dict(weighting.params))
+
+
+# --------------------------------------------------------------------------- mode and variance
+
+
+def emphasis_mode(weighting: Callable[[np.ndarray], Any], *, grid_size: int = 2001) -> float:
+    """Emphasis mode ψ = argmax over p in [0, 1] of w(p), found numerically.
+
+    A grid search followed by successive zooms around the best point (accurate to ~1e-8, the
+    limit set by the curve's flatness at a smooth peak). Where several points tie (a flat curve,
+    or equal endpoints) the smallest maximiser is returned.
+
+    Parameters
+    ----------
+    weighting : Weighting or callable
+        Vectorised curve mapping a float64 array of shape (n,) to weights of shape (n,).
+    grid_size : int, default 2001
+        Points of the initial grid (>= 3).
+
+    Returns
+    -------
+    float
+        The mode in [0, 1].
+    """
+    if grid_size < 3:
+        raise ConfigError(f"grid_size must be >= 3, got {grid_size}")
+    grid = np.linspace(0.0, 1.0, grid_size)
+    best = int(np.argmax(np.asarray(weighting(grid), dtype=np.float64)))
+    centre, half = float(grid[best]), 1.0 / (grid_size - 1)
+    for _ in range(8):
+        grid = np.clip(np.linspace(centre - half, centre + half, 201), 0.0, 1.0)
+        centre = float(grid[int(np.argmax(np.asarray(weighting(grid), dtype=np.float64)))])
+        half /= 50.0
+    return centre
+
+
+def dm_emphasis_mode(lam: float) -> float:
+    """Closed-form emphasis mode of the DM curve, ψ = lam/(lam+1) (for beta > 0).
+
+    Parameters
+    ----------
+    lam : float
+        DM's lambda, >= 0.
+
+    Returns
+    -------
+    float
+        The mode, in [0, 1).
+    """
+    lam = _at_least("lam", lam, 0.0)
+    return lam / (lam + 1.0)
+
+
+def curve_variance(weighting: Callable[[np.ndarray], Any]) -> float:
+    """Emphasis variance of a curve with p uniform on [0, 1]: ``∫w² dp − (∫w dp)²``.
+
+    Parameters
+    ----------
+    weighting : Weighting or callable
+        Vectorised curve mapping a float64 array of shape (n,) to weights of shape (n,).
+
+    Returns
+    -------
+    float
+        The variance (e.g. 4.546 for ``imae`` with T = 8, 1/3 for ``cce``).
+    """
+    mean = integrate_unit(weighting)
+    second = integrate_unit(lambda p: np.asarray(weighting(p), dtype=np.float64) ** 2)
+    return max(second - mean * mean, 0.0)
+
+
+def batch_variance(weights: np.ndarray | torch.Tensor) -> float:
+    """Emphasis variance of a batch, ``E[(w_i - E[w_i])²]`` (population variance).
+
+    Parameters
+    ----------
+    weights : np.ndarray or torch.Tensor, shape (B,)
+        Per-example weights of one batch (any shape is flattened).
+
+    Returns
+    -------
+    float
+        The variance over the batch.
+    """
+    if isinstance(weights, torch.Tensor):
+        values = weights.detach().to("cpu", torch.float64).numpy().ravel()
+    else:
+        values = np.asarray(weights, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise DataError("batch_variance needs at least one weight, got an empty batch")
+    if not np.all(np.isfinite(values)):
+        raise DataError("batch_variance got non-finite weights")
+    return float(np.var(values))
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot_weighting_curves(
+    curves: Mapping[str, Weighting], path: str | os.PathLike[str], *, normalise: bool = False
+) -> Path:
+    """Plot weighting curves over p in [0, 1] to a PNG file (like the DM paper's Figure 1).
+
+    Parameters
+    ----------
+    curves : mapping of str to Weighting
+        Legend label -> curve. Each legend entry also shows the curve's emphasis mode.
+    path : str or os.PathLike
+        Output PNG file; parent folders are created. Written atomically (temporary name, then
+        rename), so a crash never leaves a partial image.
+    normalise : bool, default False
+        Plot each curve's emphasis density function (integral one) instead of the raw curve,
+        which makes curves of different scales comparable.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
+    # Figure + Agg canvas instead of pyplot: no global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ConfigError("plot_weighting_curves needs at least one curve")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    p = np.linspace(0.0, 1.0, 501)
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, weighting in curves.items():
+        curve = edf(weighting) if normalise else weighting
+        ax.plot(p, curve(p), label=f"{label} (ψ={emphasis_mode(curve):.2f})")
+    ax.set_xlabel("p_i (probability of the given label)")
+    ax.set_ylabel("emphasis density h(p_i)" if normalise else "weight w(p_i)")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(bottom=0.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
