@@ -1,0 +1,84 @@
+"""Shared fixtures: small seeded datasets whose truth is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dm_audit.dataset import AuditDataset
+from dm_audit.sources import load_source, stratified_split
+
+# One colour per class, far apart, so a class is recognisable from any single pixel.
+CLASS_COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 50, 210]], dtype=np.int64)
+
+
+def _make_blobs(n_per_class: int = 40, n_classes: int = 3, dim: int = 4, seed: int = 0):
+    """Well-separated Gaussian blobs.
+
+    Returns
+    -------
+    features : numpy.ndarray of float32, shape (n_per_class * n_classes, dim)
+    labels : numpy.ndarray of int64, shape (n_per_class * n_classes,)
+        Codes; blob k is centred at 5 * e_k (k < dim).
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    centres = 5.0 * np.eye(n_classes, dim)
+    features = centres[labels] + rng.normal(0.0, 0.5, size=(len(labels), dim))
+    return features.astype(np.float32), labels.astype(np.int64)
+
+
+def _make_colour_images(n_per_class: int = 8, size: int = 8, seed: int = 0):
+    """Solid-colour RGB images with a little noise, one colour per class (3 classes).
+
+    Returns
+    -------
+    images : numpy.ndarray of uint8, shape (3 * n_per_class, size, size, 3)
+    labels : numpy.ndarray of int64, shape (3 * n_per_class,)
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(CLASS_COLOURS)), n_per_class)
+    noise = rng.integers(-20, 21, size=(len(labels), size, size, 3))
+    images = np.clip(CLASS_COLOURS[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+@pytest.fixture
+def make_blobs():
+    """Factory of seeded Gaussian blobs: ``make_blobs(n_per_class, n_classes, dim, seed)``."""
+    return _make_blobs
+
+
+@pytest.fixture
+def make_colour_images():
+    """Factory of seeded colour images: ``make_colour_images(n_per_class, size, seed)``."""
+    return _make_colour_images
+
+
+@pytest.fixture(scope="session")
+def digits_dataset() -> AuditDataset:
+    """scikit-learn digits, split 70/30 with seed 0 (1,797 examples, 10 classes, D = 64)."""
+    return load_source("digits", seed=0)
+
+
+@pytest.fixture
+def blobs_dataset() -> AuditDataset:
+    """120 feature vectors in 3 separable classes "a", "b", "c" (D = 4), split 75/25."""
+    features, labels = _make_blobs()
+    return AuditDataset.from_arrays(
+        np.array(["a", "b", "c"])[labels],
+        features=features,
+        split=stratified_split(labels, 0.25, seed=0),
+        source="blobs",
+    )
+
+
+@pytest.fixture
+def colour_image_dataset() -> AuditDataset:
+    """24 RGB 8x8 images in 3 classes "red", "green", "blue", all in the train split.
+
+    Classes are sorted by name, so the codes are blue = 0, green = 1, red = 2.
+    """
+    images, labels = _make_colour_images()
+    names = np.array(["red", "green", "blue"])[labels]
+    return AuditDataset.from_arrays(names, images=images, source="colours")
