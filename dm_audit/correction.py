@@ -1,0 +1,241 @@
+"""Suggest corrected labels and decide, per example, which label the retrain uses.
+
+`suggest_labels` proposes a class and a confidence for every example from the audit model
+(optionally its ProSelfLC corrected targets) and the labels of its nearest neighbours.
+`decide_corrections` turns suggestions, flags and human reviews into a `CorrectionPlan` with one
+provenance per example:
+
+* ``"reviewed"``: a human review gave the label; it overrides everything else.
+* ``"ood_set_aside"``: flagged out-of-distribution: never relabelled into a class, left out of
+  the retrain (corrected code -1).
+* ``"auto_corrected"``: flagged label issue whose suggestion differs from the given label with
+  confidence >= `min_confidence`.
+* ``"needs_review"``: flagged label issue without a confident different suggestion; keeps its
+  given label in the report, left out of the retrain (pruned, as confident learning does).
+* ``"kept"``: not flagged; the given label stands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from dm_audit.errors import ConfigError, DataError
+from dm_audit.estimate import validate_labels, validate_probs
+
+__all__ = [
+    "CORRECTION_SOURCES",
+    "CorrectionPlan",
+    "decide_corrections",
+    "suggest_labels",
+]
+
+CORRECTION_SOURCES: tuple[str, ...] = (
+    "kept",
+    "auto_corrected",
+    "needs_review",
+    "ood_set_aside",
+    "reviewed",
+)
+
+
+def _tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): T < 1 sharpens, T > 1 flattens, T = 1 returns p."""
+    if temperature == 1.0:
+        return probs
+    logp = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+    logp -= logp.max(axis=1, keepdims=True)
+    e = np.exp(logp)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def suggest_labels(
+    probs: np.ndarray,
+    *,
+    temperature: float = 1.0,
+    knn_votes: np.ndarray | None = None,
+    knn_weight: float = 0.3,
+    proselflc_targets: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Suggest a label and a confidence for every example.
+
+    The base distribution is ProSelfLC's corrected target q̃ when given (its argmax is the
+    corrected class, METHOD.md §3), else the audit model's prediction tempered with
+    `temperature`. With `knn_votes` it is blended ``(1 - knn_weight) * base + knn_weight *
+    votes``: a mislabelled example's neighbours vote for its true class and raise the
+    confidence, while an out-of-distribution input's neighbours carry arbitrary labels and
+    lower it, so it is not relabelled confidently.
+
+    Parameters
+    ----------
+    probs : np.ndarray, shape (N, C)
+        Class probabilities of the audit model.
+    temperature : float
+        Temperature applied to `probs` (> 0). Below 1 it sharpens, which raises confidences;
+        keep 1 when the confidence is compared with a threshold.
+    knn_votes : np.ndarray, shape (N, C), optional
+        Neighbour label distribution (`flags.knn_label_agreement(...).votes`).
+    knn_weight : float
+        Weight of the neighbour votes in [0, 1].
+    proselflc_targets : np.ndarray, shape (N, C), optional
+        ProSelfLC corrected targets q̃ (rows sum to 1); replaces the tempered prediction.
+
+    Returns
+    -------
+    suggested : np.ndarray, shape (N,), int64
+        Suggested class codes.
+    confidence : np.ndarray, shape (N,), float64
+        Probability of the suggested class under the blended distribution, in [0, 1].
+    """
+    p = validate_probs(probs)
+    n, c = p.shape
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+    if not 0.0 <= knn_weight <= 1.0:
+        raise ConfigError(f"knn_weight must be in [0, 1], got {knn_weight!r}")
+    if proselflc_targets is not None:
+        base = validate_probs(proselflc_targets, name="proselflc_targets")
+        if base.shape != (n, c):
+            raise DataError(f"proselflc_targets must have shape ({n}, {c}), got {base.shape}")
+    else:
+        base = _tempered(p, float(temperature))
+    if knn_votes is not None:
+        v = validate_probs(knn_votes, name="knn_votes")
+        if v.shape != (n, c):
+            raise DataError(f"knn_votes must have shape ({n}, {c}), got {v.shape}")
+        base = (1.0 - knn_weight) * base + knn_weight * v
+    suggested = base.argmax(axis=1).astype(np.int64)
+    confidence = np.clip(base[np.arange(n), suggested], 0.0, 1.0)
+    return suggested, confidence
+
+
+@dataclass(frozen=True)
+class CorrectionPlan:
+    """The label every example carries into the retrain, and why.
+
+    Attributes
+    ----------
+    corrected : np.ndarray, shape (N,), int64
+        Corrected class code; -1 for examples set aside as out-of-distribution.
+    source : np.ndarray, shape (N,), object
+        Provenance, one of `CORRECTION_SOURCES`.
+    include_in_retrain : np.ndarray, shape (N,), bool
+        False for ``"ood_set_aside"`` and ``"needs_review"``.
+    """
+
+    corrected: np.ndarray
+    source: np.ndarray
+    include_in_retrain: np.ndarray
+
+    def counts(self) -> dict[str, int]:
+        """Number of examples per provenance (every source listed, zeros included)."""
+        return {name: int(np.sum(self.source == name)) for name in CORRECTION_SOURCES}
+
+    def retrain_indices(self) -> np.ndarray:
+        """Row numbers of the examples to retrain on, shape (M,)."""
+        return np.flatnonzero(self.include_in_retrain)
+
+
+def _bool_vector(x: np.ndarray, name: str, n: int) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.shape != (n,):
+        raise DataError(f"{name} must have shape ({n},), got {arr.shape}")
+    if arr.dtype != bool:
+        if not np.isin(arr, (0, 1)).all():
+            raise DataError(f"{name} must be a boolean mask")
+        arr = arr.astype(bool)
+    return arr
+
+
+def decide_corrections(
+    given: np.ndarray,
+    suggested: np.ndarray,
+    confidence: np.ndarray,
+    is_issue: np.ndarray,
+    is_ood: np.ndarray,
+    *,
+    min_confidence: float = 0.7,
+    reviews: Mapping[int, int] | None = None,
+    ood_scores: np.ndarray | None = None,
+    max_ood_score: float | None = None,
+    n_classes: int | None = None,
+) -> CorrectionPlan:
+    """Decide each example's label and provenance (see the module docstring for the rules).
+
+    Order of precedence: human review > out-of-distribution > label issue > kept.
+
+    Parameters
+    ----------
+    given : np.ndarray, shape (N,)
+        Given labels as integer codes.
+    suggested : np.ndarray, shape (N,)
+        Suggested codes (`suggest_labels`).
+    confidence : np.ndarray, shape (N,)
+        Confidence of the suggestions, in [0, 1].
+    is_issue : np.ndarray, shape (N,), bool
+        Flagged label issues.
+    is_ood : np.ndarray, shape (N,), bool
+        Flagged out-of-distribution examples.
+    min_confidence : float
+        Minimum confidence for an automatic correction.
+    reviews : mapping of int to int, optional
+        Human labels: row number -> class code (`reviews.Reviews.to_positions`).
+    ood_scores : np.ndarray, shape (N,), optional
+        OOD scores; with `max_ood_score`, a flagged example scoring above it is sent to review
+        rather than corrected automatically, even if it was not flagged OOD.
+    max_ood_score : float, optional
+        See `ood_scores`.
+    n_classes : int, optional
+        Number of classes, to validate codes (default: inferred from the codes).
+
+    Returns
+    -------
+    CorrectionPlan
+    """
+    y = np.asarray(given)
+    n = y.shape[0] if y.ndim == 1 else -1
+    if n <= 0:
+        raise DataError(f"given must be a non-empty 1-D array of class codes, got shape {y.shape}")
+    s = np.asarray(suggested)
+    if n_classes is not None:
+        c = int(n_classes)
+    else:
+        codes = [int(np.max(y))] + ([int(np.max(s))] if s.size else [])
+        c = max(codes + [int(v) for v in (reviews or {}).values()]) + 1
+    y = validate_labels(y, n, c, name="given")
+    s = validate_labels(s, n, c, name="suggested")
+    conf = np.asarray(confidence, dtype=np.float64)
+    if conf.shape != (n,) or not np.isfinite(conf).all():
+        raise DataError(f"confidence must be finite with shape ({n},), got {conf.shape}")
+    issue = _bool_vector(is_issue, "is_issue", n)
+    ood = _bool_vector(is_ood, "is_ood", n)
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ConfigError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+
+    corrected = y.copy()
+    source = np.full(n, "kept", dtype=object)
+    confident = (s != y) & (conf >= min_confidence)
+    if max_ood_score is not None:
+        if ood_scores is None:
+            raise ConfigError("max_ood_score needs ood_scores")
+        o = np.asarray(ood_scores, dtype=np.float64)
+        if o.shape != (n,):
+            raise DataError(f"ood_scores must have shape ({n},), got {o.shape}")
+        confident &= o <= max_ood_score
+    auto = issue & confident
+    corrected[auto] = s[auto]
+    source[auto] = "auto_corrected"
+    source[issue & ~confident] = "needs_review"
+    corrected[ood] = -1
+    source[ood] = "ood_set_aside"
+    for row, code in (reviews or {}).items():
+        if not 0 <= int(row) < n:
+            raise DataError(f"review for row {row} is outside the {n} examples")
+        if not 0 <= int(code) < c:
+            raise DataError(f"review for row {row} has class code {code} outside [0, {c})")
+        corrected[int(row)] = int(code)
+        source[int(row)] = "reviewed"
+    include = (source != "ood_set_aside") & (source != "needs_review")
+    return CorrectionPlan(corrected=corrected, source=source, include_in_retrain=include)

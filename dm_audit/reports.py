@@ -1,0 +1,515 @@
+"""Report schemas and the writer of a run's output folder.
+
+Other tools and our own checks read these files, so every schema is defined once, here, as a
+pyarrow schema carrying ``dm_audit_schema_version`` (and ``dm_audit_table``) in its metadata. A
+change that renames, removes or retypes a column bumps `SCHEMA_VERSION`; adding a nullable
+column does not.
+
+`write_reports` validates the tables against the schemas (naming the missing or bad column),
+then writes ``examples.parquet``, ``label_issues.parquet``, ``corrected_labels.parquet``,
+``metrics.parquet``, ``summary.json`` and ``plots/<name>.png`` into a staging folder and moves
+them into place together (`dm_audit.atomic.staged_output_dir`), so a crash never leaves a
+half-written report visible.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dm_audit.atomic import (
+    IfExists,
+    atomic_write_json,
+    atomic_write_parquet,
+    atomic_write_png,
+    staged_output_dir,
+)
+from dm_audit.correction import CORRECTION_SOURCES
+from dm_audit.errors import DataError
+
+__all__ = [
+    "CORRECTED_LABELS_SCHEMA",
+    "EXAMPLES_SCHEMA",
+    "LABEL_ISSUES_SCHEMA",
+    "METRICS_SCHEMA",
+    "REPORT_FILES",
+    "SCHEMAS",
+    "SCHEMA_VERSION",
+    "ReportPaths",
+    "corrected_labels_frame",
+    "label_issues_frame",
+    "read_report",
+    "table_from_frame",
+    "write_reports",
+]
+
+SCHEMA_VERSION = "1"
+VERSION_KEY = b"dm_audit_schema_version"
+TABLE_KEY = b"dm_audit_table"
+
+
+def _schema(table: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(
+        fields, metadata={VERSION_KEY: SCHEMA_VERSION.encode(), TABLE_KEY: table.encode()}
+    )
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+# One row per training example. Non-nullable fields are required in the input frame; nullable
+# ones are filled with nulls when absent (true_label / is_noisy are known only for synthetic
+# noise, mean_p only when dynamics were recorded).
+EXAMPLES_SCHEMA = _schema(
+    "examples",
+    [
+        _f("example_id", pa.string()),
+        _f("split", pa.string(), True),
+        _f("given_label", pa.string()),
+        _f("true_label", pa.string(), True),
+        _f("is_noisy", pa.bool_(), True),
+        _f("p_given", pa.float32()),
+        _f("mean_p", pa.float32(), True),
+        _f("emphasis_weight", pa.float32()),
+        _f("predicted_label", pa.string()),
+        _f("predicted_prob", pa.float32(), True),
+        _f("knn_agreement", pa.float32(), True),
+        _f("label_issue_score", pa.float32()),
+        _f("is_label_issue", pa.bool_()),
+        _f("ood_score", pa.float32()),
+        _f("is_ood", pa.bool_()),
+        _f("suggested_label", pa.string()),
+        _f("suggestion_confidence", pa.float32(), True),
+        _f("corrected_label", pa.string(), True),
+        _f("correction_source", pa.string(), True),
+    ],
+)
+
+# The export for human review: flagged examples, most suspicious first.
+LABEL_ISSUES_SCHEMA = _schema(
+    "label_issues",
+    [
+        _f("example_id", pa.string()),
+        _f("given_label", pa.string()),
+        _f("suggested_label", pa.string()),
+        _f("label_issue_score", pa.float32()),
+        _f("suggestion_confidence", pa.float32(), True),
+        _f("p_given", pa.float32(), True),
+    ],
+)
+
+# The label each example carries into the retrain; corrected_label is null when set aside.
+CORRECTED_LABELS_SCHEMA = _schema(
+    "corrected_labels",
+    [
+        _f("example_id", pa.string()),
+        _f("original_label", pa.string()),
+        _f("corrected_label", pa.string(), True),
+        _f("source", pa.string()),
+    ],
+)
+
+# Per-epoch metrics: stage and epoch, then any number of numeric columns stored as float64.
+METRICS_SCHEMA = _schema("metrics", [_f("stage", pa.string()), _f("epoch", pa.int32())])
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "examples": EXAMPLES_SCHEMA,
+    "label_issues": LABEL_ISSUES_SCHEMA,
+    "corrected_labels": CORRECTED_LABELS_SCHEMA,
+    "metrics": METRICS_SCHEMA,
+}
+REPORT_FILES = (
+    "examples.parquet",
+    "label_issues.parquet",
+    "corrected_labels.parquet",
+    "metrics.parquet",
+    "summary.json",
+)
+_UNIT_COLUMNS = (
+    "p_given",
+    "mean_p",
+    "knn_agreement",
+    "label_issue_score",
+    "ood_score",
+    "suggestion_confidence",
+    "predicted_prob",
+)
+
+
+def _column(df: pd.DataFrame, field: pa.Field, table: str) -> pa.Array:
+    values = df[field.name]
+    try:
+        if pa.types.is_string(field.type):
+            # Class names may arrive as categoricals or objects; keep nulls, stringify the rest.
+            obj = values.astype(object)
+            arr = pa.array(
+                [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in obj],
+                type=pa.string(),
+            )
+        elif pa.types.is_boolean(field.type):
+            obj = values.astype(object)
+            bad = [
+                v
+                for v in obj
+                if v is not None
+                and not (isinstance(v, float) and v != v)
+                and not isinstance(v, bool | np.bool_)
+                and v not in (0, 1)
+            ]
+            if bad:
+                raise DataError(f"{table}: column {field.name!r} must be boolean, found {bad[0]!r}")
+            arr = pa.array(values, type=pa.bool_(), from_pandas=True)
+        else:
+            arr = pa.array(values, from_pandas=True)
+            if not (
+                pa.types.is_integer(arr.type)
+                or pa.types.is_floating(arr.type)
+                or pa.types.is_boolean(arr.type)
+                or pa.types.is_null(arr.type)
+            ):
+                raise DataError(f"{table}: column {field.name!r} must be numeric, got {arr.type}")
+            arr = arr.cast(field.type, safe=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(
+            f"{table}: column {field.name!r} cannot be stored as {field.type}: {exc}"
+        ) from exc
+    if not field.nullable and arr.null_count:
+        first = int(np.flatnonzero(pd.isna(values).to_numpy())[0])
+        raise DataError(f"{table}: column {field.name!r} has a missing value at row {first}")
+    return arr
+
+
+def table_from_frame(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """Validate a DataFrame against a report schema and convert it to a pyarrow table.
+
+    Required (non-nullable) columns must be present and non-null; nullable columns missing
+    from `df` are filled with nulls; a column the schema does not know is an error (schemas are
+    exact). Numbers are cast to the schema's type (e.g. float64 -> float32), scores and
+    probabilities must lie in [0, 1], example ids must be unique, and ``correction_source`` /
+    ``source`` must be a known provenance.
+
+    For `METRICS_SCHEMA` the extra columns are kept as float64 after ``stage`` and ``epoch``.
+
+    Parameters
+    ----------
+    df : pd.DataFrame
+    schema : pa.Schema
+        One of `SCHEMAS`.
+
+    Returns
+    -------
+    pa.Table
+        With exactly `schema` (metadata included).
+
+    Raises
+    ------
+    DataError
+        Naming the table, column and, where it applies, the row.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise DataError(f"expected a pandas DataFrame, got {type(df).__name__}")
+    table = (schema.metadata or {}).get(TABLE_KEY, b"report").decode()
+    columns = [str(c) for c in df.columns]
+    if len(set(columns)) != len(columns):
+        raise DataError(f"{table}: duplicate column names in {columns}")
+    df = df.reset_index(drop=True)
+    df.columns = columns
+    names = set(schema.names)
+    missing = [f.name for f in schema if not f.nullable and f.name not in columns]
+    if missing:
+        raise DataError(
+            f"{table}: missing required column(s) {missing}; required: "
+            f"{[f.name for f in schema if not f.nullable]}"
+        )
+    fields = list(schema)
+    extra = [c for c in columns if c not in names]
+    if table == "metrics":
+        fields += [pa.field(c, pa.float64(), nullable=True) for c in extra]
+        schema = pa.schema(fields, metadata=schema.metadata)
+    elif extra:
+        raise DataError(f"{table}: unknown column(s) {extra}; the schema has {schema.names}")
+    arrays = []
+    for field in fields:
+        if field.name in columns:
+            arrays.append(_column(df, field, table))
+        else:
+            arrays.append(pa.nulls(len(df), type=field.type))
+    out = pa.Table.from_arrays(arrays, schema=schema)
+    _check_values(out, table)
+    return out
+
+
+def _check_values(t: pa.Table, table: str) -> None:
+    for name in _UNIT_COLUMNS:
+        if name in t.column_names:
+            v = t.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+            bad = ~np.isnan(v) & ((v < 0) | (v > 1))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise DataError(f"{table}: column {name!r} row {i} = {v[i]:.6g} is outside [0, 1]")
+    if table in ("examples", "label_issues", "corrected_labels"):
+        ids = t.column("example_id").to_pandas()
+        dup = ids[ids.duplicated()]
+        if len(dup):
+            raise DataError(f"{table}: example_id {dup.iloc[0]!r} appears more than once")
+    source = {"examples": "correction_source", "corrected_labels": "source"}.get(table)
+    if source:
+        values = set(t.column(source).drop_null().to_pylist())
+        unknown = values - set(CORRECTION_SOURCES)
+        if unknown:
+            raise DataError(
+                f"{table}: column {source!r} has unknown value(s) {sorted(unknown)}; "
+                f"allowed: {list(CORRECTION_SOURCES)}"
+            )
+
+
+def label_issues_frame(examples: pd.DataFrame) -> pd.DataFrame:
+    """The review export: flagged examples of an examples frame, most suspicious first.
+
+    Ties in the score are ordered by example_id so the file is reproducible.
+
+    Parameters
+    ----------
+    examples : pd.DataFrame
+        Frame with at least the `EXAMPLES_SCHEMA` required columns.
+
+    Returns
+    -------
+    pd.DataFrame
+        Columns of `LABEL_ISSUES_SCHEMA`.
+    """
+    need = ["example_id", "given_label", "suggested_label", "label_issue_score", "is_label_issue"]
+    missing = [c for c in need if c not in examples.columns]
+    if missing:
+        raise DataError(f"examples: missing column(s) {missing} needed for the label-issue export")
+    flagged = examples[examples["is_label_issue"].astype(bool)].copy()
+    for opt in ("suggestion_confidence", "p_given"):
+        if opt not in flagged.columns:
+            flagged[opt] = np.nan
+    flagged = flagged.sort_values(
+        ["label_issue_score", "example_id"], ascending=[False, True], kind="stable"
+    )
+    return flagged[LABEL_ISSUES_SCHEMA.names].reset_index(drop=True)
+
+
+def corrected_labels_frame(examples: pd.DataFrame, *, changed_only: bool = False) -> pd.DataFrame:
+    """Corrected labels of an examples frame (all rows, or only those not ``"kept"``).
+
+    Parameters
+    ----------
+    examples : pd.DataFrame
+        Frame with ``example_id``, ``given_label``, ``corrected_label`` and
+        ``correction_source``.
+    changed_only : bool
+        Keep only rows whose source is not ``"kept"``.
+
+    Returns
+    -------
+    pd.DataFrame
+        Columns of `CORRECTED_LABELS_SCHEMA`.
+    """
+    need = ["example_id", "given_label", "corrected_label", "correction_source"]
+    missing = [c for c in need if c not in examples.columns]
+    if missing:
+        raise DataError(f"examples: missing column(s) {missing} needed for corrected labels")
+    out = pd.DataFrame(
+        {
+            "example_id": examples["example_id"].to_numpy(),
+            "original_label": examples["given_label"].to_numpy(),
+            "corrected_label": examples["corrected_label"].to_numpy(),
+            "source": examples["correction_source"].to_numpy(),
+        }
+    )
+    if changed_only:
+        out = out[out["source"] != "kept"].reset_index(drop=True)
+    return out
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where `write_reports` put each file (``plots`` maps plot names to PNG paths)."""
+
+    out_dir: Path
+    examples: Path
+    label_issues: Path
+    corrected_labels: Path
+    metrics: Path
+    summary: Path
+    plots: dict[str, Path]
+
+
+_PLOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def write_reports(
+    out_dir: str | os.PathLike[str],
+    examples_df: pd.DataFrame,
+    label_issues_df: pd.DataFrame | None = None,
+    corrected_df: pd.DataFrame | None = None,
+    metrics_df: pd.DataFrame | None = None,
+    summary: Mapping[str, Any] | None = None,
+    plots: Mapping[str, Any] | None = None,
+    *,
+    if_exists: IfExists = "error",
+) -> ReportPaths:
+    """Validate and write all reports of a run into `out_dir`, atomically as a set.
+
+    Every table is validated before anything is written, so a bad column fails fast and
+    leaves `out_dir` untouched.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Output folder.
+    examples_df : pd.DataFrame
+        One row per example (`EXAMPLES_SCHEMA`).
+    label_issues_df : pd.DataFrame, optional
+        Review export (`LABEL_ISSUES_SCHEMA`); default `label_issues_frame(examples_df)`.
+        Always written most suspicious first.
+    corrected_df : pd.DataFrame, optional
+        `CORRECTED_LABELS_SCHEMA`; default `corrected_labels_frame(examples_df)` when
+        `examples_df` has ``corrected_label`` and ``correction_source``, else every example with
+        its label kept.
+    metrics_df : pd.DataFrame, optional
+        Per-epoch metrics (`METRICS_SCHEMA`: ``stage``, ``epoch`` and numeric columns);
+        default empty.
+    summary : mapping, optional
+        Written as ``summary.json`` with ``dm_audit_schema_version`` added; numpy values and
+        NaN are converted (NaN -> null).
+    plots : mapping of str to Figure or path, optional
+        Plot name -> matplotlib Figure (saved as PNG) or an existing PNG file (copied), written
+        to ``plots/<name>.png``.
+    if_exists : {"error", "overwrite", "version"}
+        What to do if `out_dir` already holds a run (`dm_audit.atomic.prepare_output_dir`).
+
+    Returns
+    -------
+    ReportPaths
+        Final paths (with ``if_exists="version"`` the folder may differ from `out_dir`).
+    """
+    examples = table_from_frame(examples_df, EXAMPLES_SCHEMA)
+    if label_issues_df is None:
+        label_issues_df = label_issues_frame(examples_df)
+    issues = table_from_frame(label_issues_df, LABEL_ISSUES_SCHEMA)
+    # Enforce the contract "most suspicious first" whatever order the caller used.
+    issues = issues.sort_by([("label_issue_score", "descending"), ("example_id", "ascending")])
+    if corrected_df is None:
+        if {"corrected_label", "correction_source"} <= set(examples_df.columns):
+            corrected_df = corrected_labels_frame(examples_df)
+        else:
+            corrected_df = pd.DataFrame(
+                {
+                    "example_id": examples_df["example_id"].to_numpy(),
+                    "original_label": examples_df["given_label"].to_numpy(),
+                    "corrected_label": examples_df["given_label"].to_numpy(),
+                    "source": "kept",
+                }
+            )
+    corrected = table_from_frame(corrected_df, CORRECTED_LABELS_SCHEMA)
+    if metrics_df is None:
+        metrics_df = pd.DataFrame(
+            {"stage": pd.Series([], dtype=str), "epoch": pd.Series([], dtype="int32")}
+        )
+    metrics = table_from_frame(metrics_df, METRICS_SCHEMA)
+    summary_out = {"dm_audit_schema_version": SCHEMA_VERSION, **dict(summary or {})}
+
+    plot_items: list[tuple[str, Any]] = []
+    for name, fig in (plots or {}).items():
+        stem = name[:-4] if name.lower().endswith(".png") else name
+        if not _PLOT_NAME.match(stem):
+            raise DataError(f"plot name {name!r} must be letters, digits, '_', '-' or '.'")
+        if isinstance(fig, str | os.PathLike):
+            if not Path(fig).is_file():
+                raise DataError(f"plot {name!r}: file {fig} does not exist")
+        elif not hasattr(fig, "savefig"):
+            raise DataError(f"plot {name!r} must be a matplotlib Figure or a PNG path")
+        plot_items.append((stem, fig))
+
+    with staged_output_dir(out_dir, if_exists=if_exists, names=REPORT_FILES) as stage:
+        root = stage.path
+        atomic_write_parquet(root / "examples.parquet", examples)
+        atomic_write_parquet(root / "label_issues.parquet", issues)
+        atomic_write_parquet(root / "corrected_labels.parquet", corrected)
+        atomic_write_parquet(root / "metrics.parquet", metrics)
+        plot_paths: dict[str, Path] = {}
+        if plot_items:
+            (root / "plots").mkdir()
+        for stem, fig in plot_items:
+            target = root / "plots" / f"{stem}.png"
+            if isinstance(fig, str | os.PathLike):
+                shutil.copyfile(fig, target)
+            else:
+                atomic_write_png(target, fig)
+            plot_paths[stem] = Path("plots") / f"{stem}.png"
+        # summary.json last: readers that poll for it find the tables already in place.
+        summary_out["files"] = [*REPORT_FILES, *(p.as_posix() for p in plot_paths.values())]
+        atomic_write_json(root / "summary.json", summary_out)
+        stage.commit()
+    final = stage.final_dir
+    return ReportPaths(
+        out_dir=final,
+        examples=final / "examples.parquet",
+        label_issues=final / "label_issues.parquet",
+        corrected_labels=final / "corrected_labels.parquet",
+        metrics=final / "metrics.parquet",
+        summary=final / "summary.json",
+        plots={k: final / v for k, v in plot_paths.items()},
+    )
+
+
+def read_report(path: str | os.PathLike[str], schema: pa.Schema | None = None) -> pd.DataFrame:
+    """Read a report written by `write_reports`, checking its schema version.
+
+    Parameters
+    ----------
+    path : path-like
+        A ``.parquet`` report.
+    schema : pa.Schema, optional
+        Expected schema; its columns must be present with the same types.
+
+    Returns
+    -------
+    pd.DataFrame
+
+    Raises
+    ------
+    DataError
+        If the file lacks the version metadata, has another version, or misses a column.
+    """
+    p = Path(path)
+    try:
+        table = pq.read_table(p)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"cannot read report {p}: {exc}") from exc
+    meta = table.schema.metadata or {}
+    version = meta.get(VERSION_KEY)
+    if version is None:
+        raise DataError(f"{p} is not a dm-audit report (no {VERSION_KEY.decode()} metadata)")
+    if version.decode() != SCHEMA_VERSION:
+        raise DataError(
+            f"{p} has report schema version {version.decode()}, "
+            f"this dm-audit reads version {SCHEMA_VERSION}"
+        )
+    if schema is not None:
+        for field in schema:
+            if field.name not in table.column_names:
+                raise DataError(f"{p}: missing column {field.name!r}")
+            if not table.schema.field(field.name).type.equals(field.type):
+                raise DataError(
+                    f"{p}: column {field.name!r} is {table.schema.field(field.name).type}, "
+                    f"expected {field.type}"
+                )
+    return table.to_pandas()

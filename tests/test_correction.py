@@ -1,0 +1,140 @@
+"""Suggested labels, automatic corrections and their provenance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dm_audit.correction import (
+    CORRECTION_SOURCES,
+    decide_corrections,
+    suggest_labels,
+)
+from dm_audit.errors import ConfigError, DataError
+
+
+def test_suggest_from_probs_with_temperature() -> None:
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    suggested, confidence = suggest_labels(probs)
+    np.testing.assert_array_equal(suggested, [0, 2])
+    np.testing.assert_allclose(confidence, [0.6, 0.6])
+    sharp, sharp_conf = suggest_labels(probs, temperature=0.5)
+    np.testing.assert_array_equal(sharp, [0, 2])  # a temperature never changes the argmax
+    np.testing.assert_allclose(sharp_conf[0], 0.36 / (0.36 + 0.09 + 0.01))
+    assert (sharp_conf > confidence).all()
+
+
+def test_knn_votes_blend_and_proselflc_targets() -> None:
+    probs = np.array([[0.55, 0.45], [0.9, 0.1]])
+    votes = np.array([[0.0, 1.0], [1.0, 0.0]])
+    suggested, confidence = suggest_labels(probs, knn_votes=votes, knn_weight=0.5)
+    np.testing.assert_array_equal(suggested, [1, 0])  # neighbours overturn a torn prediction
+    np.testing.assert_allclose(confidence, [0.725, 0.95])
+    targets = np.array([[0.2, 0.8], [0.3, 0.7]])
+    suggested, confidence = suggest_labels(probs, proselflc_targets=targets)
+    np.testing.assert_array_equal(suggested, [1, 1])  # argmax of q̃
+    np.testing.assert_allclose(confidence, [0.8, 0.7])
+
+
+def test_suggest_validates() -> None:
+    probs = np.full((2, 2), 0.5)
+    with pytest.raises(ConfigError, match="temperature"):
+        suggest_labels(probs, temperature=0)
+    with pytest.raises(ConfigError, match="knn_weight"):
+        suggest_labels(probs, knn_votes=probs, knn_weight=1.5)
+    with pytest.raises(DataError, match="knn_votes"):
+        suggest_labels(probs, knn_votes=np.full((3, 2), 0.5))
+    with pytest.raises(DataError, match="proselflc_targets"):
+        suggest_labels(probs, proselflc_targets=np.full((2, 3), 1 / 3))
+
+
+def test_every_provenance() -> None:
+    given = np.array([0, 1, 2, 0, 1, 2, 0])
+    suggested = np.array([0, 2, 0, 1, 1, 1, 2])
+    confidence = np.array([0.99, 0.95, 0.4, 0.9, 0.9, 0.99, 0.99])
+    is_issue = np.array([0, 1, 1, 1, 1, 1, 0], dtype=bool)
+    is_ood = np.array([0, 0, 0, 1, 0, 1, 0], dtype=bool)
+    plan = decide_corrections(
+        given, suggested, confidence, is_issue, is_ood, min_confidence=0.8, reviews={5: 0}
+    )
+    assert list(plan.source) == [
+        "kept",  # not flagged
+        "auto_corrected",  # flagged, confident and different
+        "needs_review",  # flagged, not confident
+        "ood_set_aside",  # OOD wins over a confident suggestion
+        "needs_review",  # flagged but the suggestion is the given label
+        "reviewed",  # a review overrides the OOD flag
+        "kept",  # confident disagreement without a flag changes nothing
+    ]
+    np.testing.assert_array_equal(plan.corrected, [0, 2, 2, -1, 1, 0, 0])
+    np.testing.assert_array_equal(plan.include_in_retrain, [1, 1, 0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(plan.retrain_indices(), [0, 1, 5, 6])
+    assert plan.counts() == {
+        "kept": 2,
+        "auto_corrected": 1,
+        "needs_review": 2,
+        "ood_set_aside": 1,
+        "reviewed": 1,
+    }
+    assert set(plan.counts()) == set(CORRECTION_SOURCES)
+
+
+def test_ood_score_cap_blocks_auto_correction() -> None:
+    given = np.array([0, 0])
+    plan = decide_corrections(
+        given,
+        np.array([1, 1]),
+        np.array([0.9, 0.9]),
+        np.array([True, True]),
+        np.array([False, False]),
+        ood_scores=np.array([0.2, 0.97]),
+        max_ood_score=0.9,
+    )
+    assert list(plan.source) == ["auto_corrected", "needs_review"]
+
+
+def test_corrections_on_synthetic_noise() -> None:
+    # A model that knows the true class of 95 % of examples with high confidence, and OOD
+    # inputs whose prediction is spread: every confident flagged suggestion is right, and the
+    # OOD inputs that escaped the OOD flag are not relabelled into a class.
+    rng = np.random.default_rng(0)
+    n, c = 2000, 10
+    true = rng.integers(0, c, n)
+    given = true.copy()
+    noisy = rng.choice(n, 600, replace=False)
+    given[noisy] = (true[noisy] + rng.integers(1, c, 600)) % c
+    probs = np.full((n, c), 0.02 / (c - 1))
+    probs[np.arange(n), true] = 0.98
+    ood = np.arange(n) >= 1900
+    probs[ood] = rng.dirichlet(np.ones(c), ood.sum())
+    votes = np.zeros((n, c))
+    votes[np.arange(n), true] = 0.7
+    votes += 0.3 / c
+    votes[ood] = rng.dirichlet(np.ones(c), ood.sum())
+    suggested, confidence = suggest_labels(probs, knn_votes=votes)
+    is_issue = given != true
+    is_issue[ood] = True
+    plan = decide_corrections(given, suggested, confidence, is_issue, np.zeros(n, bool))
+    fixed = plan.source == "auto_corrected"
+    assert (plan.corrected[fixed] == true[fixed]).all()
+    assert (plan.corrected[noisy[noisy < 1900]] == true[noisy[noisy < 1900]]).mean() > 0.99
+    assert (plan.source[ood] != "auto_corrected").mean() >= 0.9  # measured 1.0
+
+
+def test_decide_validates() -> None:
+    ok = np.array([0, 1])
+    flags = np.array([False, True])
+    with pytest.raises(DataError, match="suggested"):
+        decide_corrections(ok, np.array([0]), np.ones(2), flags, flags)
+    with pytest.raises(DataError, match="confidence"):
+        decide_corrections(ok, ok, np.ones(3), flags, flags)
+    with pytest.raises(DataError, match="is_ood"):
+        decide_corrections(ok, ok, np.ones(2), flags, np.array([0, 2]))
+    with pytest.raises(DataError, match="row 5"):
+        decide_corrections(ok, ok, np.ones(2), flags, flags, reviews={5: 0})
+    with pytest.raises(DataError, match="class code 7"):
+        decide_corrections(ok, ok, np.ones(2), flags, flags, reviews={0: 7}, n_classes=2)
+    with pytest.raises(ConfigError, match="min_confidence"):
+        decide_corrections(ok, ok, np.ones(2), flags, flags, min_confidence=2)
+    with pytest.raises(ConfigError, match="needs ood_scores"):
+        decide_corrections(ok, ok, np.ones(2), flags, flags, max_ood_score=0.5)

@@ -1,0 +1,72 @@
+"""Diagnostic plots: valid PNGs, figures, input checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from dm_audit.errors import DataError
+from dm_audit.plots import (
+    plot_noise_matrix,
+    plot_p_distribution,
+    plot_score_distribution,
+    plot_training_dynamics,
+    save_figure,
+)
+
+RNG = np.random.default_rng(0)
+P = np.concatenate([RNG.beta(8, 1, 900), RNG.beta(1, 8, 100)])
+FLAGGED = np.arange(1000) >= 900
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.width > 200 and img.height > 200
+
+
+def test_each_plot_returns_a_figure_or_writes_a_png(tmp_path: Path) -> None:
+    history = np.clip(P[:, None] * (1 - np.exp(-np.arange(1, 16) / 3))[None], 0, 1)
+    matrix = 0.8 * np.eye(4) + 0.2 * np.roll(np.eye(4), 1, axis=1)
+    calls = {
+        "p": lambda path: plot_p_distribution(P, FLAGGED, path=path),
+        "dynamics": lambda path: plot_training_dynamics(
+            history.astype(np.float16), FLAGGED, path=path, n_curves=10
+        ),
+        "matrix": lambda path: plot_noise_matrix(matrix, ["a", "b", "c", "d"], path=path),
+        "scores": lambda path: plot_score_distribution(1 - P, 0.5, is_flagged=FLAGGED, path=path),
+        "ood": lambda path: plot_score_distribution(1 - P, name="OOD score", path=path),
+    }
+    for name, call in calls.items():
+        fig = call(None)
+        assert isinstance(fig, Figure) and fig.axes
+        path = call(tmp_path / "nested" / f"{name}.png")
+        assert path == tmp_path / "nested" / f"{name}.png"
+        _assert_png(path)
+    assert not [p for p in (tmp_path / "nested").iterdir() if ".tmp-" in p.name]
+
+
+def test_large_matrix_and_no_flags(tmp_path: Path) -> None:
+    fig = plot_noise_matrix(np.eye(100))  # no per-cell text or ticks at 100 classes
+    _assert_png(save_figure(fig, tmp_path / "m.png"))
+    fig = plot_training_dynamics(np.full((5, 3), 0.5), np.zeros(5, bool))
+    assert len(fig.axes[0].lines) == 6  # 5 curves + the unflagged mean
+
+
+def test_plots_validate_inputs() -> None:
+    with pytest.raises(DataError, match="is_flagged"):
+        plot_p_distribution(P, FLAGGED[:10])
+    with pytest.raises(DataError, match="p_history"):
+        plot_training_dynamics(np.zeros(5), np.zeros(5, bool))
+    with pytest.raises(DataError, match="square"):
+        plot_noise_matrix(np.zeros((2, 3)))
+    with pytest.raises(DataError, match="3 names"):
+        plot_noise_matrix(np.eye(2), ["a", "b", "c"])
+    with pytest.raises(DataError, match="scores"):
+        plot_score_distribution(np.array([]))
