@@ -1,0 +1,236 @@
+"""Per-example scores of a trained model: p_i, emphasis weight, prediction, entropy, margin.
+
+One eval-mode pass over the examples gives every score the anomaly flags and reports need:
+``p_given`` (p_i, the probability of the given label: small for mislabelled and
+out-of-distribution examples under a DM-trained model), the emphasis weight the training loss's
+curve gives it, the predicted class and its probability, the normalised entropy, the margin
+p_i − max_{j≠y_i} p_j, and the penultimate embedding (for faiss nearest neighbours).
+
+The Parquet layout is :data:`SCORES_SCHEMA`, versioned in its metadata; :func:`write_scores`
+writes it atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dm_audit.atomic import atomic_write_parquet
+from dm_audit.errors import DataError
+from dm_audit.metrics import given_probability, margin, normalised_entropy
+from dm_audit.models import AuditModel
+from dm_audit.training import predict_proba
+
+__all__ = [
+    "SCORES_SCHEMA",
+    "SCORES_SCHEMA_VERSION",
+    "read_scores",
+    "score",
+    "scores_from_probs",
+    "write_scores",
+]
+
+SCORES_SCHEMA_VERSION = "1"
+
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field("example_id", pa.string(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("p_given", pa.float32(), nullable=False),
+        pa.field("emphasis_weight", pa.float32(), nullable=False),
+        pa.field("predicted_label", pa.int64(), nullable=False),
+        pa.field("predicted_prob", pa.float32(), nullable=False),
+        pa.field("entropy", pa.float32(), nullable=False),
+        pa.field("margin", pa.float32(), nullable=False),
+        # "element" is the child name Parquet writes (and reads back) for a list.
+        pa.field("embedding", pa.list_(pa.field("element", pa.float32())), nullable=False),
+    ],
+    metadata={
+        b"dm_audit.schema": b"scores",
+        b"dm_audit.schema_version": SCORES_SCHEMA_VERSION.encode(),
+    },
+)
+"""Per-example scores: ``example_id`` (row position as text unless ids are given), ``label``
+(the given label's code), ``p_given``, ``emphasis_weight``, ``predicted_label``,
+``predicted_prob``, ``entropy`` (H(p)/log C), ``margin``, ``embedding`` (list<float32>)."""
+
+WeightFn = Callable[[np.ndarray], np.ndarray]
+
+
+def scores_from_probs(
+    probs: np.ndarray,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    weighting: WeightFn,
+    example_ids: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Build the scores table from probabilities already computed.
+
+    Parameters
+    ----------
+    probs : array (N, C) float
+        Class probabilities (rows sum to 1).
+    embeddings : array (N, E) float
+        Penultimate embeddings.
+    labels : array (N,) int
+        Given labels, codes ``0..C-1``.
+    weighting : callable
+        Maps p_i ``(N,)`` to emphasis weights ``(N,)`` (e.g. a
+        :class:`dm_audit.emphasis.Weighting`).
+    example_ids : sequence of str, optional
+        Stable ids; default: the row positions as strings.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns of :data:`SCORES_SCHEMA`, ``N`` rows in input order.
+    """
+    p = np.asarray(probs, dtype=np.float32)
+    if p.ndim != 2:
+        raise DataError(f"probs must have shape (N, C), got {p.shape}")
+    n = p.shape[0]
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise DataError(f"embeddings must have shape ({n}, E), got {emb.shape}")
+    y = np.asarray(labels)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"labels must be integer codes of shape ({n},), got {y.dtype} {y.shape}")
+    bad = np.flatnonzero((y < 0) | (y >= p.shape[1]))
+    if bad.size:
+        raise DataError(f"labels: row {bad[0]} has label {y[bad[0]]}, outside 0..{p.shape[1] - 1}")
+    ids = [str(i) for i in range(n)] if example_ids is None else [str(i) for i in example_ids]
+    if len(ids) != n:
+        raise DataError(f"example_ids has {len(ids)} entries for {n} examples")
+    p_given = given_probability(p, y)
+    weights = np.asarray(weighting(p_given.astype(np.float64)), dtype=np.float32)
+    if weights.shape != (n,):
+        raise DataError(f"weighting returned shape {weights.shape}, expected ({n},)")
+    return pd.DataFrame(
+        {
+            "example_id": ids,
+            "label": y.astype(np.int64),
+            "p_given": p_given,
+            "emphasis_weight": weights,
+            "predicted_label": p.argmax(axis=1).astype(np.int64),
+            "predicted_prob": p.max(axis=1).astype(np.float32),
+            "entropy": normalised_entropy(p),
+            "margin": margin(p, y),
+            "embedding": list(emb),
+        }
+    )
+
+
+def score(
+    model: AuditModel,
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    weighting: WeightFn,
+    device: str | torch.device = "auto",
+    batch_size: int = 1024,
+    example_ids: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Score every example with a trained model (one eval-mode pass).
+
+    Parameters
+    ----------
+    model : AuditModel
+        Trained model (e.g. ``fit(...).model``).
+    inputs : array
+        float features ``(N, D)`` or uint8 images ``(N, H, W, C)``.
+    labels : array (N,) int
+        Given labels.
+    weighting : callable
+        Emphasis curve for ``emphasis_weight`` (usually the training loss's DM weighting).
+    device : str or torch.device
+        See :func:`dm_audit.training.resolve_device`.
+    batch_size : int
+        Examples per forward pass.
+    example_ids : sequence of str, optional
+        Ids for the ``example_id`` column (default: row positions).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns of :data:`SCORES_SCHEMA`.
+    """
+    probs, embeddings = predict_proba(model, inputs, device, batch_size)
+    return scores_from_probs(
+        probs, embeddings, labels, weighting=weighting, example_ids=example_ids
+    )
+
+
+def _to_table(df: pd.DataFrame) -> pa.Table:
+    missing = [f.name for f in SCORES_SCHEMA if f.name not in df.columns]
+    if missing:
+        raise DataError(f"scores table lacks column(s) {', '.join(missing)}")
+    n = len(df)
+    arrays: list[pa.Array] = []
+    for f in SCORES_SCHEMA:
+        col = df[f.name]
+        if f.name == "embedding":
+            rows = [np.asarray(v, dtype=np.float32).ravel() for v in col]
+            lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            flat = np.concatenate(rows) if rows else np.zeros(0, np.float32)
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=f.type))
+            continue
+        if col.isna().any():
+            row = int(np.flatnonzero(col.isna().to_numpy())[0])
+            raise DataError(f"scores column {f.name!r} has a missing value at row {row}")
+        if pa.types.is_string(f.type):
+            arrays.append(pa.array(col.astype(str).tolist(), type=f.type))
+        else:
+            arrays.append(pa.array(col.to_numpy().astype(f.type.to_pandas_dtype()), type=f.type))
+    return pa.Table.from_arrays(arrays, schema=SCORES_SCHEMA)
+
+
+def write_scores(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write a scores table to Parquet with :data:`SCORES_SCHEMA`, atomically.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Output of :func:`score` (extra columns are dropped; dtypes are cast to the schema).
+    path : path-like
+        Destination ``.parquet`` file; its folder is created if needed.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    table = _to_table(df)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_parquet(out, table)
+
+
+def read_scores(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a file written by :func:`write_scores`, checking its schema version.
+
+    Raises
+    ------
+    DataError
+        Not a scores file, or a different schema version.
+    """
+    table = pq.read_table(path)
+    meta: dict[bytes, Any] = table.schema.metadata or {}
+    if meta.get(b"dm_audit.schema") != b"scores":
+        raise DataError(f"{path} is not a dm-audit scores file")
+    version = meta.get(b"dm_audit.schema_version", b"?").decode()
+    if version != SCORES_SCHEMA_VERSION:
+        raise DataError(
+            f"{path} has scores schema version {version}; this dm-audit reads "
+            f"{SCORES_SCHEMA_VERSION}"
+        )
+    return table.to_pandas()

@@ -1,0 +1,396 @@
+"""Training engine on scikit-learn's digits: accuracy, noise robustness, resume, collapse guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+
+from dm_audit.errors import ConfigError, DataError
+from dm_audit.noise import inject_symmetric
+from dm_audit.training import (
+    CHECKPOINT_NAME,
+    FitResult,
+    TrainConfig,
+    fit,
+    predict_proba,
+    resolve_device,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: intra-op threads gain nothing, and OpenMP workers spin-waiting on a
+    # busy machine slow every step down many times over.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Digits features / 16, 70/30 stratified split (seed 0): x_train, x_test, y_train, y_test."""
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    y = data.target.astype(np.int64)
+    return tuple(train_test_split(x, y, test_size=0.3, stratify=y, random_state=0))
+
+
+def _fit(digits, *, labels=None, true_labels=None, **options) -> FitResult:
+    x_train, x_test, y_train, y_test = digits
+    options.setdefault("progress", False)
+    config = TrainConfig(model="mlp", **options)
+    return fit(
+        x_train,
+        y_train if labels is None else labels,
+        config,
+        num_classes=10,
+        eval_inputs=x_test,
+        eval_labels=y_test,
+        true_labels=true_labels,
+    )
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"lr": -1.0}, "lr"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"emphasis_ramp": 1.5}, "emphasis_ramp"),
+        ({"device": "gpu"}, "device"),
+        ({"amp": "fp8"}, "amp"),
+        ({"model": "vgg"}, "model"),
+        ({"augment": "mixup"}, "augment"),
+        ({"collapse_share": 0.3}, "collapse_share"),
+        ({"step_milestones": (0.75, 0.5)}, "step_milestones"),
+        ({"progress": "yes"}, "progress"),
+        ({"loss_params": {"ramp": 0.5}}, "emphasis_ramp"),
+    ],
+)
+def test_config_rejects_bad_values(options, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**options)
+
+
+def test_config_round_trips_through_dict():
+    config = TrainConfig(loss="dm", loss_params={"lam": 1.0, "beta": 16.0}, step_milestones=(0.3,))
+    again = TrainConfig.from_dict(config.to_dict())
+    assert again == config
+    with pytest.raises(ConfigError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"epochz": 3})
+
+
+def test_recipe_defaults_resolve_per_model_family(digits):
+    result = _fit(digits, loss="cce", epochs=1)
+    assert result.recipe == {
+        "model": "mlp",
+        "device": "cpu",
+        "amp": "off",
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "weight_decay": 0.02,
+        "epochs": 1,
+        "batch_size": 128,
+        "iterations": 10,  # 1257 examples: 9 batches of 128 and one of 105
+    }
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_bad_inputs_are_named(digits):
+    x_train, _, y_train, _ = digits
+    config = TrainConfig(model="mlp", loss="cce", epochs=1, progress=False)
+    bad = x_train.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(DataError, match="row 7, column 3"):
+        fit(bad, y_train, config, num_classes=10)
+    labels = y_train.copy()
+    labels[5] = 10
+    with pytest.raises(DataError, match="row 5 has label 10"):
+        fit(x_train, labels, config, num_classes=10)
+    with pytest.raises(DataError, match="true_labels"):
+        fit(x_train, y_train, config, num_classes=10, true_labels=y_train[:-1])
+    with pytest.raises(ConfigError, match="unknown loss"):
+        fit(x_train, y_train, TrainConfig(model="mlp", loss="hinge"), num_classes=10)
+
+
+# ------------------------------------------------------------------------------ learning
+
+
+@pytest.mark.parametrize(
+    ("loss", "params"),
+    [("cce", {}), ("dm", {}), ("dm", {"lam": 1.0, "beta": 16.0})],
+)
+def test_clean_digits_reach_95_percent(digits, loss, params):
+    result = _fit(digits, loss=loss, loss_params=params, epochs=30)
+    last = result.history[-1]
+    assert last["eval_acc"] >= 0.95
+    assert last["train_acc"] >= 0.97
+    assert result.events == []
+    assert [h["epoch"] for h in result.history] == list(range(1, 31))
+    assert result.model.training is False
+    if loss == "dm":
+        assert last["emphasis_scale"] == 1.0  # the ramp (20% of training) is over
+        # Set before each step: the epoch's last step (iteration 9) of a 60-iteration ramp.
+        assert result.history[0]["emphasis_scale"] == pytest.approx(9 / 60)
+    else:
+        assert last["emphasis_scale"] is None
+    # The cosine schedule ends near zero.
+    assert last["lr"] < 1e-3 < result.history[0]["lr"]
+
+
+@pytest.mark.parametrize(
+    ("loss", "params", "ramped"),
+    [
+        ("imae", {"T": 8.0}, True),
+        ("proselflc", {"dm_lam": 0.5, "dm_beta": 8.0}, True),
+        ("proselflc", {}, False),
+        ("gce", {"q": 0.7}, False),
+        ("ls", {"eps": 0.1}, False),
+    ],
+)
+def test_every_loss_family_trains(digits, loss, params, ramped):
+    result = _fit(digits, loss=loss, loss_params=params, epochs=5)
+    first, last = result.history[0], result.history[-1]
+    assert last["eval_acc"] >= 0.85
+    if ramped:  # the emphasis ramp (one epoch of five) reaches the DM weighting
+        assert first["emphasis_scale"] == pytest.approx(9 / 10) and last["emphasis_scale"] == 1.0
+    else:
+        assert last["emphasis_scale"] is None or last["emphasis_scale"] == 1.0
+
+
+@pytest.mark.slow
+def test_noisy_digits_dm_does_not_memorise_where_cce_does(digits):
+    """The product's acceptance target on 40% symmetric noise with the default recipe."""
+    _, _, y_train, _ = digits
+    noisy = inject_symmetric(y_train, 10, 0.4, seed=0)
+    assert (noisy != y_train).sum() == int(0.4 * len(y_train))
+    cce = _fit(digits, labels=noisy, true_labels=y_train, loss="cce")
+    dm = _fit(
+        digits, labels=noisy, true_labels=y_train, loss="dm", loss_params={"lam": 1.0, "beta": 16.0}
+    )
+    c, d = cce.history[-1], dm.history[-1]
+    assert cce.events == dm.events == []  # no false collapse alarm
+    # Measured: CCE test 0.65 / noisy fit 1.00 / clean fit 1.00; DM 0.89 / 0.14 / 0.99.
+    assert c["noisy_fit"] >= 0.9
+    assert d["noisy_fit"] <= 0.2
+    assert d["test_acc"] >= c["test_acc"] + 0.15
+    assert d["clean_fit"] >= 0.95
+    assert d["noisy_correction"] >= 0.7  # the noisy examples are predicted as their true class
+    assert d["entropy_noisy"] > d["entropy_clean"]
+    assert d["n_noisy"] == int(0.4 * len(y_train)) and d["n_open_set"] == 0
+    # The DM model's p_i curves separate the noisy examples from the clean ones.
+    summary = dm.dynamics.summary()
+    is_noisy = noisy != y_train
+    assert roc_auc_score(is_noisy, -summary["mean_p"]) > 0.95
+    assert summary["first_learned_epoch"][is_noisy].eq(-1).mean() > 0.8
+
+
+def test_six_metrics_count_open_set_examples_apart(digits):
+    _, _, y_train, _ = digits
+    truth = y_train.copy()
+    truth[:50] = -1  # pretend the first 50 are inputs of no known class
+    result = _fit(digits, loss="cce", epochs=2, true_labels=truth)
+    entry = result.history[-1]
+    assert entry["n_open_set"] == 50
+    assert entry["n_clean"] == len(y_train) - 50 and entry["n_noisy"] == 0
+    assert np.isnan(entry["noisy_fit"]) and 0.0 <= entry["open_set_fit"] <= 1.0
+    assert entry["test_acc"] == entry["eval_acc"]
+
+
+# ------------------------------------------------------------------------------ predictions
+
+
+def test_predict_proba_shapes_and_mode(digits):
+    x_train, x_test, _, _ = digits
+    result = _fit(digits, loss="cce", epochs=2)
+    model = result.model.train()
+    probs, emb = predict_proba(model, x_test, "cpu", batch_size=100)
+    assert probs.shape == (len(x_test), 10) and probs.dtype == np.float32
+    assert emb.shape == (len(x_test), 256) and emb.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert model.training  # restored
+    again, _ = predict_proba(model, x_test, "cpu", batch_size=7)
+    np.testing.assert_allclose(again, probs, atol=1e-5)  # eval mode: batch-independent
+    with pytest.raises(DataError, match="per example"):
+        predict_proba(model, x_train[:, :10], "cpu")
+
+
+def test_dynamics_from_an_eval_pass_match_the_final_model(digits):
+    x_train, _, y_train, _ = digits
+    result = _fit(digits, loss="cce", epochs=3, dynamics_source="eval")
+    assert result.dynamics.n_recorded == 3 and result.dynamics.source == "eval"
+    probs, _ = predict_proba(result.model, x_train, "cpu")
+    last = result.dynamics.p_matrix()[:, -1].astype(np.float32)
+    np.testing.assert_allclose(last, probs[np.arange(len(y_train)), y_train], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(epochs: int):
+    def callback(entry: dict) -> None:
+        if entry["epoch"] == epochs:
+            raise _Stop
+
+    return callback
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _strip_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in ("seconds", "examples_per_s")} for h in history]
+
+
+def _run(x, y, config, tmp: Path | None, **kw) -> FitResult:
+    return fit(x, y, config, num_classes=10, checkpoint_dir=tmp, **kw)
+
+
+def test_resume_is_bit_identical(digits, tmp_path):
+    x_train, _, y_train, _ = digits
+    config = TrainConfig(
+        model="mlp",
+        model_params={"dropout": 0.1},  # exercises the torch RNG state
+        loss="dm",
+        loss_params={"lam": 1.0, "beta": 16.0},
+        epochs=6,
+        progress=False,
+    )
+    full = _run(x_train, y_train, config, None)
+    with pytest.raises(_Stop):
+        _run(x_train, y_train, config, tmp_path, on_epoch_end=_stop_after(3))
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temporary files
+    resumed = _run(x_train, y_train, config, tmp_path, resume=True)
+    assert _same_weights(full.model, resumed.model)
+    assert _strip_timing(full.history) == _strip_timing(resumed.history)
+    np.testing.assert_array_equal(full.dynamics.p_matrix(), resumed.dynamics.p_matrix())
+    assert resumed.events == [
+        {"event": "resume", "epoch": 3, "checkpoint": str(tmp_path / CHECKPOINT_NAME)}
+    ]
+
+
+def test_resume_with_augmented_images_is_bit_identical(make_colour_images, tmp_path):
+    images, labels = make_colour_images(n_per_class=6, size=8)
+    config = TrainConfig(
+        model="resnet20", loss="cce", epochs=4, batch_size=8, augment="crop_flip", progress=False
+    )
+    full = fit(images, labels, config, num_classes=3)
+    with pytest.raises(_Stop):
+        fit(
+            images,
+            labels,
+            config,
+            num_classes=3,
+            checkpoint_dir=tmp_path,
+            on_epoch_end=_stop_after(2),
+        )
+    resumed = fit(images, labels, config, num_classes=3, checkpoint_dir=tmp_path, resume=True)
+    assert _same_weights(full.model, resumed.model)
+    probs, emb = predict_proba(resumed.model, images, "cpu")
+    assert probs.shape == (18, 3) and emb.shape == (18, 64)
+    assert full.recipe["weight_decay"] == 5e-4  # the CIFAR ResNet recipe
+
+
+def test_checkpoint_of_another_configuration_is_refused(digits, tmp_path):
+    x_train, _, y_train, _ = digits
+    config = TrainConfig(model="mlp", loss="cce", epochs=1, progress=False)
+    _run(x_train, y_train, config, tmp_path)
+    other = TrainConfig(model="mlp", loss="cce", epochs=1, lr=0.05, progress=False)
+    with pytest.raises(ConfigError, match=r"different training configuration.*lr: checkpoint None"):
+        _run(x_train, y_train, other, tmp_path, resume=True)
+    with pytest.raises(ConfigError, match="different training data"):
+        _run(x_train, (y_train + 1) % 10, config, tmp_path, resume=True)
+    # Options that cannot change the weights do not matter.
+    quiet = TrainConfig(model="mlp", loss="cce", epochs=1, progress=True, eval_batch_size=7)
+    result = _run(x_train, y_train, quiet, tmp_path, resume=True)
+    assert result.events[-1]["event"] == "resume" and len(result.history) == 1
+
+
+def test_resume_without_a_checkpoint_starts_afresh(digits, tmp_path):
+    x_train, _, y_train, _ = digits
+    config = TrainConfig(model="mlp", loss="cce", epochs=1, progress=False)
+    result = _run(x_train, y_train, config, tmp_path / "new", resume=True)
+    assert len(result.history) == 1 and (tmp_path / "new" / CHECKPOINT_NAME).is_file()
+    with pytest.raises(ConfigError, match="checkpoint_dir"):
+        _run(x_train, y_train, config, None, resume=True)
+
+
+# ------------------------------------------------------------------------------ collapse guard
+
+# On digits with the default recipe, lam=1, beta=64 and no ramp give up on four of the ten
+# classes from the first epoch on (their examples sit at p_i ~ 0, where the weight is e^16 times
+# below the peak): test accuracy stays near 50%.
+COLLAPSING = {"loss": "dm", "loss_params": {"lam": 1.0, "beta": 64.0}, "emphasis_ramp": 0.0}
+
+
+def test_collapse_without_guard_is_reported(digits):
+    result = _fit(digits, epochs=20, collapse_guard=False, **COLLAPSING)
+    assert result.history[-1]["eval_acc"] < 0.6
+    assert result.history[-1]["dead_class_share"] >= 0.2
+    assert len(result.events) == 1  # the start of the collapsed stretch, not every epoch
+    event = result.events[0]
+    assert (event["event"], event["reason"], event["action"]) == (
+        "collapse",
+        "dead_classes",
+        "none",
+    )
+    # A symptom from epoch 2 on; a collapse once it persists (epoch 3).
+    assert result.history[1]["alarm"] == "dead_classes" and not result.history[1]["collapsed"]
+    assert all(h["collapsed"] for h in result.history[2:]) and event["epoch"] == 3
+    assert result.loss_params == {"lam": 1.0, "beta": 64.0}
+
+
+def test_collapse_guard_recovers(digits):
+    result = _fit(digits, epochs=20, **COLLAPSING)
+    assert result.history[-1]["eval_acc"] >= 0.95
+    assert len(result.events) == 1
+    event = result.events[0]
+    assert event["action"] == "rollback" and event["rollback_to_epoch"] == 0
+    assert event["new_loss_params"] == {"lam": 0.5, "beta": 32.0}
+    assert event["new_emphasis_ramp"] == 0.25
+    assert result.loss_params == {"lam": 0.5, "beta": 32.0}
+    kept = [h for h in result.history if not h["discarded"]]
+    assert [h["epoch"] for h in kept] == list(range(1, 21))
+    assert all(h["attempt"] == 1 for h in kept)
+    assert result.dynamics.n_recorded == 20
+
+
+def test_resume_after_a_recovery_is_bit_identical(digits, tmp_path):
+    x_train, _, y_train, _ = digits
+    config = TrainConfig(model="mlp", epochs=8, progress=False, **COLLAPSING)
+    full = _run(x_train, y_train, config, None)
+    with pytest.raises(_Stop):
+        _run(x_train, y_train, config, tmp_path, on_epoch_end=_stop_after(4))
+    resumed = _run(x_train, y_train, config, tmp_path, resume=True)
+    assert _same_weights(full.model, resumed.model)
+    assert resumed.loss_params == full.loss_params == {"lam": 0.5, "beta": 32.0}
