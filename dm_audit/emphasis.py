@@ -25,12 +25,15 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
 from dm_audit.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "WEIGHTING_NAMES",
@@ -670,25 +673,29 @@ def batch_variance(weights: np.ndarray | torch.Tensor) -> float:
 
 
 def plot_weighting_curves(
-    curves: Mapping[str, Weighting], path: str | os.PathLike[str], *, normalise: bool = False
-) -> Path:
+    curves: Mapping[str, Weighting],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    normalise: bool = False,
+) -> Path | Figure:
     """Plot weighting curves over p in [0, 1] to a PNG file (like the DM paper's Figure 1).
 
     Parameters
     ----------
     curves : mapping of str to Weighting
         Legend label -> curve. Each legend entry also shows the curve's emphasis mode.
-    path : str or os.PathLike
+    path : str or os.PathLike, optional
         Output PNG file; parent folders are created. Written atomically (temporary name, then
-        rename), so a crash never leaves a partial image.
+        rename), so a crash never leaves a partial image. Without a path the figure is returned
+        (to embed it in a report).
     normalise : bool, default False
         Plot each curve's emphasis density function (integral one) instead of the raw curve,
         which makes curves of different scales comparable.
 
     Returns
     -------
-    pathlib.Path
-        The written file.
+    pathlib.Path or matplotlib.figure.Figure
+        The written file, or the figure when no path is given.
     """
     # Figure + Agg canvas instead of pyplot: no global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -696,8 +703,6 @@ def plot_weighting_curves(
 
     if not curves:
         raise ConfigError("plot_weighting_curves needs at least one curve")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     p = np.linspace(0.0, 1.0, 501)
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
@@ -712,6 +717,10 @@ def plot_weighting_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
+    if path is None:
+        return fig
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=120)

@@ -35,19 +35,24 @@ __all__ = [
     "DEFAULT_OOD_WEIGHTS",
     "IVF_THRESHOLD",
     "KnnLabelAgreement",
+    "ScoreSplit",
     "auto_ood_threshold",
     "auto_threshold",
     "flag_label_issues",
     "flag_ood",
     "knn_label_agreement",
     "label_issue_scores",
+    "mixture_split",
     "ood_scores",
     "select_trusted",
 ]
 
 IndexKind = Literal["auto", "flat", "ivf"]
 IVF_THRESHOLD = 200_000
-DEFAULT_ISSUE_WEIGHTS: dict[str, float] = {"prediction": 1.0, "dynamics": 1.0, "knn": 1.0}
+# The mean of p_i over training separates mislabelled from clean examples best (digits, 40 %
+# symmetric / 20 % pair noise: AUROC 0.999 / 0.987 against 0.984 / 0.755 for the last epoch's
+# p_i and 0.94 / 0.50 for kNN agreement), so it dominates; the other two break its ties.
+DEFAULT_ISSUE_WEIGHTS: dict[str, float] = {"prediction": 1.0, "dynamics": 6.0, "knn": 1.0}
 DEFAULT_OOD_WEIGHTS: dict[str, float] = {"distance": 2.0, "uncertainty": 1.0, "neighbours": 1.0}
 
 
@@ -359,7 +364,7 @@ def label_issue_scores(
         Fraction of nearest neighbours sharing the given label.
     weights : mapping, optional
         Component weights by name; missing names weigh 0, absent components are skipped and
-        the rest renormalised. Default `DEFAULT_ISSUE_WEIGHTS` (all 1).
+        the rest renormalised. Default `DEFAULT_ISSUE_WEIGHTS` (dynamics 6, the others 1).
     normalize : {"none", "rank"}
         Rank-normalise components before combining.
 
@@ -488,6 +493,83 @@ def auto_threshold(
             near = grid[density <= density[i] * 1.25]
             t = float(near[np.argmin(np.abs(near - t))])
     return float(max(t, min_score))
+
+
+@dataclass(frozen=True)
+class ScoreSplit:
+    """A two-component mixture fitted to label-issue scores.
+
+    Attributes
+    ----------
+    threshold : float
+        Flag scores at or above it.
+    noise_rate : float
+        Share of scores at or above the threshold: the estimated share of wrong labels. (The
+        high component's weight is not used: on clean data it models the tail of the clean
+        scores and reads 3-13 % on digits, where the share above the threshold reads 0-0.2 %.)
+    means : tuple of float
+        Component means, low then high.
+    weights : tuple of float
+        Component weights, low then high.
+    """
+
+    threshold: float
+    noise_rate: float
+    means: tuple[float, float]
+    weights: tuple[float, float]
+
+
+def mixture_split(
+    scores: np.ndarray,
+    *,
+    bounds: tuple[float, float] = (0.3, 0.5),
+    seed: int = 0,
+) -> ScoreSplit:
+    """Estimate the noise rate and a threshold from a two-component Gaussian mixture on scores.
+
+    Clean examples form a low mode and mislabelled ones a high mode. The threshold is the lowest score (above the low mode) at
+    which an example is at least as likely to belong to the high component, clipped to `bounds`:
+    below the lower bound the model still favours the given label on average (clean data then
+    flags almost nothing), and at the upper bound the given label was below one half on average,
+    evidence enough even when the modes are far apart and the boundary drifts towards the high
+    one. The share of scores at or above the threshold estimates the noise rate.
+
+    Parameters
+    ----------
+    scores : np.ndarray, shape (N,)
+        Label-issue scores in [0, 1].
+    bounds : (float, float)
+        Lowest and highest threshold allowed.
+    seed : int
+        Seeds the mixture's initialisation.
+
+    Returns
+    -------
+    ScoreSplit
+    """
+    from sklearn.mixture import GaussianMixture
+
+    s = _unit_vector(scores, "scores")
+    low, high = bounds
+    if not 0.0 <= low <= high <= 1.0:
+        raise ConfigError(f"bounds must satisfy 0 <= low <= high <= 1, got {bounds}")
+    if s.size < 4 or np.ptp(s) < 1e-9:
+        # Too few or identical scores: nothing to separate, keep the cautious upper bound.
+        return ScoreSplit(high, float(np.mean(s >= high)), (float(s.mean()),) * 2, (1.0, 0.0))
+    mixture = GaussianMixture(2, random_state=seed, reg_covar=1e-4).fit(s[:, None])
+    order = np.argsort(mixture.means_.ravel())
+    means = mixture.means_.ravel()[order]
+    weights = mixture.weights_[order]
+    grid = np.linspace(0.0, 1.0, 1001)
+    posterior_high = mixture.predict_proba(grid[:, None])[:, order[1]]
+    above = grid[(posterior_high >= 0.5) & (grid >= means[0])]
+    threshold = float(np.clip(above[0] if above.size else 1.0, low, high))
+    return ScoreSplit(
+        threshold,
+        float(np.mean(s >= threshold)),
+        (float(means[0]), float(means[1])),
+        (float(weights[0]), float(weights[1])),
+    )
 
 
 def flag_label_issues(

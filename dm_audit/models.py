@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -505,3 +506,72 @@ def create_model(
         raise ConfigError(f"bad options for model {key!r}: {exc}") from exc
     model.model_name = key
     return model
+
+
+MODEL_FILE_VERSION = 1
+
+
+def save_model(
+    model: AuditModel,
+    path: str | os.PathLike[str],
+    *,
+    num_classes: int,
+    classes: Sequence[str],
+    model_params: dict[str, Any] | None = None,
+) -> Path:
+    """Save a trained model as a state dict plus what `load_model` needs to rebuild it.
+
+    Only tensors and plain values are stored, so the file loads with ``weights_only=True`` (no
+    pickled code runs when a model file is opened). Written atomically.
+
+    Parameters
+    ----------
+    model : AuditModel
+        A model from `create_model` (any device; saved on CPU).
+    path : path-like
+        Output file (``.pt``).
+    num_classes : int
+    classes : sequence of str, length C
+        Class names in code order.
+    model_params : dict, optional
+        The architecture options the model was created with.
+    """
+    from dm_audit.atomic import atomic_write
+
+    payload = {
+        "format_version": MODEL_FILE_VERSION,
+        "model": model.model_name,
+        "num_classes": int(num_classes),
+        "input_shape": list(model.input_shape),
+        "model_params": dict(model_params or {}),
+        "classes": [str(c) for c in classes],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    return atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[AuditModel, list[str]]:
+    """Load a model saved by `save_model`.
+
+    Returns
+    -------
+    (AuditModel, list of str)
+        The model in eval mode on the CPU, and the class names in code order.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"model file {file} does not exist")
+    try:
+        payload = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as error:  # a truncated or foreign file: say which
+        raise ConfigError(f"{file} is not a dm-audit model file: {error}") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != MODEL_FILE_VERSION:
+        raise ConfigError(f"{file} is not a dm-audit model file (format version mismatch)")
+    model = create_model(
+        payload["model"],
+        num_classes=payload["num_classes"],
+        input_shape=tuple(payload["input_shape"]),
+        **payload["model_params"],
+    )
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), list(payload["classes"])

@@ -22,6 +22,7 @@ from dm_audit.flags import (
     flag_ood,
     knn_label_agreement,
     label_issue_scores,
+    mixture_split,
     ood_scores,
     select_trusted,
 )
@@ -160,7 +161,10 @@ def test_label_issue_scores_components() -> None:
     both = label_issue_scores(
         p_given, probs, labels, mean_p=np.array([1.0, 0.0, 0.5]), knn_agreement=np.ones(3)
     )
-    np.testing.assert_allclose(both, [(0.1 + 0 + 0) / 3, (0.9 + 1 + 0) / 3, (0.5 + 0.5) / 3])
+    # Default weights: prediction 1, dynamics 6, knn 1.
+    np.testing.assert_allclose(
+        both, [(0.1 + 0 + 0) / 8, (0.9 + 6 * 1 + 0) / 8, (0.5 + 6 * 0.5) / 8]
+    )
     only_knn = label_issue_scores(
         p_given, knn_agreement=np.array([0.2, 0.4, 1.0]), weights={"knn": 1.0}
     )
@@ -356,3 +360,30 @@ def test_select_trusted() -> None:
     p = np.array([0.9, 0.9, 0.3, 0.6])
     np.testing.assert_array_equal(select_trusted(p, np.array([0, 1, 0, 0])), [1, 0, 0, 1])
     np.testing.assert_array_equal(select_trusted(p, np.zeros(4, bool), min_p=0.7), [1, 1, 0, 0])
+
+
+def test_mixture_split_estimates_the_noise_rate_and_separates_the_modes() -> None:
+    rng = np.random.default_rng(0)
+    clean = np.clip(rng.normal(0.1, 0.05, 700), 0, 1)
+    noisy = np.clip(rng.normal(0.9, 0.05, 300), 0, 1)
+    split = mixture_split(np.concatenate([clean, noisy]))
+    assert split.noise_rate == pytest.approx(0.3, abs=0.01)
+    assert split.means == pytest.approx((0.1, 0.9), abs=0.01)
+    # The boundary lies between the modes, clipped to the default bounds.
+    assert 0.3 <= split.threshold <= 0.5
+    assert (clean >= split.threshold).mean() < 0.01
+    assert (noisy >= split.threshold).mean() > 0.99
+
+
+def test_mixture_split_on_clean_scores_flags_almost_nothing() -> None:
+    rng = np.random.default_rng(1)
+    scores = np.clip(rng.gamma(2.0, 0.03, 2000), 0, 1)
+    split = mixture_split(scores)
+    assert (scores >= split.threshold).mean() <= 0.03
+
+
+def test_mixture_split_rejects_bad_bounds_and_handles_constant_scores() -> None:
+    with pytest.raises(ConfigError):
+        mixture_split(np.linspace(0, 1, 10), bounds=(0.6, 0.4))
+    split = mixture_split(np.full(10, 0.2))
+    assert split.threshold == 0.5 and split.noise_rate == 0.0

@@ -1,0 +1,161 @@
+"""The audit end to end on digits whose truth is known (a reduced form of `dm-audit demo`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dm_audit.audit import AuditConfig, run_audit
+from dm_audit.cli import main
+from dm_audit.errors import ConfigError
+from dm_audit.noise import add_noise
+from dm_audit.reports import (
+    CORRECTED_LABELS_SCHEMA,
+    EXAMPLES_SCHEMA,
+    LABEL_ISSUES_SCHEMA,
+    read_report,
+)
+from dm_audit.sources import load_source
+
+# Fewer epochs than the defaults keep the suite fast; the floors below hold with margin.
+FAST = {"epochs": 30, "probe_epochs": 8, "progress": False, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def noisy_digits():
+    return add_noise(load_source("digits", seed=0), kind="symmetric", rate=0.4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def noisy_audit(noisy_digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "run"
+    report = run_audit(noisy_digits, AuditConfig(seed=0, **FAST), out)
+    return report, out
+
+
+def test_detects_symmetric_noise_and_improves_labels(noisy_audit) -> None:
+    report, _ = noisy_audit
+    truth = report.summary["against_truth"]
+    issues = truth["label_issues"]
+    assert issues["f1"] >= 0.9
+    assert issues["auroc"] >= 0.97
+    assert truth["label_accuracy_after"] >= truth["label_accuracy_before"] + 0.25
+    quality = report.summary["quality"]
+    assert quality["test_accuracy_after"] >= 0.9
+    # More noise -> larger λ: the probe must see the noise and choose a robust emphasis.
+    assert report.summary["noise_estimate"]["probe_rate"] >= 0.25
+    assert report.summary["emphasis"]["audit"]["lam"] >= 0.75
+
+
+def test_reports_follow_the_contract(noisy_audit) -> None:
+    report, out = noisy_audit
+    examples = read_report(out / "examples.parquet", EXAMPLES_SCHEMA)
+    issues = read_report(out / "label_issues.parquet", LABEL_ISSUES_SCHEMA)
+    corrected = read_report(out / "corrected_labels.parquet", CORRECTED_LABELS_SCHEMA)
+    assert len(examples) == report.summary["n_examples"] == len(corrected)
+    assert examples["example_id"].is_unique
+    for column in ("label_issue_score", "ood_score", "p_given"):
+        assert examples[column].between(0, 1).all()
+    assert set(issues["example_id"]) == set(examples.loc[examples["is_label_issue"], "example_id"])
+    assert issues["label_issue_score"].is_monotonic_decreasing
+    # Original labels are never lost: corrected_labels keeps every given label.
+    merged = corrected.merge(examples[["example_id", "given_label"]], on="example_id")
+    assert (merged["original_label"] == merged["given_label"]).all()
+    auto = merged["source"] == "auto_corrected"
+    assert (merged.loc[auto, "corrected_label"] != merged.loc[auto, "original_label"]).all()
+    assert (
+        merged.loc[merged["source"] == "kept", "corrected_label"]
+        .eq(merged.loc[merged["source"] == "kept", "original_label"])
+        .all()
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("noise_estimate", "emphasis", "counts", "quality", "against_truth"):
+        assert key in summary
+    plots = {p.stem for p in (out / "plots").glob("*.png")}
+    assert {"p_distribution", "weighting_curves", "training_dynamics", "noise_matrix"} <= plots
+
+
+def test_clean_data_flags_little(tmp_path: Path) -> None:
+    dataset = load_source("digits", seed=1)
+    report = run_audit(dataset, AuditConfig(seed=1, **FAST))
+    counts = report.summary["counts"]
+    assert counts["label_issues"] / report.summary["n_examples"] <= 0.03
+    assert report.summary["emphasis"]["audit"]["lam"] == 0.0
+    assert report.summary["quality"]["test_accuracy_after"] >= 0.95
+
+
+def test_same_seed_gives_the_same_report(noisy_digits, noisy_audit) -> None:
+    first, _ = noisy_audit
+    again = run_audit(noisy_digits, AuditConfig(seed=0, **FAST))
+    columns = ["example_id", "label_issue_score", "is_label_issue", "suggested_label", "ood_score"]
+    pd.testing.assert_frame_equal(first.examples[columns], again.examples[columns])
+
+
+def test_top_k_and_threshold_overrides(noisy_digits) -> None:
+    config = AuditConfig(seed=0, top_k=25, retrain=False, **FAST)
+    report = run_audit(noisy_digits, config)
+    assert report.examples["is_label_issue"].sum() == 25
+    assert len(report.label_issues) == 25
+    strict = run_audit(
+        noisy_digits, AuditConfig(seed=0, label_issue_threshold=0.99, retrain=False, **FAST)
+    )
+    scores = strict.examples["label_issue_score"]
+    assert strict.examples["is_label_issue"].equals(scores >= 0.99)
+
+
+def test_reviews_override_exactly_the_reviewed_labels(noisy_digits, tmp_path: Path) -> None:
+    train = noisy_digits.train()
+    ids = train.example_ids[:3]
+    true = train.table["true_label"].to_numpy()[:3]
+    reviews = tmp_path / "reviews.csv"
+    pd.DataFrame({"example_id": ids, "label": true}).to_csv(reviews, index=False)
+    config = AuditConfig(seed=0, retrain=False, **FAST)
+    base = run_audit(noisy_digits, config)
+    reviewed = run_audit(noisy_digits, config, reviews_path=reviews)
+    merged = base.corrected_labels.merge(reviewed.corrected_labels, on="example_id")
+    changed = merged[merged["source_y"] == "reviewed"]
+    assert sorted(changed["example_id"]) == sorted(ids)
+    pairs = set(zip(changed["example_id"], changed["corrected_label_y"], strict=True))
+    assert pairs == set(zip(ids, true, strict=True))
+    others = merged[merged["source_y"] != "reviewed"]
+    assert (others["corrected_label_x"].fillna("") == others["corrected_label_y"].fillna("")).all()
+    assert reviewed.summary["counts"]["reviewed"] == 3
+
+
+def test_open_set_examples_are_not_corrected_into_a_class(tmp_path: Path) -> None:
+    dataset = add_noise(
+        load_source("digits", seed=0),
+        kind="symmetric",
+        rate=0.3,
+        seed=0,
+        open_set_classes=["8", "9"],
+        open_set_fraction=0.08,
+    )
+    report = run_audit(dataset, AuditConfig(seed=0, retrain=False, **FAST))
+    ood = report.summary["against_truth"]["ood"]
+    assert ood["auroc"] >= 0.8
+    assert ood["share_not_auto_corrected"] >= 0.7
+
+
+def test_bad_config_is_refused_before_any_work() -> None:
+    with pytest.raises(ConfigError, match="lam and beta"):
+        AuditConfig(lam=1.0)
+    with pytest.raises(ConfigError, match="correction_source"):
+        AuditConfig(correction_source="oracle")
+
+
+def test_demo_command_prints_the_quality_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dm_audit.cli as cli
+
+    monkeypatch.setattr(cli, "DEMO_CONFIG", {"epochs": 10, "probe_epochs": 4})
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--quiet", "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for row in ("detection F1", "OOD AUROC", "label accuracy before/after", "test accuracy"):
+        assert row in printed
+    assert (tmp_path / "demo" / "summary.json").is_file()

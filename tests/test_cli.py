@@ -1,0 +1,127 @@
+"""The dm-audit command line: bad input exits 2 with a message naming the problem, writing nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dm_audit.cli import EXIT_BAD_INPUT, build_parser, main
+
+FAST = ["--epochs", "4", "--quiet", "--device", "cpu"]
+
+
+def _table(n: int = 90, n_classes: int = 3, seed: int = 0) -> pd.DataFrame:
+    """Three well separated Gaussian blobs with four features."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % n_classes
+    centres = rng.normal(0, 5, size=(n_classes, 4))
+    x = centres[labels] + rng.normal(0, 0.5, size=(n, 4))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(4)])
+    frame["label"] = [f"class_{k}" for k in labels]
+    return frame
+
+
+def _audit(tmp_path: Path, source: Path, *extra: str) -> tuple[int, Path]:
+    out = tmp_path / "out"
+    code = main(["audit", "--input", str(source), "--out", str(out), *FAST, *extra])
+    return code, out
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda f: f.drop(columns=["label"]), "label"),
+        (lambda f: f.assign(f1=f["f1"].where(f.index != 7, np.nan)), "f1"),
+        (lambda f: f.assign(label="only_one"), "class"),
+        (lambda f: f.iloc[:0], "no rows"),
+    ],
+    ids=["no-label-column", "nan-feature", "one-class", "empty-table"],
+)
+def test_bad_input_exits_2_names_the_problem_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mutate, message: str
+) -> None:
+    source = tmp_path / "data.csv"
+    mutate(_table()).to_csv(source, index=False)
+    before = source.read_bytes()
+    code, out = _audit(tmp_path, source)
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert err.startswith("dm-audit: error:")
+    assert message in err.lower()
+    _assert_nothing_written(out)
+    assert source.read_bytes() == before
+
+
+def test_misspelt_label_column_suggests_the_right_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "data.parquet"
+    _table().rename(columns={"label": "labels"}).to_parquet(source)
+    code, out = _audit(tmp_path, source, "--label-column", "lable")
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert "lable" in err and "labels" in err
+    _assert_nothing_written(out)
+
+
+def test_reviews_with_unknown_ids_exit_2_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "data.csv"
+    _table().to_csv(source, index=False)
+    reviews = tmp_path / "reviews.csv"
+    pd.DataFrame({"example_id": ["row-000001", "no-such-id"], "label": ["class_0"] * 2}).to_csv(
+        reviews, index=False
+    )
+    code, out = _audit(tmp_path, source, "--reviews", str(reviews))
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert "no-such-id" in err
+    _assert_nothing_written(out)
+
+
+def test_bad_options_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "data.csv"
+    _table().to_csv(source, index=False)
+    code, out = _audit(tmp_path, source, "--lam", "1.0")
+    assert code == EXIT_BAD_INPUT
+    assert "beta" in capsys.readouterr().err
+    _assert_nothing_written(out)
+
+
+def test_audit_of_a_feature_table_needs_no_other_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "data.csv"
+    _table().to_csv(source, index=False)
+    code, out = _audit(tmp_path, source)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "label issues flagged" in printed
+    for name in ("examples.parquet", "label_issues.parquet", "summary.json"):
+        assert (out / name).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_examples"] == len(pd.read_parquet(out / "examples.parquet"))
+
+    # A second run into the same folder is refused rather than overwriting it.
+    code, _ = _audit(tmp_path, source)
+    assert code == EXIT_BAD_INPUT
+    assert "previous run" in capsys.readouterr().err
+    code, _ = _audit(tmp_path, source, "--new-version")
+    assert code == 0
+    assert (tmp_path / "out-2" / "examples.parquet").is_file()
+
+
+def test_help_lists_every_subcommand() -> None:
+    parser = build_parser()
+    text = parser.format_help()
+    for command in ("audit", "demo", "train", "score"):
+        assert command in text
