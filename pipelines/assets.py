@@ -1,0 +1,378 @@
+"""The audit as Dagster assets, one per stage of `dm_audit.audit`.
+
+Each asset calls one library stage and attaches what a person wants to see in the UI; all the
+computing happens in `dm_audit`, so the CLI and Dagster produce the same results::
+
+    dataset -> noise_probe -> audit_model -> example_scores -> flags -> corrected_labels
+            -> retrained_model -> audit_reports -> mislabel_export
+
+Results travel between assets through `pipelines.storage.AuditIOManager` (under
+``<output_root>/<run_id>/stages``); the reports land in ``<output_root>/<run_id>/report`` and the
+export for review in ``<output_root>/exports/label_issues.parquet``.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the parameter annotations at
+# definition time to find config classes, resources and inputs, and strings would not resolve.
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from dm_audit import audit
+from dm_audit.atomic import atomic_write_bytes
+from dm_audit.dataset import AuditDataset
+from dm_audit.noise import add_noise
+from dm_audit.reports import ReportPaths, read_report
+from dm_audit.sources import load_source
+from pipelines.config import DatasetConfig, ReviewsConfig
+from pipelines.metadata import image_markdown, markdown_table, scalar_metadata
+from pipelines.resources import AuditRuntime, AuditSettings
+
+__all__ = [
+    "AUDIT_ASSETS",
+    "audit_model",
+    "audit_reports",
+    "corrected_labels",
+    "dataset",
+    "example_scores",
+    "flags",
+    "mislabel_export",
+    "noise_probe",
+    "retrained_model",
+]
+
+GROUP = "dm_audit"
+
+
+def _gpu_op_tags() -> dict[str, Any]:
+    """Op tags asking Kubernetes for ``DM_AUDIT_K8S_GPUS`` GPUs per model-running step.
+
+    Read by the ``k8s`` executor only (see `pipelines.definitions`); other executors ignore them.
+    """
+    gpus = os.environ.get("DM_AUDIT_K8S_GPUS", "").strip()
+    if not gpus or gpus == "0":
+        return {}
+    limits = {"nvidia.com/gpu": gpus}
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": limits}}}}
+
+
+#: Tags of the assets that train or run a network.
+MODEL_OP_TAGS = _gpu_op_tags()
+TOP_SUSPECTS = 20
+SUSPECT_COLUMNS = [
+    "example_id",
+    "given_label",
+    "suggested_label",
+    "label_issue_score",
+    "suggestion_confidence",
+    "p_given",
+]
+
+
+# Last-epoch history entries worth a glance in the UI (the full history is in metrics.parquet).
+FIT_FIGURES = ("loss", "train_acc", "test_acc", "clean_fit", "noisy_fit", "noisy_correction")
+
+
+def _fit_metadata(fit: Any, seconds: float) -> dict[str, Any]:
+    """Key last-epoch figures of a training run, for the model assets."""
+    last = fit.history[-1] if fit.history else {}
+    figures = {f"final_{k}": last[k] for k in FIT_FIGURES if last.get(k) is not None}
+    return {"epochs_run": len(fit.history), "training_seconds": seconds, **figures}
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"})
+def dataset(config: DatasetConfig) -> dg.Output[AuditDataset]:
+    """The canonical dataset table, with synthetic noise injected when configured."""
+    data = load_source(config.source, **config.load_options())
+    if config.noise_kind != "none":
+        data = add_noise(data, **config.noise_options())
+    table = data.table
+    counts = table.groupby(["label", "split"]).size().unstack(fill_value=0).reset_index()
+    meta: dict[str, Any] = {
+        "dagster/row_count": len(table),
+        "n_train": int((table["split"] == "train").sum()),
+        "n_test": int((table["split"] == "test").sum()),
+        "n_classes": data.n_classes,
+        "input_kind": data.input_kind,
+        "source": data.source,
+    }
+    if data.has_truth:
+        meta["injected_noise"] = table["noise"].value_counts().to_dict()
+    return dg.Output(
+        data,
+        metadata={
+            **scalar_metadata(meta),
+            "class_counts": dg.MetadataValue.md(markdown_table(counts)),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS)
+def noise_probe(
+    dataset: AuditDataset, audit_settings: AuditSettings, runtime: AuditRuntime
+) -> dg.Output[audit.ProbeResult]:
+    """Estimated noise rate (two short cross-fitted trainings) and the chosen DM (λ, β)."""
+    result = audit.probe(dataset, audit_settings.audit_config(runtime.device))
+    meta = {
+        "estimated_noise_rate": result.estimate.rate,
+        "lambda": result.choice.lam,
+        "beta": result.choice.beta,
+        "adaptive": result.adaptive,
+        "choice_reason": result.choice.reason,
+        "seconds": result.seconds,
+    }
+    return dg.Output(result, metadata=scalar_metadata(meta))
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS)
+def audit_model(
+    context: dg.AssetExecutionContext,
+    dataset: AuditDataset,
+    noise_probe: audit.ProbeResult,
+    audit_settings: AuditSettings,
+    runtime: AuditRuntime,
+) -> dg.Output[audit.AuditFit]:
+    """The DM-trained audit model; one training yields the scores of every example.
+
+    Checkpoints go under the root run's folder, so re-executing a failed run resumes training
+    from the last finished epoch instead of starting over (the library refuses a checkpoint
+    written with other options or data, so a changed re-execution fails loudly, never mixes).
+    """
+    root_run = context.run.root_run_id or context.run.run_id
+    result = audit.train_audit_model(
+        dataset,
+        noise_probe,
+        audit_settings.audit_config(runtime.device),
+        checkpoint_dir=runtime.run_dir(root_run) / "checkpoints" / "audit_model",
+        resume=True,
+    )
+    meta = {"lambda": result.choice.lam, "beta": result.choice.beta, "events": result.fit.events}
+    return dg.Output(
+        result, metadata=scalar_metadata({**meta, **_fit_metadata(result.fit, result.seconds)})
+    )
+
+
+@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS)
+def example_scores(
+    dataset: AuditDataset,
+    audit_model: audit.AuditFit,
+    audit_settings: AuditSettings,
+    runtime: AuditRuntime,
+) -> dg.Output[audit.ExampleScores]:
+    """Per-example p_i, emphasis weight, prediction, entropy, margin and dynamics summary."""
+    result = audit.score_examples(dataset, audit_model, audit_settings.audit_config(runtime.device))
+    table = result.table
+    meta = {
+        "dagster/row_count": len(table),
+        "mean_p_given": float(table["p_given"].mean()),
+        "share_predicted_as_given": float((table["predicted"] == table["given"]).mean()),
+    }
+    return dg.Output(result, metadata=scalar_metadata(meta))
+
+
+@dg.asset(group_name=GROUP)
+def flags(
+    dataset: AuditDataset,
+    noise_probe: audit.ProbeResult,
+    example_scores: audit.ExampleScores,
+    audit_settings: AuditSettings,
+    runtime: AuditRuntime,
+) -> dg.Output[audit.Flags]:
+    """Label-issue flags (in-distribution) and out-of-distribution flags."""
+    config = audit_settings.audit_config(runtime.device)
+    result = audit.flag_examples(dataset, example_scores, noise_probe, config)
+    table = result.table
+    suspects = table[table["is_label_issue"]].sort_values("label_issue_score", ascending=False)
+    meta = {
+        "n_label_issues": int(table["is_label_issue"].sum()),
+        "flagged_share": float(table["is_label_issue"].mean()),
+        "n_ood": int(table["is_ood"].sum()),
+        "label_issue_threshold": result.label_issue_threshold,
+        "ood_threshold": result.ood_threshold,
+        "audit_noise_rate": result.noise_estimate.rate,
+    }
+    return dg.Output(
+        result,
+        metadata={
+            **scalar_metadata(meta),
+            "top_suspects": dg.MetadataValue.md(markdown_table(suspects, max_rows=TOP_SUSPECTS)),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP)
+def corrected_labels(
+    context: dg.AssetExecutionContext,
+    config: ReviewsConfig,
+    dataset: AuditDataset,
+    example_scores: audit.ExampleScores,
+    flags: audit.Flags,
+    audit_settings: AuditSettings,
+    runtime: AuditRuntime,
+) -> dg.Output[audit.Corrections]:
+    """Suggested labels, the label each example keeps, and why (provenance).
+
+    Reviews override automatic corrections. Review rows that cannot be applied (unknown id or
+    label) do not stop the run: they are logged, listed in the metadata and fail the
+    ``reviews_applied`` check, so they are visible without discarding the valid reviews.
+    """
+    result = audit.correct_labels(
+        dataset,
+        example_scores,
+        flags,
+        audit_settings.audit_config(runtime.device),
+        reviews_path=config.reviews_path,
+        strict_reviews=False,
+    )
+    provenance = result.table["correction_source"].value_counts().to_dict()
+    meta: dict[str, Any] = {"provenance": provenance, "reviews_path": config.reviews_path}
+    extra: dict[str, dg.MetadataValue] = {}
+    report = result.review_report
+    if report is not None:
+        meta |= {
+            "reviews_accepted": report.n_accepted,
+            "review_rows_not_used": len(report.problems),
+        }
+        if report.problems:
+            context.log.warning(report.summary(limit=50))
+            rows = [vars(p) for p in report.problems]
+            extra["review_problems"] = dg.MetadataValue.json(rows[:200])
+        else:
+            context.log.info(report.summary())
+    return dg.Output(result, metadata={**scalar_metadata(meta), **extra})
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS)
+def retrained_model(
+    dataset: AuditDataset,
+    example_scores: audit.ExampleScores,
+    corrected_labels: audit.Corrections,
+    audit_settings: AuditSettings,
+    runtime: AuditRuntime,
+) -> dg.Output[audit.Retrained]:
+    """The final model, trained on the corrected labels with the emphasis chosen again."""
+    result = audit.retrain(
+        dataset, example_scores, corrected_labels, audit_settings.audit_config(runtime.device)
+    )
+    residual, choice = result.residual_estimate, result.choice
+    meta: dict[str, Any] = {
+        "n_retrain_examples": int(corrected_labels.table["include_in_retrain"].sum()),
+        "residual_noise_rate": residual.rate if residual is not None else None,
+        "lambda": choice.lam if choice is not None else None,
+        "beta": choice.beta if choice is not None else None,
+    }
+    if result.fit is not None:
+        meta |= _fit_metadata(result.fit, result.seconds)
+    return dg.Output(result, metadata=scalar_metadata(meta))
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, op_tags=MODEL_OP_TAGS)
+def audit_reports(
+    context: dg.AssetExecutionContext,
+    dataset: AuditDataset,
+    noise_probe: audit.ProbeResult,
+    audit_model: audit.AuditFit,
+    example_scores: audit.ExampleScores,
+    flags: audit.Flags,
+    corrected_labels: audit.Corrections,
+    retrained_model: audit.Retrained,
+    audit_settings: AuditSettings,
+    runtime: AuditRuntime,
+) -> dg.Output[ReportPaths]:
+    """examples.parquet, label_issues.parquet, corrected_labels.parquet, summary.json, plots."""
+    config = audit_settings.audit_config(runtime.device)
+    report = audit.build_report(
+        dataset, noise_probe, audit_model, example_scores, flags, corrected_labels,
+        retrained_model, config,
+    )  # fmt: skip
+    try:
+        # "overwrite": a retried step replaces its own run's half-finished attempt.
+        paths = audit.write_report(
+            report, runtime.report_dir(context.run.run_id), if_exists="overwrite"
+        )
+    finally:
+        for figure in report.figures.values():
+            if isinstance(figure, Figure):  # plots may also be given as PNG paths
+                plt.close(figure)  # pyplot keeps every figure alive until closed
+    return dg.Output(paths, metadata=_report_metadata(report, paths))
+
+
+def _report_metadata(report: audit.AuditReport, paths: ReportPaths) -> dict[str, Any]:
+    summary = report.summary
+    quality = summary.get("quality", {})
+    meta: dict[str, Any] = {
+        "report_dir": dg.MetadataValue.path(str(paths.out_dir)),
+        "summary_json": dg.MetadataValue.path(str(paths.summary)),
+        **scalar_metadata(
+            {
+                "dagster/row_count": len(report.examples),
+                "estimated_noise_rate": summary["noise_estimate"]["probe_rate"],
+                "residual_noise_rate": summary["noise_estimate"]["residual_rate"],
+                "lambda": summary["emphasis"]["audit"]["lam"],
+                "beta": summary["emphasis"]["audit"]["beta"],
+                "counts": summary["counts"],
+                "test_accuracy_before": quality.get("test_accuracy_before"),
+                "test_accuracy_after": quality.get("test_accuracy_after"),
+            }
+        ),
+        "top_suspects": dg.MetadataValue.md(
+            markdown_table(report.label_issues, SUSPECT_COLUMNS, max_rows=TOP_SUSPECTS)
+        ),
+    }
+    truth = summary.get("against_truth")
+    if truth is not None:
+        detection = truth["label_issues"]
+        meta |= scalar_metadata(
+            {
+                "true_noise_rate": truth["true_noise_rate"],
+                "detection_precision": detection["precision"],
+                "detection_recall": detection["recall"],
+                "detection_f1": detection["f1"],
+                "detection_auroc": detection["auroc"],
+                "label_accuracy_before": truth["label_accuracy_before"],
+                "label_accuracy_after": truth["label_accuracy_after"],
+            }
+        )
+    for name, path in sorted(paths.plots.items()):
+        meta[f"plot_{name}"] = image_markdown(path, name)
+    return meta
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"})
+def mislabel_export(audit_reports: ReportPaths, runtime: AuditRuntime) -> dg.MaterializeResult:
+    """The suspected mislabels, most suspicious first, published for human review.
+
+    Published at the stable path ``<output_root>/exports/label_issues.parquet`` (replaced
+    atomically), only after the ``retrain_not_worse`` check passed on the reports.
+    """
+    target = runtime.export_dir() / "label_issues.parquet"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, Path(audit_reports.label_issues).read_bytes())
+    issues = read_report(target)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(target)),
+            "source_report": dg.MetadataValue.path(str(audit_reports.out_dir)),
+            "dagster/row_count": len(issues),
+            "top_suspects": dg.MetadataValue.md(
+                markdown_table(issues, SUSPECT_COLUMNS, max_rows=TOP_SUSPECTS)
+            ),
+        }
+    )
+
+
+AUDIT_ASSETS = [
+    dataset,
+    noise_probe,
+    audit_model,
+    example_scores,
+    flags,
+    corrected_labels,
+    retrained_model,
+    audit_reports,
+    mislabel_export,
+]

@@ -1,0 +1,165 @@
+"""Typed Dagster resources: where runs write, which device trains, and the audit parameters.
+
+`AuditSettings` is a resource rather than an asset ``Config`` because all seven audit stages read
+the same parameters: a resource gives one value per run that every stage sees, and a run can
+still override any field from the launchpad or a sensor::
+
+    resources:
+      audit_settings:
+        config: {epochs: 20, lam: 1.0, beta: 8.0}
+
+Defaults come from environment variables where a deployment is likely to differ
+(``DM_AUDIT_OUTPUT_ROOT``, ``DM_AUDIT_DEVICE``), read when the definitions load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import dagster as dg
+from pydantic import Field
+
+if TYPE_CHECKING:
+    from dm_audit.audit import AuditConfig
+
+__all__ = [
+    "DEFAULT_DEVICE",
+    "DEFAULT_OUTPUT_ROOT",
+    "AuditRuntime",
+    "AuditSettings",
+]
+
+DEFAULT_OUTPUT_ROOT = "data/runs"
+DEFAULT_DEVICE = "auto"
+
+
+class AuditRuntime(dg.ConfigurableResource):
+    """Where a run writes its reports and intermediate results, and which device it trains on.
+
+    A run writes under ``<output_root>/<run_id>/``: ``report/`` holds the Parquet reports,
+    ``summary.json`` and plots; ``stages/`` holds the intermediate results passed between
+    assets. The review export is published at ``<output_root>/exports/label_issues.parquet``.
+    """
+
+    output_root: str = Field(
+        default=DEFAULT_OUTPUT_ROOT,
+        description="Folder that receives one sub-folder per run (relative paths: to the cwd).",
+    )
+    device: str = Field(
+        default=DEFAULT_DEVICE,
+        description='"auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".',
+    )
+
+    def run_dir(self, run_id: str) -> Path:
+        """Folder of one run: ``<output_root>/<run_id>``."""
+        return Path(self.output_root) / run_id
+
+    def report_dir(self, run_id: str) -> Path:
+        """Folder of one run's reports: ``<output_root>/<run_id>/report``."""
+        return self.run_dir(run_id) / "report"
+
+    def stage_dir(self, run_id: str) -> Path:
+        """Folder of one run's intermediate results: ``<output_root>/<run_id>/stages``."""
+        return self.run_dir(run_id) / "stages"
+
+    def export_dir(self) -> Path:
+        """Stable folder reviewers read the latest export from: ``<output_root>/exports``."""
+        return Path(self.output_root) / "exports"
+
+
+class AuditSettings(dg.ConfigurableResource):
+    """Audit parameters shared by every stage; each maps to a field of `dm_audit.audit.AuditConfig`.
+
+    None means "choose automatically" wherever the library allows it (epochs from the dataset
+    size, lam and beta from the estimated noise rate, thresholds from the estimated noise rate).
+    """
+
+    model: str = Field(default="auto", description='Model name ("auto", "mlp", "resnet20", ...).')
+    epochs: int | None = Field(
+        default=None, description="Epochs of the audit training and the retrain; None: auto."
+    )
+    probe_epochs: int | None = Field(
+        default=None, description="Epochs of each noise-probe training; None: auto."
+    )
+    batch_size: int = Field(default=128, description="Training batch size.")
+    lr: float | None = Field(default=None, description="Learning rate; None: optimizer default.")
+    seed: int = Field(default=0, description="Seeds every random choice of the audit.")
+    lam: float | None = Field(
+        default=None, description="DM emphasis mode lambda; None adapts it to the noise rate."
+    )
+    beta: float | None = Field(
+        default=None, description="DM emphasis spread beta; None adapts it to the noise rate."
+    )
+    label_issue_threshold: float | None = Field(
+        default=None, description="Flag label issues at this score or above; None: auto."
+    )
+    top_k: int | None = Field(
+        default=None, description="Flag exactly the k most suspicious examples instead."
+    )
+    ood_threshold: float | None = Field(
+        default=None, description="Flag out-of-distribution examples at this score or above."
+    )
+    min_correction_confidence: float = Field(
+        default=0.8, description="Apply a suggested label automatically at this confidence."
+    )
+    correction_source: str = Field(
+        default="model", description='Suggested labels from "model" or "proselflc".'
+    )
+    knn_k: int = Field(default=10, description="Neighbours for the embedding-space scores.")
+    max_flag_rate_ratio: float = Field(
+        default=2.0,
+        description=(
+            "Flag-rate check: warn when the flagged share exceeds this multiple of the "
+            "estimated noise rate (plus 5 points of slack)."
+        ),
+    )
+    max_accuracy_drop: float = Field(
+        default=0.0,
+        description=(
+            "Retrain check: the largest held-out accuracy drop of the retrained model against "
+            "the audit model that still publishes the export."
+        ),
+    )
+
+    def audit_config(self, device: str) -> AuditConfig:
+        """The library config for these settings on ``device``.
+
+        Progress bars are off: Dagster captures the logs and a bar per batch would flood them.
+
+        Raises
+        ------
+        dm_audit.errors.ConfigError
+            For invalid combinations (e.g. lam without beta), as the CLI would.
+        """
+        # Imported here so that loading the definitions (sensors, schedule) stays light.
+        from dm_audit.audit import AuditConfig
+
+        return AuditConfig(
+            model=self.model,
+            epochs=self.epochs,
+            probe_epochs=self.probe_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            device=device,
+            seed=self.seed,
+            lam=self.lam,
+            beta=self.beta,
+            label_issue_threshold=self.label_issue_threshold,
+            top_k=self.top_k,
+            ood_threshold=self.ood_threshold,
+            min_correction_confidence=self.min_correction_confidence,
+            correction_source=self.correction_source,
+            knn_k=self.knn_k,
+            retrain=True,
+            progress=False,
+        )
+
+
+def runtime_from_env() -> AuditRuntime:
+    """`AuditRuntime` with ``DM_AUDIT_OUTPUT_ROOT`` and ``DM_AUDIT_DEVICE`` applied."""
+    return AuditRuntime(
+        output_root=os.environ.get("DM_AUDIT_OUTPUT_ROOT", DEFAULT_OUTPUT_ROOT),
+        device=os.environ.get("DM_AUDIT_DEVICE", DEFAULT_DEVICE),
+    )

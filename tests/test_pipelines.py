@@ -1,0 +1,344 @@
+"""The Dagster pipeline end to end: definitions, a full audit, blocking checks, reviews.
+
+The audit runs once per module on a small seeded table (three separable Gaussian blobs with 20%
+symmetric label noise injected by the dataset asset, so the truth is known) and the tests read
+its events and reports.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.assets import AUDIT_ASSETS, dataset
+from pipelines.checks import AUDIT_CHECKS, dataset_is_valid
+from pipelines.definitions import build_resources, defs, executor_from_name
+from pipelines.jobs import AUDIT_ASSETS as AUDIT_ASSET_NAMES
+from pipelines.jobs import RELABEL_ASSETS, UPSTREAM_RUN_TAG
+from pipelines.resources import AuditRuntime, AuditSettings
+
+CLASSES = ("ant", "bee", "cat")
+N_PER_CLASS = 80
+NOISE_RATE = 0.2
+
+
+def audit_settings(**overrides: object) -> AuditSettings:
+    """Few epochs: the blobs are separable, so the audit still finds the flipped labels."""
+    return AuditSettings(
+        **{"epochs": 8, "probe_epochs": 3, "batch_size": 64, "knn_k": 5, **overrides}
+    )
+
+
+def write_blobs(path: Path, *, seed: int = 0) -> Path:
+    """A CSV of three Gaussian blobs in 6-D, 80 rows per class, ids ``ex-000`` ..."""
+    rng = np.random.default_rng(seed)
+    codes = np.repeat(np.arange(len(CLASSES)), N_PER_CLASS)
+    centres = 4.0 * np.eye(len(CLASSES), 6)
+    features = centres[codes] + rng.normal(0.0, 0.6, size=(len(codes), 6))
+    frame = pd.DataFrame(features, columns=[f"f{i}" for i in range(6)])
+    frame.insert(0, "example_id", [f"ex-{i:03d}" for i in range(len(codes))])
+    frame["label"] = np.array(CLASSES)[codes]
+    frame.to_csv(path, index=False)
+    return path
+
+
+def resources_for(root: Path, settings: AuditSettings | None = None) -> dict[str, object]:
+    resources = build_resources(AuditRuntime(output_root=str(root), device="cpu"))
+    resources["audit_settings"] = settings or audit_settings()
+    return resources
+
+
+def dataset_config(source: Path, **extra: object) -> dict[str, object]:
+    config = {"source": str(source), "id_column": "example_id", "test_size": 0.3, **extra}
+    return {"ops": {"dataset": {"config": config}}}
+
+
+def materialized(result: dg.ExecuteInProcessResult) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+def check_results(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def asset_metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, object]:
+    for event in result.get_asset_materialization_events():
+        if event.asset_key.to_user_string() == asset:
+            return {k: v.value for k, v in event.materialization.metadata.items()}
+    raise KeyError(asset)
+
+
+@dataclass
+class Audit:
+    instance: dg.DagsterInstance
+    root: Path
+    result: dg.ExecuteInProcessResult
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / self.result.run_id / "report"
+
+
+@pytest.fixture(scope="module")
+def audit_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audit]:
+    """One full audit of the blobs table, shared by the tests of this module."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    source = write_blobs(tmp / "blobs.csv")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [*AUDIT_ASSETS, *AUDIT_CHECKS],
+            resources=resources_for(tmp / "runs"),
+            instance=instance,
+            run_config=dataset_config(source, noise_kind="symmetric", noise_rate=NOISE_RATE),
+        )
+        yield Audit(instance, tmp / "runs", result)
+
+
+# ------------------------------------------------------------------------------ definitions
+
+
+def test_definitions_resolve_every_job_asset_check_sensor_and_schedule() -> None:
+    assert defs.resolve_job_def("audit_job").name == "audit_job"
+    relabel = defs.resolve_job_def("relabel_job")
+    audit_job = defs.resolve_job_def("audit_job")
+    assert {n.name for n in audit_job.nodes} >= set(AUDIT_ASSET_NAMES)
+    assert {n.name for n in relabel.nodes} >= set(RELABEL_ASSETS)
+    assert "dataset" not in {n.name for n in relabel.nodes}
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == set(AUDIT_ASSET_NAMES)
+    assert {k.name for k in graph.asset_check_keys} == {
+        "dataset_is_valid",
+        "flag_rate_is_plausible",
+        "reviews_applied",
+        "retrain_not_worse",
+    }
+    assert defs.resolve_schedule_def("audit_schedule").job_name == "audit_job"
+    assert defs.resolve_sensor_def("new_dataset_sensor").job_name == "audit_job"
+    assert defs.resolve_sensor_def("reviews_sensor").job_name == "relabel_job"
+
+
+def test_every_setting_reaches_the_library_config() -> None:
+    config = AuditSettings(epochs=7, lam=1.0, beta=8.0, top_k=5).audit_config("cpu")
+    assert (config.epochs, config.lam, config.beta, config.top_k, config.device) == (
+        7,
+        1.0,
+        8.0,
+        5,
+        "cpu",
+    )
+    # Every setting but the two thresholds of the checks is an AuditConfig option.
+    check_only = {"max_flag_rate_ratio", "max_accuracy_drop"}
+    assert set(AuditSettings.model_fields) - check_only <= set(vars(config))
+
+
+def test_the_default_config_audits_the_built_in_digits(tmp_path: Path) -> None:
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [dataset, dataset_is_valid], resources=resources_for(tmp_path), instance=instance
+        )
+    meta = asset_metadata(result, "dataset")
+    assert (meta["dagster/row_count"], meta["n_train"], meta["n_test"]) == (1797, 1258, 539)
+    assert meta["n_classes"] == 10
+    assert check_results(result)["dataset_is_valid"].passed
+
+
+# ------------------------------------------------------------------------------ the full audit
+
+
+def test_the_whole_graph_materialises_with_checks_passing(audit_run: Audit) -> None:
+    assert audit_run.result.success
+    assert materialized(audit_run.result) == set(AUDIT_ASSET_NAMES)
+    checks = check_results(audit_run.result)
+    assert set(checks) == {c.check_key.name for c in AUDIT_CHECKS}
+    assert all(c.passed for c in checks.values()), {k: c.description for k, c in checks.items()}
+
+
+def test_reports_land_in_the_run_folder_and_the_export_is_published(audit_run: Audit) -> None:
+    report = audit_run.report_dir
+    for name in ("examples.parquet", "label_issues.parquet", "summary.json"):
+        assert (report / name).is_file(), name
+    examples = pd.read_parquet(report / "examples.parquet")
+    n_train = round(N_PER_CLASS * 0.7) * len(CLASSES)
+    assert len(examples) == n_train
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["counts"]["label_issues"] == int(examples["is_label_issue"].sum())
+
+    export = audit_run.root / "exports" / "label_issues.parquet"
+    assert export.read_bytes() == (report / "label_issues.parquet").read_bytes()
+    issues = pd.read_parquet(export)
+    assert len(issues) == summary["counts"]["label_issues"]
+    assert issues["label_issue_score"].is_monotonic_decreasing
+
+
+def test_metadata_shows_counts_noise_rate_detection_and_plots(audit_run: Audit) -> None:
+    data = asset_metadata(audit_run.result, "dataset")
+    n_train = round(N_PER_CLASS * 0.7) * len(CLASSES)
+    assert data["injected_noise"] == {"clean": N_PER_CLASS * 3 - int(NOISE_RATE * n_train),
+                                      "flipped": int(NOISE_RATE * n_train)}  # fmt: skip
+
+    probe = asset_metadata(audit_run.result, "noise_probe")
+    assert 0.05 < probe["estimated_noise_rate"] < 0.4
+    assert probe["lambda"] > 0 and probe["beta"] > 0
+
+    reports = asset_metadata(audit_run.result, "audit_reports")
+    truth = json.loads((audit_run.report_dir / "summary.json").read_text())["against_truth"]
+    assert reports["true_noise_rate"] == pytest.approx(int(NOISE_RATE * n_train) / n_train)
+    assert reports["detection_recall"] == truth["label_issues"]["recall"]
+    assert reports["detection_precision"] == truth["label_issues"]["precision"]
+    # Separable blobs: the flipped labels rank first and the flags are right.
+    assert reports["detection_auroc"] > 0.95
+    assert reports["detection_precision"] > 0.9
+    assert reports["detection_recall"] > 0.8
+    assert reports["label_accuracy_after"] > reports["label_accuracy_before"]
+    assert reports["top_suspects"].startswith("| example_id | given_label | suggested_label |")
+    plots = [k for k in reports if k.startswith("plot_")]
+    assert "plot_p_distribution" in plots
+    assert all(reports[k].startswith("![") and "base64," in reports[k] for k in plots)
+
+
+def test_stage_results_are_stored_per_run_with_weights_only_models(audit_run: Audit) -> None:
+    import torch
+
+    stages = audit_run.root / audit_run.result.run_id / "stages"
+    assert (stages / "dataset" / "dataset.parquet").is_file()
+    state = torch.load(stages / "audit_model" / "model-0.pt", weights_only=True)
+    assert any(key.endswith("weight") for key in state)
+
+
+# ------------------------------------------------------------------------------ blocking checks
+
+
+def test_a_training_split_of_one_class_is_blocked_by_the_dataset_check(tmp_path: Path) -> None:
+    source = write_blobs(tmp_path / "one_class.csv")
+    frame = pd.read_csv(source)
+    # Only "ant" rows are for training; the others sit in the test split.
+    frame["split"] = np.where(frame["label"] == "ant", "train", "test")
+    frame.to_csv(source, index=False)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [*AUDIT_ASSETS, *AUDIT_CHECKS],
+            resources=resources_for(tmp_path / "runs"),
+            instance=instance,
+            run_config=dataset_config(source),
+            raise_on_error=False,
+        )
+    assert not result.success
+    assert materialized(result) == {"dataset"}
+    check = check_results(result)["dataset_is_valid"]
+    assert not check.passed
+    assert check.severity == dg.AssetCheckSeverity.ERROR
+    assert "1 class(es) ['ant']" in check.description
+
+
+def test_nan_features_stop_the_graph_at_the_dataset(tmp_path: Path) -> None:
+    source = write_blobs(tmp_path / "nan.csv")
+    frame = pd.read_csv(source)
+    frame.loc[7, "f3"] = np.nan
+    frame.to_csv(source, index=False)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [*AUDIT_ASSETS, *AUDIT_CHECKS],
+            resources=resources_for(tmp_path / "runs"),
+            instance=instance,
+            run_config=dataset_config(source),
+            raise_on_error=False,
+        )
+    assert not result.success
+    assert materialized(result) == set()
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "dataset"
+    assert "ex-007" in failure.event_specific_data.error.cause.message
+
+
+def test_a_worse_retrain_blocks_the_export(audit_run: Audit, tmp_path: Path) -> None:
+    # Demand an improvement no model can make, so the retrain check must fail.
+    strict = audit_settings(max_accuracy_drop=-1.0)
+    result = dg.materialize(
+        [*AUDIT_ASSETS, *AUDIT_CHECKS],
+        selection=["audit_reports", "mislabel_export"],
+        resources=resources_for(audit_run.root, strict),
+        instance=audit_run.instance,
+        tags={UPSTREAM_RUN_TAG: audit_run.result.run_id},
+        raise_on_error=False,
+    )
+    assert materialized(result) == {"audit_reports"}
+    check = check_results(result)["retrain_not_worse"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+
+
+# ------------------------------------------------------------------------------ reviews
+
+
+def test_reviews_change_exactly_the_reviewed_labels(audit_run: Audit, tmp_path: Path) -> None:
+    before = pd.read_parquet(audit_run.report_dir / "corrected_labels.parquet")
+    before = before.set_index("example_id")
+    # Three reviews that disagree with the automatic decision, one unknown id, one unknown label.
+    picked = before.index[[0, 10, 20]]
+    relabel = {
+        eid: next(c for c in CLASSES if c != before.loc[eid, "corrected_label"]) for eid in picked
+    }
+    rows = [*relabel.items(), ("ex-999", "ant"), (before.index[30], "dog")]
+    reviews = tmp_path / "reviews.csv"
+    pd.DataFrame(rows, columns=["example_id", "label"]).to_csv(reviews, index=False)
+
+    result = dg.materialize(
+        [*AUDIT_ASSETS, *AUDIT_CHECKS],
+        selection=list(RELABEL_ASSETS),
+        resources=resources_for(audit_run.root),
+        instance=audit_run.instance,
+        run_config={"ops": {"corrected_labels": {"config": {"reviews_path": str(reviews)}}}},
+        tags={UPSTREAM_RUN_TAG: audit_run.result.run_id},
+        raise_on_error=False,
+    )
+
+    assert materialized(result) >= {"corrected_labels", "retrained_model", "audit_reports"}
+    after = pd.read_parquet(audit_run.root / result.run_id / "report" / "corrected_labels.parquet")
+    after = after.set_index("example_id")
+    # Examples set aside have no corrected label: compare them as equal.
+    differs = after.fillna("-") != before.fillna("-")
+    changed = after.index[differs["corrected_label"] | differs["source"]]
+    assert sorted(changed) == sorted(relabel)
+    for eid, label in relabel.items():
+        assert (after.loc[eid, "corrected_label"], after.loc[eid, "source"]) == (label, "reviewed")
+
+    meta = asset_metadata(result, "corrected_labels")
+    assert (meta["reviews_accepted"], meta["review_rows_not_used"]) == (3, 2)
+    problems = {(p["example_id"], p["problem"]) for p in meta["review_problems"]}
+    assert problems == {("ex-999", "unknown_id"), (before.index[30], "unknown_label")}
+    check = check_results(result)["reviews_applied"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "ex-999" in check.description
+
+
+# ------------------------------------------------------------------------------ executors
+
+
+def test_executors_are_chosen_by_name() -> None:
+    assert executor_from_name("in_process") is dg.in_process_executor
+    assert executor_from_name("multiprocess") is dg.multiprocess_executor
+    with pytest.raises(ValueError, match="not one of"):
+        executor_from_name("ray")
+    try:
+        import dagster_k8s  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs the package dagster-k8s"):
+            executor_from_name("k8s")
+
+
+def test_training_steps_ask_kubernetes_for_gpus_only_when_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipelines.assets import _gpu_op_tags
+
+    monkeypatch.delenv("DM_AUDIT_K8S_GPUS", raising=False)
+    assert _gpu_op_tags() == {}
+    monkeypatch.setenv("DM_AUDIT_K8S_GPUS", "2")
+    limits = _gpu_op_tags()["dagster-k8s/config"]["container_config"]["resources"]["limits"]
+    assert limits == {"nvidia.com/gpu": "2"}
