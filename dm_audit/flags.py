@@ -527,8 +527,9 @@ def mixture_split(
 ) -> ScoreSplit:
     """Estimate the noise rate and a threshold from a two-component Gaussian mixture on scores.
 
-    Clean examples form a low mode and mislabelled ones a high mode. The threshold is the lowest score (above the low mode) at
-    which an example is at least as likely to belong to the high component, clipped to `bounds`:
+    Clean examples form a low mode and mislabelled ones a high mode. The threshold is the lowest
+    score (above the low mode) at which an example is at least as likely to belong to the high
+    component, clipped to `bounds`:
     below the lower bound the model still favours the given label on average (clean data then
     flags almost nothing), and at the upper bound the given label was below one half on average,
     evidence enough even when the modes are far apart and the boundary drifts towards the high

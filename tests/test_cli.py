@@ -1,4 +1,4 @@
-"""The dm-audit command line: bad input exits 2 with a message naming the problem, writing nothing."""
+"""The dm-audit command line: bad input exits 2 naming the problem, and writes nothing."""
 
 from __future__ import annotations
 
