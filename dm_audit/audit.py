@@ -43,6 +43,13 @@ CORRECTION_SOURCES = ("model", "proselflc")
 SUGGESTION_TEMPERATURE = 0.5
 # GR's all-round default emphasis: robust enough not to fit the noise during a short probe.
 PROBE_EMPHASIS = {"lam": 0.5, "beta": 8.0}
+# The OOD distance is to the nearest trusted example: the sharpest on digits (AUROC 0.91 at k=1,
+# 0.90 at 3, 0.89 at 10).
+OOD_NEIGHBOUR = 1
+# A flagged example whose OOD score exceeds that of 75 % of the unflagged examples is sent to
+# review instead of being corrected automatically.
+OOD_REVIEW_FPR = 0.25
+PROBE_DOUBT = 0.3  # = the lower bound of `flags.mixture_split`
 
 
 @dataclass
@@ -203,6 +210,7 @@ class Flags:
     table: pd.DataFrame
     label_issue_threshold: float
     ood_threshold: float
+    ood_review_threshold: float
     noise_rate: float
     noise_estimate: estimate.NoiseEstimate
     knn_votes: np.ndarray
@@ -312,10 +320,13 @@ def probe(dataset: AuditDataset, config: AuditConfig) -> ProbeResult:
     """Estimate the noise rate and choose the DM emphasis (λ, β) from it.
 
     One short training with GR's all-round default emphasis (β = 8, λ = 0.5) scores every
-    training example exactly as the audit does (mostly the mean of p_i over the epochs); a
-    two-component mixture on those scores estimates the share of wrong labels. Networks learn
-    the shared patterns of clean examples before they memorise noise, so a short run separates
-    the two best, and the estimate needs no out-of-sample cross-fitting.
+    training example exactly as the audit does (mostly the mean of p_i over the epochs); the
+    share of examples whose score reaches `PROBE_DOUBT` estimates the share of wrong labels.
+    Networks learn the shared patterns of clean examples before they memorise noise, so a short
+    run separates the two well and the estimate needs no out-of-sample cross-fitting (measured
+    on digits: 0.41-0.43 at 40 % symmetric noise, 0.20 at 20 % pair noise, 0.002-0.008 clean).
+    Concentrated (pair-like) noise, read off the probe's confident-joint noise matrix, counts as
+    a higher rate (`estimate.noise_concentration`).
     """
     start = time.perf_counter()
     train, _ = _split_arrays(dataset)
@@ -335,7 +346,10 @@ def probe(dataset: AuditDataset, config: AuditConfig) -> ProbeResult:
     probs, embeddings = predict_proba(result.model, inputs, device=config.device)
     mean_p = result.dynamics.summary()["mean_p"].to_numpy()
     issue_score, _ = _label_issue_scores(probs, embeddings, labels, mean_p, dataset, config)
-    split = flags.mixture_split(issue_score, seed=config.seed)
+    # The short probe has not yet separated the modes fully: count every example whose given
+    # label it doubted (score at or above the lowest label-issue threshold), not only the
+    # confident ones.
+    noise_rate = float(np.mean(issue_score >= PROBE_DOUBT))
     noise = estimate.estimate_noise(probs, labels)
     if config.lam is not None:
         choice = estimate.EmphasisChoice(
@@ -343,15 +357,24 @@ def probe(dataset: AuditDataset, config: AuditConfig) -> ProbeResult:
         )
         adaptive = False
     else:
-        choice = estimate.choose_emphasis(split.noise_rate, dataset.n_classes)
+        # Concentrated (pair-like) noise is harder than its rate: choose as for a higher rate.
+        concentration = estimate.noise_concentration(noise.matrix)
+        effective = min(1.0, noise_rate * (1.0 + concentration))
+        choice = estimate.choose_emphasis(effective, dataset.n_classes)
+        if effective > noise_rate:
+            choice = dataclasses.replace(
+                choice,
+                reason=f"{choice.reason} (estimated rate {noise_rate:.1%} raised to "
+                f"{effective:.1%}: noise concentration {concentration:.2f})",
+            )
         adaptive = True
     log.info(
         "probe: estimated noise rate %.3f -> lam=%.2f beta=%.2f",
-        split.noise_rate,
+        noise_rate,
         choice.lam,
         choice.beta,
     )
-    return ProbeResult(split.noise_rate, noise, choice, adaptive, time.perf_counter() - start)
+    return ProbeResult(noise_rate, noise, choice, adaptive, time.perf_counter() - start)
 
 
 def _label_issue_scores(
@@ -489,7 +512,9 @@ def flag_examples(
         scores.embeddings,
         labels,
         trusted_mask=trusted,
+        k=OOD_NEIGHBOUR,
         knn_votes=knn.votes,
+        p_std=table["std_p"].to_numpy() if "std_p" in table else None,
         reference_mask=~is_issue,
         seed=config.seed,
     )
@@ -498,6 +523,12 @@ def flag_examples(
     else:
         ood_threshold = flags.auto_ood_threshold(ood, reference_mask=~is_issue)
     is_ood = flags.flag_ood(ood, threshold=ood_threshold)
+    # Suggestions for examples more atypical than most unflagged ones go to a person: an OOD
+    # input the strict OOD threshold missed would otherwise be "corrected" into a class.
+    review_threshold = min(
+        ood_threshold,
+        flags.auto_ood_threshold(ood, reference_mask=~is_issue, fpr=OOD_REVIEW_FPR),
+    )
     out = pd.DataFrame(
         {
             "example_id": table["example_id"].to_numpy(),
@@ -509,7 +540,15 @@ def flag_examples(
         }
     )
     noise = estimate.estimate_noise(scores.probs, labels)
-    return Flags(out, float(threshold), float(ood_threshold), split.noise_rate, noise, knn.votes)
+    return Flags(
+        out,
+        float(threshold),
+        float(ood_threshold),
+        float(review_threshold),
+        split.noise_rate,
+        noise,
+        knn.votes,
+    )
 
 
 def correct_labels(
@@ -553,6 +592,8 @@ def correct_labels(
         flag_result.table["is_ood"].to_numpy(),
         min_confidence=config.min_correction_confidence,
         reviews=review_positions,
+        ood_scores=flag_result.table["ood_score"].to_numpy(),
+        max_ood_score=flag_result.ood_review_threshold,
         n_classes=dataset.n_classes,
     )
     classes = np.asarray(dataset.classes, dtype=object)
@@ -771,6 +812,7 @@ def build_report(
         "thresholds": {
             "label_issue": flag_result.label_issue_threshold,
             "ood": flag_result.ood_threshold,
+            "ood_review": flag_result.ood_review_threshold,
             "min_correction_confidence": config.min_correction_confidence,
         },
         "counts": {

@@ -24,6 +24,7 @@ __all__ = [
     "NoiseEstimate",
     "choose_emphasis",
     "estimate_noise",
+    "noise_concentration",
     "validate_labels",
     "validate_probs",
 ]
@@ -307,3 +308,38 @@ def choose_emphasis(
     if rate >= (n_classes - 1) / n_classes:
         reason += "; at this rate symmetric labels carry no information, expect poor results"
     return EmphasisChoice(lam=lam, beta=beta, reason=reason)
+
+
+def noise_concentration(matrix: np.ndarray) -> float:
+    """How concentrated the wrong labels are, in [0, 1]: 0 symmetric, 1 pair-like.
+
+    For each true class, the share of its off-diagonal mass held by the single most frequent
+    wrong label, rescaled so that a uniform spread over the other C - 1 classes reads 0 and a
+    single target class reads 1; the mean over classes weighted by their noise mass.
+
+    Concentrated noise is harder than its rate says: a class whose wrong labels all point to one
+    other class teaches a consistent second pattern that a network memorises readily, which
+    symmetric noise of the same rate does not (on digits with 20 % pair noise the audit reached
+    detection F1 0.87 with the emphasis chosen for a 20 % rate and 0.96 with λ = 0.75-1).
+
+    Parameters
+    ----------
+    matrix : np.ndarray, shape (C, C)
+        Noise transition matrix ``P(given = j | true = i)`` (`NoiseEstimate.matrix`).
+
+    Returns
+    -------
+    float
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
+        raise DataError(f"matrix must be square (C, C) with C >= 2, got shape {m.shape}")
+    c = m.shape[0]
+    off = m * (1.0 - np.eye(c))
+    mass = off.sum(axis=1)
+    if mass.sum() <= 0 or c == 2:
+        return 0.0
+    top_share = np.where(mass > 0, off.max(axis=1) / np.where(mass > 0, mass, 1.0), 0.0)
+    uniform = 1.0 / (c - 1)
+    per_class = np.clip((top_share - uniform) / (1.0 - uniform), 0.0, 1.0)
+    return float(np.sum(per_class * mass) / mass.sum())

@@ -53,7 +53,17 @@ IVF_THRESHOLD = 200_000
 # symmetric / 20 % pair noise: AUROC 0.999 / 0.987 against 0.984 / 0.755 for the last epoch's
 # p_i and 0.94 / 0.50 for kNN agreement), so it dominates; the other two break its ties.
 DEFAULT_ISSUE_WEIGHTS: dict[str, float] = {"prediction": 1.0, "dynamics": 6.0, "knn": 1.0}
-DEFAULT_OOD_WEIGHTS: dict[str, float] = {"distance": 2.0, "uncertainty": 1.0, "neighbours": 1.0}
+# Measured on digits (classes 8, 9 held out as 8 % open set, plus 30 % symmetric noise), AUROC
+# against all / against mislabelled examples: distance (k=1) 0.91 / 0.81, entropy 0.93 / 0.84,
+# neighbours' label entropy 0.64 / 0.60, std of p_i over epochs 0.72 / 0.85; distance + entropy
+# + instability 0.92 / 0.90. Mislabelled examples sit near their true class and DM ignores them
+# steadily; an OOD input's p_i wanders, as nothing in the data supports or contradicts it.
+DEFAULT_OOD_WEIGHTS: dict[str, float] = {
+    "distance": 1.0,
+    "uncertainty": 1.0,
+    "neighbours": 0.0,
+    "instability": 1.0,
+}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -660,6 +670,7 @@ def ood_scores(
     k: int = 3,
     logits: np.ndarray | None = None,
     knn_votes: np.ndarray | None = None,
+    p_std: np.ndarray | None = None,
     weights: Mapping[str, float] | None = None,
     reference_mask: np.ndarray | None = None,
     per_class: bool = False,
@@ -682,6 +693,8 @@ def ood_scores(
       searched (stricter, but it depends on the prediction being right).
     * ``"uncertainty"``: the energy ``-logsumexp(logits)`` when logits are given, else the
       normalised entropy ``H(p) / log C``.
+    * ``"instability"`` (with `p_std`): the standard deviation of p_i over the training epochs.
+      DM down-weights a mislabelled example steadily; an OOD input's p_i wanders.
     * ``"neighbours"`` (with `knn_votes`): normalised entropy of the neighbours' given labels.
       OOD inputs cluster with other OOD inputs, whose labels are arbitrary.
 
@@ -702,9 +715,11 @@ def ood_scores(
         Raw model outputs, for the energy score.
     knn_votes : np.ndarray, shape (N, C), optional
         Neighbour label distribution from `knn_label_agreement`.
+    p_std : np.ndarray, shape (N,), optional
+        Standard deviation of p_i over the training epochs (`TrainingDynamics.summary`).
     weights : mapping, optional
-        Component weights; default `DEFAULT_OOD_WEIGHTS` (distance 2, uncertainty 1,
-        neighbours 1).
+        Component weights; default `DEFAULT_OOD_WEIGHTS` (distance, uncertainty and
+        instability 1, neighbours 0); absent components are skipped and the rest renormalised.
     reference_mask : np.ndarray, shape (N,), bool, optional
         Examples whose component values define the ranks (default: `trusted_mask`). Passing
         all unflagged examples (``~is_label_issue``) makes the reference cover hard but correct
@@ -783,6 +798,8 @@ def ood_scores(
         if v.shape != (n, c):
             raise DataError(f"knn_votes must have shape ({n}, {c}), got {v.shape}")
         components["neighbours"] = -(v * np.log(np.clip(v, 1e-12, 1.0))).sum(axis=1) / math.log(c)
+    if p_std is not None:
+        components["instability"] = np.nan_to_num(_vector(p_std, "p_std", n), nan=0.0)
     ref = trusted if reference_mask is None else _mask(reference_mask, "reference_mask", n)
     if not ref.any():
         raise DataError("reference_mask selects no example")

@@ -194,3 +194,17 @@ def test_emphasis_rejects_bad_options() -> None:
         choose_emphasis(0.2, 1)
     with pytest.raises(ConfigError, match="clean_below"):
         choose_emphasis(0.2, 10, clean_below=1.0)
+
+
+def test_noise_concentration_reads_symmetric_as_0_and_pair_as_1() -> None:
+    from dm_audit.estimate import noise_concentration
+
+    c = 10
+    symmetric = np.full((c, c), 0.4 / (c - 1))
+    np.fill_diagonal(symmetric, 0.6)
+    pair = 0.8 * np.eye(c) + 0.2 * np.roll(np.eye(c), 1, axis=1)
+    assert noise_concentration(symmetric) == pytest.approx(0.0, abs=1e-12)
+    assert noise_concentration(pair) == pytest.approx(1.0)
+    assert noise_concentration(np.eye(c)) == 0.0
+    half = 0.8 * np.eye(c) + 0.1 * np.roll(np.eye(c), 1, axis=1) + 0.1 * np.roll(np.eye(c), 2, 1)
+    assert 0.0 < noise_concentration(half) < 1.0
