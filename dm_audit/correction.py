@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dm_audit.errors import ConfigError, DataError
-from dm_audit.estimate import validate_labels, validate_probs
+from dm_audit.estimate import validate_labels, validate_mask, validate_probs
 
 __all__ = [
     "CORRECTION_SOURCES",
@@ -138,17 +138,6 @@ class CorrectionPlan:
         return np.flatnonzero(self.include_in_retrain)
 
 
-def _bool_vector(x: np.ndarray, name: str, n: int) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.shape != (n,):
-        raise DataError(f"{name} must have shape ({n},), got {arr.shape}")
-    if arr.dtype != bool:
-        if not np.isin(arr, (0, 1)).all():
-            raise DataError(f"{name} must be a boolean mask")
-        arr = arr.astype(bool)
-    return arr
-
-
 def decide_corrections(
     given: np.ndarray,
     suggested: np.ndarray,
@@ -209,8 +198,8 @@ def decide_corrections(
     conf = np.asarray(confidence, dtype=np.float64)
     if conf.shape != (n,) or not np.isfinite(conf).all():
         raise DataError(f"confidence must be finite with shape ({n},), got {conf.shape}")
-    issue = _bool_vector(is_issue, "is_issue", n)
-    ood = _bool_vector(is_ood, "is_ood", n)
+    issue = validate_mask(is_issue, "is_issue", n)
+    ood = validate_mask(is_ood, "is_ood", n)
     if not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
 

@@ -26,6 +26,7 @@ __all__ = [
     "estimate_noise",
     "noise_concentration",
     "validate_labels",
+    "validate_mask",
     "validate_probs",
 ]
 
@@ -57,6 +58,18 @@ def validate_probs(probs: np.ndarray, *, name: str = "probs", atol: float = 1e-3
     if off.any():
         i = int(np.flatnonzero(off)[0])
         raise DataError(f"{name} row {i} sums to {sums[i]:.6f}, expected 1 (pass softmax outputs)")
+    return arr
+
+
+def validate_mask(mask: np.ndarray, name: str, n: int) -> np.ndarray:
+    """Check a boolean mask of shape (n,) (0/1 integers are accepted) and return it as bool."""
+    arr = np.asarray(mask)
+    if arr.shape != (n,):
+        raise DataError(f"{name} must have shape ({n},), got {arr.shape}")
+    if arr.dtype != bool:
+        if not np.isin(arr, (0, 1)).all():
+            raise DataError(f"{name} must be a boolean mask")
+        arr = arr.astype(bool)
     return arr
 
 

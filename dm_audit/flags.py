@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from dm_audit.errors import ConfigError, DataError
-from dm_audit.estimate import validate_labels, validate_probs
+from dm_audit.estimate import validate_labels, validate_mask, validate_probs
 
 __all__ = [
     "DEFAULT_ISSUE_WEIGHTS",
@@ -88,17 +88,6 @@ def _unit_vector(x: np.ndarray, name: str, n: int | None = None) -> np.ndarray:
         i = int(np.flatnonzero(bad)[0])
         raise DataError(f"{name}[{i}] = {arr[i]:.6g} is outside [0, 1]")
     return np.clip(arr, 0.0, 1.0)
-
-
-def _mask(x: np.ndarray, name: str, n: int) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.shape != (n,):
-        raise DataError(f"{name} must have shape ({n},), got {arr.shape}")
-    if arr.dtype != bool:
-        if not np.isin(arr, (0, 1)).all():
-            raise DataError(f"{name} must be a boolean mask")
-        arr = arr.astype(bool)
-    return arr
 
 
 def _embeddings(x: np.ndarray, n: int | None = None) -> np.ndarray:
@@ -651,7 +640,7 @@ def select_trusted(
     np.ndarray, shape (N,), bool
     """
     pg = _unit_vector(p_given, "p_given")
-    flagged = _mask(is_label_issue, "is_label_issue", pg.size)
+    flagged = validate_mask(is_label_issue, "is_label_issue", pg.size)
     return (~flagged) & (pg >= min_p)
 
 
@@ -739,7 +728,7 @@ def ood_scores(
     n, c = p.shape
     emb = _embeddings(embeddings, n)
     y = validate_labels(labels, n, c)
-    trusted = _mask(trusted_mask, "trusted_mask", n)
+    trusted = validate_mask(trusted_mask, "trusted_mask", n)
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
     if trusted.sum() <= k:
@@ -800,7 +789,7 @@ def ood_scores(
         components["neighbours"] = -(v * np.log(np.clip(v, 1e-12, 1.0))).sum(axis=1) / math.log(c)
     if p_std is not None:
         components["instability"] = np.nan_to_num(_vector(p_std, "p_std", n), nan=0.0)
-    ref = trusted if reference_mask is None else _mask(reference_mask, "reference_mask", n)
+    ref = trusted if reference_mask is None else validate_mask(reference_mask, "reference_mask", n)
     if not ref.any():
         raise DataError("reference_mask selects no example")
     ranked = {name: _ecdf(v, v[ref]) for name, v in components.items()}
@@ -832,7 +821,7 @@ def auto_ood_threshold(
     float
     """
     s = _unit_vector(scores, "scores")
-    ref = _mask(reference_mask, "reference_mask", s.size)
+    ref = validate_mask(reference_mask, "reference_mask", s.size)
     if not ref.any():
         raise DataError("auto_ood_threshold needs at least one reference example")
     if not 0.0 < fpr < 1.0:

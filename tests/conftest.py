@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dm_audit.dataset import AuditDataset
 from dm_audit.sources import load_source, stratified_split
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # The test models and tensors are tiny: intra-op threads gain nothing, and their OpenMP
+    # workers spin-waiting on a busy 2-core machine slow every step down many times over.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # One colour per class, far apart, so a class is recognisable from any single pixel.
 CLASS_COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 50, 210]], dtype=np.int64)

@@ -32,16 +32,6 @@ from dm_audit.losses import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # These tensors are tiny: intra-op threads only add synchronisation, which on a busy 2-core
-    # machine slows a 150-step loop from 0.2 s to 10 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_batch(
     batch: int, classes: int, seed: int, *, dtype=F64, extremes: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,15 +17,6 @@ from dm_audit.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny forward passes: intra-op threads only add spin-waiting on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(shape: tuple[int, ...], n: int = 2) -> torch.Tensor:
     torch.manual_seed(0)
     if len(shape) == 1:

@@ -7,7 +7,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from dm_audit.emphasis import create_weighting
 from dm_audit.errors import DataError
@@ -20,15 +19,6 @@ from dm_audit.scoring import (
     write_scores,
 )
 from dm_audit.training import TrainConfig, fit, predict_proba
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # A tiny model: intra-op threads only add spin-waiting on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

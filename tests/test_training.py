@@ -23,16 +23,6 @@ from dm_audit.training import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads gain nothing, and OpenMP workers spin-waiting on a
-    # busy machine slow every step down many times over.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Digits features / 16, 70/30 stratified split (seed 0): x_train, x_test, y_train, y_test."""
