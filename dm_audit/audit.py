@@ -280,6 +280,7 @@ def _train_config(
     loss_params: dict[str, Any],
     epochs: int,
     seed_offset: int = 0,
+    label: str = "",
 ) -> TrainConfig:
     options: dict[str, Any] = {
         "model": config.model,
@@ -290,6 +291,7 @@ def _train_config(
         "device": config.device,
         "seed": config.seed + seed_offset,
         "progress": config.progress,
+        "progress_label": label,
     }
     if config.lr is not None:
         options["lr"] = config.lr
@@ -340,6 +342,7 @@ def probe(dataset: AuditDataset, config: AuditConfig) -> ProbeResult:
             loss_params=dict(PROBE_EMPHASIS),
             epochs=_probe_epochs(config, len(labels)),
             seed_offset=1,
+            label="1/3 probe",
         ),
         num_classes=dataset.n_classes,
     )
@@ -423,7 +426,13 @@ def train_audit_model(
     result = fit(
         inputs,
         labels,
-        _train_config(config, loss=loss, loss_params=params, epochs=_epochs(config, len(labels))),
+        _train_config(
+            config,
+            loss=loss,
+            loss_params=params,
+            epochs=_epochs(config, len(labels)),
+            label="2/3 audit",
+        ),
         num_classes=dataset.n_classes,
         eval_inputs=None if test is None else test.inputs(),
         eval_labels=None if test is None else test.label_codes(),
@@ -644,6 +653,7 @@ def retrain(
             loss_params=_dm_params(choice),
             epochs=_epochs(config, int(keep.sum())),
             seed_offset=100,
+            label="3/3 retrain",
         ),
         num_classes=dataset.n_classes,
         eval_inputs=None if test is None else test.inputs(),

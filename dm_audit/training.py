@@ -92,7 +92,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 _CHECKPOINT_FORMAT = "dm_audit.checkpoint"
 _CHECKPOINT_VERSION = 1
 # Config fields that cannot change the trained weights: a checkpoint may differ in them.
-_RESUME_IGNORED_FIELDS = frozenset({"progress", "eval_batch_size"})
+_RESUME_IGNORED_FIELDS = frozenset({"progress", "progress_label", "eval_batch_size"})
 _DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
 # Emphasis parameters a collapse recovery halves (dm/normal/exponential: beta, lam/psi; imae: T;
 # ProSelfLC combined with DM: dm_lam, dm_beta).
@@ -180,6 +180,8 @@ class TrainConfig:
         Batch size of evaluation passes.
     progress : bool
         Show a tqdm progress bar (loss, accuracy, examples/s, ETA).
+    progress_label : str
+        The progress bar's label (default: "train <loss>").
     """
 
     model: str = "auto"
@@ -211,6 +213,7 @@ class TrainConfig:
     dynamics_source: str = "train"
     eval_batch_size: int = 1024
     progress: bool = True
+    progress_label: str = ""
 
     def __post_init__(self) -> None:
         self.step_milestones = tuple(float(m) for m in self.step_milestones)
@@ -1346,7 +1349,7 @@ class _Trainer:
             total=self.total_iters,
             initial=self.global_iter,
             disable=not self.config.progress,
-            desc=f"train {self.config.loss}",
+            desc=self.config.progress_label or f"train {self.config.loss}",
             unit="it",
             dynamic_ncols=True,
         )
