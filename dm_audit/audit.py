@@ -482,7 +482,7 @@ def proselflc_targets(fit_result: FitResult, probs: np.ndarray, labels: np.ndarr
     loss.set_progress(1, 1)
     with torch.no_grad():
         logits = torch.log(torch.as_tensor(probs, dtype=torch.float64).clamp_min(1e-12))
-        out = loss(logits, torch.as_tensor(labels, dtype=torch.int64))
+        out = loss(logits, torch.tensor(np.asarray(labels), dtype=torch.int64))
     return out.extras["target"].numpy()
 
 

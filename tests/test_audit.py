@@ -140,6 +140,20 @@ def test_open_set_examples_are_not_corrected_into_a_class(tmp_path: Path) -> Non
     assert ood["share_not_auto_corrected"] >= 0.7
 
 
+def test_proselflc_correction_source_suggests_from_corrected_targets(noisy_digits) -> None:
+    report = run_audit(
+        noisy_digits,
+        AuditConfig(seed=0, correction_source="proselflc", retrain=False, **FAST),
+    )
+    examples = report.examples
+    flagged = examples[examples["is_label_issue"]]
+    noisy = flagged["is_noisy"].to_numpy()
+    # Suggestions for flagged mislabelled examples recover the true class most of the time.
+    hits = (flagged["suggested_label"] == flagged["true_label"]).to_numpy()[noisy]
+    assert hits.mean() >= 0.85
+    assert report.summary["config"]["correction_source"] == "proselflc"
+
+
 def test_bad_config_is_refused_before_any_work() -> None:
     with pytest.raises(ConfigError, match="lam and beta"):
         AuditConfig(lam=1.0)
