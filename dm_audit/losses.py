@@ -459,11 +459,24 @@ class _ProbabilityLoss(LabelLoss):
         return f"weighting={self.weighting}, dn=False, reduction={self.reduction}"
 
 
+class _ParameterFreeLoss(_ProbabilityLoss):
+    """A loss of p_i whose weight curve has no parameter: ``curve`` names it."""
+
+    curve: str = ""
+
+    def __init__(
+        self, *, dn: bool = False, reduction: str | None = None, normalization: str | None = None
+    ) -> None:
+        super().__init__(
+            create_weighting(self.curve), dn=dn, reduction=reduction, normalization=normalization
+        )
+
+
 # The per-example losses are written with expm1 so that 1 - p_i keeps its precision near p_i = 1
 # and the gradient is the textbook c_i (p - onehot) down to p_i = 0 (log_p of -2e4 is fine).
 
 
-class CCELoss(_ProbabilityLoss):
+class CCELoss(_ParameterFreeLoss):
     """Categorical cross entropy ``-log p_i``; weight ``2(1 - p_i)``, emphasis mode 0.
 
     Parameters
@@ -476,18 +489,13 @@ class CCELoss(_ProbabilityLoss):
         ``dn=True`` only; one of :data:`NORMALIZATIONS`, default "batch_sum".
     """
 
-    def __init__(
-        self, *, dn: bool = False, reduction: str | None = None, normalization: str | None = None
-    ) -> None:
-        super().__init__(
-            create_weighting("cce"), dn=dn, reduction=reduction, normalization=normalization
-        )
+    curve = "cce"
 
     def _per_example(self, log_p_given: Tensor) -> Tensor:
         return -log_p_given
 
 
-class MAELoss(_ProbabilityLoss):
+class MAELoss(_ParameterFreeLoss):
     """Mean absolute error as in DM, ``1 - p_i``; weight ``2 p_i (1 - p_i)``, mode 0.5.
 
     IMAE and GR write ``2(1 - p_i)`` (the L1 distance between p and the one-hot label), which
@@ -503,18 +511,13 @@ class MAELoss(_ProbabilityLoss):
         ``dn=True`` only; one of :data:`NORMALIZATIONS`, default "batch_sum".
     """
 
-    def __init__(
-        self, *, dn: bool = False, reduction: str | None = None, normalization: str | None = None
-    ) -> None:
-        super().__init__(
-            create_weighting("mae"), dn=dn, reduction=reduction, normalization=normalization
-        )
+    curve = "mae"
 
     def _per_example(self, log_p_given: Tensor) -> Tensor:
         return -torch.expm1(log_p_given)
 
 
-class MSELoss(_ProbabilityLoss):
+class MSELoss(_ParameterFreeLoss):
     """Mean square error as in DM, ``(1 - p_i)^2``; weight ``4 p_i (1 - p_i)^2``, mode 1/3.
 
     Parameters
@@ -527,12 +530,7 @@ class MSELoss(_ProbabilityLoss):
         ``dn=True`` only; one of :data:`NORMALIZATIONS`, default "batch_sum".
     """
 
-    def __init__(
-        self, *, dn: bool = False, reduction: str | None = None, normalization: str | None = None
-    ) -> None:
-        super().__init__(
-            create_weighting("mse"), dn=dn, reduction=reduction, normalization=normalization
-        )
+    curve = "mse"
 
     def _per_example(self, log_p_given: Tensor) -> Tensor:
         return torch.expm1(log_p_given) ** 2
