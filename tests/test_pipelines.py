@@ -55,6 +55,18 @@ def resources_for(root: Path, settings: AuditSettings | None = None) -> dict[str
     return resources
 
 
+def materialize_bad_dataset(source: Path, root: Path) -> dg.ExecuteInProcessResult:
+    """Materialise the whole graph on a dataset that must fail its blocking check."""
+    with dg.instance_for_test() as instance:
+        return dg.materialize(
+            [*AUDIT_ASSETS, *AUDIT_CHECKS],
+            resources=resources_for(root),
+            instance=instance,
+            run_config=dataset_config(source),
+            raise_on_error=False,
+        )
+
+
 def dataset_config(source: Path, **extra: object) -> dict[str, object]:
     config = {"source": str(source), "id_column": "example_id", "test_size": 0.3, **extra}
     return {"ops": {"dataset": {"config": config}}}
@@ -221,14 +233,7 @@ def test_a_training_split_of_one_class_is_blocked_by_the_dataset_check(tmp_path:
     # Only "ant" rows are for training; the others sit in the test split.
     frame["split"] = np.where(frame["label"] == "ant", "train", "test")
     frame.to_csv(source, index=False)
-    with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [*AUDIT_ASSETS, *AUDIT_CHECKS],
-            resources=resources_for(tmp_path / "runs"),
-            instance=instance,
-            run_config=dataset_config(source),
-            raise_on_error=False,
-        )
+    result = materialize_bad_dataset(source, tmp_path / "runs")
     assert not result.success
     assert materialized(result) == {"dataset"}
     check = check_results(result)["dataset_is_valid"]
@@ -242,14 +247,7 @@ def test_nan_features_stop_the_graph_at_the_dataset(tmp_path: Path) -> None:
     frame = pd.read_csv(source)
     frame.loc[7, "f3"] = np.nan
     frame.to_csv(source, index=False)
-    with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [*AUDIT_ASSETS, *AUDIT_CHECKS],
-            resources=resources_for(tmp_path / "runs"),
-            instance=instance,
-            run_config=dataset_config(source),
-            raise_on_error=False,
-        )
+    result = materialize_bad_dataset(source, tmp_path / "runs")
     assert not result.success
     assert materialized(result) == set()
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
