@@ -63,7 +63,7 @@ class AuditConfig:
     epochs : int or None
         Epochs of the audit training and of the retrain; None chooses from the dataset size.
     probe_epochs : int or None
-        Epochs of each of the two probe trainings; None chooses from ``epochs``.
+        Epochs of the short probe training; None: a quarter of ``epochs``.
     batch_size : int
     lr : float or None
         Learning rate; None keeps the training engine's default for the optimizer.
@@ -302,7 +302,7 @@ def _dm_params(choice: estimate.EmphasisChoice) -> dict[str, Any]:
     return {"lam": float(choice.lam), "beta": float(choice.beta)}
 
 
-def _split_arrays(dataset: AuditDataset) -> tuple[AuditDataset, AuditDataset | None]:
+def _train_and_test(dataset: AuditDataset) -> tuple[AuditDataset, AuditDataset | None]:
     train = dataset.train()
     if len(train) == 0:
         raise ConfigError(f"dataset {dataset.source!r} has no training examples to audit")
@@ -331,7 +331,7 @@ def probe(dataset: AuditDataset, config: AuditConfig) -> ProbeResult:
     a higher rate (`estimate.noise_concentration`).
     """
     start = time.perf_counter()
-    train, _ = _split_arrays(dataset)
+    train, _ = _train_and_test(dataset)
     inputs, labels = train.inputs(), train.label_codes()
     result = fit(
         inputs,
@@ -416,7 +416,7 @@ def train_audit_model(
     targets; otherwise plain DM.
     """
     start = time.perf_counter()
-    train, test = _split_arrays(dataset)
+    train, test = _train_and_test(dataset)
     inputs, labels = train.inputs(), train.label_codes()
     choice = probe_result.choice
     if config.correction_source == "proselflc":
@@ -452,7 +452,7 @@ def score_examples(
     prediction, entropy, margin) and the training-dynamics summary (mean p_i over epochs, the
     epoch an example was first learned, ...).
     """
-    train, _ = _split_arrays(dataset)
+    train, _ = _train_and_test(dataset)
     labels = train.label_codes()
     choice = audit_fit.choice
     weighting = create_weighting("dm", lam=choice.lam, beta=choice.beta)
@@ -575,7 +575,7 @@ def correct_labels(
     rows with unknown ids or labels are listed in the review report, never silently dropped:
     with ``strict_reviews`` (the CLI's default) they stop the run with a `DataError` naming them.
     """
-    train, _ = _split_arrays(dataset)
+    train, _ = _train_and_test(dataset)
     labels = scores.table["given"].to_numpy()
     suggested, confidence = correction.suggest_labels(
         scores.probs,
@@ -633,7 +633,7 @@ def retrain(
     if not config.retrain:
         return Retrained(None, None, None, 0.0)
     start = time.perf_counter()
-    train, test = _split_arrays(dataset)
+    train, test = _train_and_test(dataset)
     keep = corrections.table["include_in_retrain"].to_numpy(dtype=bool)
     if keep.sum() < 2:
         raise ConfigError("fewer than two examples are left to retrain on after the corrections")
@@ -767,7 +767,7 @@ def build_report(
     config: AuditConfig,
 ) -> AuditReport:
     """Assemble the report tables, the summary and the plots of an audit."""
-    train, test = _split_arrays(dataset)
+    train, test = _train_and_test(dataset)
     classes = np.asarray(dataset.classes, dtype=object)
     given = scores.table["given"].to_numpy()
     examples = pd.DataFrame(
