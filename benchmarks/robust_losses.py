@@ -141,6 +141,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = " ".join(["uv run python benchmarks/robust_losses.py", *sys.argv[1:]])
     name = "robust_losses_quick.md" if args.quick else "robust_losses.md"
+    if args.only or args.epochs:
+        # A partial grid or another budget never replaces the full table.
+        name = f"robust_losses_{epochs}_epochs_{'_'.join(args.only or ['all'])}.md"
     setting = "MLP on the 64 features"
     if args.images:
         name = f"robust_losses_images_augment_{args.augment}.md"
