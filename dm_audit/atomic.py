@@ -52,6 +52,7 @@ __all__ = [
     "atomic_write_text",
     "prepare_output_dir",
     "previous_run_files",
+    "resolve_output_dir",
     "staged_output_dir",
     "to_jsonable",
 ]
@@ -247,6 +248,36 @@ def prepare_output_dir(
     Path
         The folder to write into (created).
     """
+    out = resolve_output_dir(out_dir, if_exists=if_exists, names=names)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resolve_output_dir(
+    out_dir: str | os.PathLike[str], *, if_exists: IfExists = "error", names: Iterable[str] = ()
+) -> Path:
+    """The folder `prepare_output_dir` would write into, without creating anything.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Wanted output folder.
+    if_exists : {"error", "overwrite", "version"}
+        See `prepare_output_dir`.
+    names : iterable of str
+        Report names that count as a previous run (see `previous_run_files`).
+
+    Returns
+    -------
+    Path
+        `out_dir`, or with ``if_exists="version"`` and a previous run there, the first of
+        ``<out>-2``, ``<out>-3``, ... that holds no run.
+
+    Raises
+    ------
+    ConfigError
+        When the path is a file, or holds a previous run and `if_exists` is ``"error"``.
+    """
     if if_exists not in _IF_EXISTS:
         raise ConfigError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
     names = tuple(names)
@@ -265,7 +296,6 @@ def prepare_output_dir(
         while previous_run_files(out.with_name(f"{out.name}-{n}"), names):
             n += 1
         out = out.with_name(f"{out.name}-{n}")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -307,7 +337,11 @@ class StagedOutput:
         """
         if self.done:
             raise ConfigError(f"staging folder {self.path} was already committed")
-        staged = sorted(p for p in self.path.rglob("*") if p.is_file())
+        # summary.json last: a reader that polls for it finds the tables already in place.
+        staged = sorted(
+            (p for p in self.path.rglob("*") if p.is_file()),
+            key=lambda p: (p.name == "summary.json", p.as_posix()),
+        )
         relative = [p.relative_to(self.path) for p in staged]
         old = _read_marker(self.final_dir)
         # The marker goes first: once it is removed the old run is no longer announced as

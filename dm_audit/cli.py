@@ -127,6 +127,16 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the unfinished run in --out instead of resuming it. An interrupted audit "
+        "keeps its checkpoints and finished stages in OUT/.dm-audit-work; running the same "
+        "command again resumes from there (same data, options and reviews required)",
+    )
+
+
 def _if_exists(args: argparse.Namespace) -> str:
     if args.overwrite:
         return "overwrite"
@@ -293,7 +303,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     config = _audit_config(args)
     dataset = _load(args)
     report = run_audit(
-        dataset, config, args.out, reviews_path=args.reviews, if_exists=_if_exists(args)
+        dataset,
+        config,
+        args.out,
+        reviews_path=args.reviews,
+        if_exists=_if_exists(args),
+        restart=args.restart,
     )
     _print_audit(report, args.out)
     return EXIT_OK
@@ -319,7 +334,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"({DEMO_OPEN_SET_CLASS}) labelled as other digits\n"
     )
     config = AuditConfig(seed=args.seed, device=args.device, progress=not args.quiet, **DEMO_CONFIG)
-    report = run_audit(dataset, config, args.out, if_exists=_if_exists(args))
+    report = run_audit(dataset, config, args.out, if_exists=_if_exists(args), restart=args.restart)
     _print_audit(report, args.out)
     return EXIT_OK
 
@@ -463,13 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="audit a dataset: flags, corrections, retrain, reports",
         description="Audit a dataset end to end and write examples.parquet, "
         "label_issues.parquet, corrected_labels.parquet, metrics.parquet, summary.json and "
-        "plots into --out. Example: dm-audit audit --input data.csv --label-column label "
+        "plots into --out. An interrupted run (crash, kill) resumes when the same command is "
+        "run again. Example: dm-audit audit --input data.csv --label-column label "
         "--out runs/first",
     )
     _add_source_arguments(audit)
     _add_training_arguments(audit)
     _add_audit_arguments(audit)
     _add_output_arguments(audit)
+    _add_resume_arguments(audit)
     audit.set_defaults(handler=cmd_audit)
 
     demo = sub.add_parser(
@@ -482,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_output_arguments(demo)
+    _add_resume_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
 
     train = sub.add_parser(
