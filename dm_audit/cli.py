@@ -342,7 +342,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dm_audit.atomic import atomic_write_json, atomic_write_parquet, prepare_output_dir
+    from dm_audit.atomic import (
+        atomic_write_json,
+        atomic_write_parquet,
+        prepare_output_dir,
+        staged_output_dir,
+    )
     from dm_audit.models import save_model
     from dm_audit.training import TrainConfig, fit
 
@@ -376,37 +381,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = prepare_output_dir(
         args.out, if_exists="overwrite" if args.resume else _if_exists(args), names=TRAIN_FILES
     )
-    result = fit(
-        train.inputs(),
-        train.label_codes(),
-        config,
-        num_classes=dataset.n_classes,
-        eval_inputs=test.inputs() if len(test) else None,
-        eval_labels=test.label_codes() if len(test) else None,
-        true_labels=train.true_label_codes() if train.has_truth else None,
-        checkpoint_dir=out / "checkpoints",
-        resume=args.resume,
-    )
-    save_model(
-        result.model,
-        out / "model.pt",
-        num_classes=dataset.n_classes,
-        classes=dataset.classes,
-        model_params=config.model_params,
-    )
+    try:
+        result = fit(
+            train.inputs(),
+            train.label_codes(),
+            config,
+            num_classes=dataset.n_classes,
+            eval_inputs=test.inputs() if len(test) else None,
+            eval_labels=test.label_codes() if len(test) else None,
+            true_labels=train.true_label_codes() if train.has_truth else None,
+            checkpoint_dir=out / "checkpoints",
+            resume=args.resume,
+        )
+    except DMAuditError:
+        # Refused before the first checkpoint: leave no empty folder behind.
+        if not any(out.iterdir()):
+            out.rmdir()
+        raise
     history = pd.DataFrame(result.history)
-    atomic_write_parquet(out / "history.parquet", _arrow_table(history))
     last = result.history[-1]
-    atomic_write_json(
-        out / "train_summary.json",
-        {
-            "source": dataset.source,
-            "config": config.to_dict(),
-            "events": result.events,
-            "final_epoch": last,
-            "classes": dataset.classes,
-        },
-    )
+    # The three files appear together: a kill while writing them leaves the previous ones.
+    with staged_output_dir(out, if_exists="overwrite", names=TRAIN_FILES) as stage:
+        save_model(
+            result.model,
+            stage.path / "model.pt",
+            num_classes=dataset.n_classes,
+            classes=dataset.classes,
+            model_params=config.model_params,
+        )
+        atomic_write_parquet(stage.path / "history.parquet", _arrow_table(history))
+        atomic_write_json(
+            stage.path / "train_summary.json",
+            {
+                "source": dataset.source,
+                "config": config.to_dict(),
+                "events": result.events,
+                "final_epoch": last,
+                "classes": dataset.classes,
+            },
+        )
     shown = {k: last[k] for k in ("epoch", "train_acc", "eval_acc") if last.get(k) is not None}
     print(
         "trained:",
