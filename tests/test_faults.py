@@ -12,6 +12,7 @@ except ``seconds`` (timings), ``out_dir`` and ``resumed`` (which trainings were 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,7 +28,8 @@ from dm_audit import audit as audit_module
 from dm_audit.atomic import RUN_MARKER, STAGING_PREFIX
 from dm_audit.cli import EXIT_BAD_INPUT, main
 from dm_audit.reports import REPORT_FILES
-from dm_audit.workdir import KILL_ENV, WORK_DIR_NAME
+from dm_audit.sources import load_source
+from dm_audit.workdir import KILL_ENV, WORK_DIR_NAME, dataset_fingerprint
 
 AUDIT = [
     "audit",
@@ -45,6 +47,8 @@ AUDIT = [
     "3",
     "--quiet",
 ]
+# SIGKILL and fork are POSIX; the kill hook is inert elsewhere.
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL and fork")
 TIMING_COLUMNS = ("seconds", "examples_per_s")
 SUMMARY_EXCLUDED = ("seconds", "out_dir", "resumed")
 
@@ -243,3 +247,21 @@ def test_an_error_after_training_removes_the_work_and_writes_nothing(
     assert code == EXIT_BAD_INPUT
     assert "fewer than two examples" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_data_fingerprint_sees_every_value(tmp_path: Path) -> None:
+    source = write_blobs(tmp_path / "data.csv")
+    dataset = load_source(str(source), id_column="example_id", test_size=0.3, seed=0)
+    same = load_source(str(source), id_column="example_id", test_size=0.3, seed=0)
+    assert dataset_fingerprint(dataset) == dataset_fingerprint(same)
+    table = dataset.table.copy()
+    table.loc[17, "label"] = "ant" if table.loc[17, "label"] != "ant" else "bee"
+    relabelled = dataclasses.replace(dataset, table=table)
+    table = dataset.table.copy()
+    vector = table.loc[5, "features"].copy()
+    vector[2] += np.float32(1e-3)
+    table.at[5, "features"] = vector
+    moved = dataclasses.replace(dataset, table=table)
+    resplit = load_source(str(source), id_column="example_id", test_size=0.3, seed=1)
+    prints = {dataset_fingerprint(d)["sha256"] for d in (dataset, relabelled, moved, resplit)}
+    assert len(prints) == 4
