@@ -1012,6 +1012,9 @@ def run_audit(
             with contextlib.suppress(OSError):
                 target.rmdir()
         raise
+    except BaseException:
+        work.release()  # e.g. Ctrl-C: the next run resumes it
+        raise
     work.remove()
     report.summary["out_dir"] = str(paths.out_dir)
     return report

@@ -9,6 +9,8 @@ An audit with an output folder keeps its unfinished state in ``<out>/.dm-audit-w
   atomically after every epoch by `dm_audit.training.fit`.
 * ``<stage>.pkl``: the result of each finished stage (probe, scores, flags, corrections), written
   atomically once the stage is done.
+* ``lock.json``: the process writing the folder; a second run into the same folder is refused
+  while that process lives.
 
 Re-running the same command after a crash or a kill therefore skips the finished stages and
 continues the interrupted training from its last epoch; on CPU the report is the same as that
@@ -31,6 +33,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -57,6 +60,7 @@ __all__ = [
 WORK_DIR_NAME = ".dm-audit-work"
 KILL_ENV = "DM_AUDIT_KILL_AT"
 _IDENTITY = "run.json"
+_LOCK = "lock.json"
 _FORMAT = "dm_audit.work"
 _FORMAT_VERSION = 1
 # Options that cannot change a report: a run may resume with them changed.
@@ -204,6 +208,7 @@ class WorkDir:
         out = Path(out_dir)
         path = out / WORK_DIR_NAME
         marker = path / _IDENTITY
+        _refuse_if_in_use(path)
         if marker.is_file():
             try:
                 before = json.loads(marker.read_text(encoding="utf-8"))
@@ -219,10 +224,18 @@ class WorkDir:
             # Staging folders of the interrupted run's report writing are ours to remove.
             for stale in out.glob(f"{STAGING_PREFIX}*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            return cls(path, resumed=True)
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, identity)
-        return cls(path, resumed=False)
+            work = cls(path, resumed=True)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(marker, identity)
+            work = cls(path, resumed=False)
+        atomic_write_json(path / _LOCK, {"pid": os.getpid(), "host": socket.gethostname()})
+        return work
+
+    def release(self) -> None:
+        """Let another run resume this work (the process ends, or gives up, with it unfinished)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / _LOCK).unlink()
 
     def checkpoint_dir(self, training: str) -> Path:
         """Checkpoint folder of one training (``probe``, ``audit`` or ``retrain``)."""
@@ -244,11 +257,33 @@ class WorkDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def _refuse_if_in_use(path: Path) -> None:
+    """Refuse a work folder that a live process on this machine is writing."""
+    try:
+        owner = json.loads((path / _LOCK).read_text(encoding="utf-8"))
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no lock, or an unreadable one: nobody to wait for
+    if host != socket.gethostname() or pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return  # its process died (a crash or a kill): the work is ours to resume
+    except PermissionError:
+        pass
+    raise ConfigError(
+        f"{path.parent} is being written by another dm-audit run (process {pid}); wait for it "
+        "to finish, or choose another output folder"
+    )
+
+
 def discard_work(out_dir: str | os.PathLike[str]) -> bool:
     """Delete the work folder of an unfinished run in `out_dir`; True if there was one."""
     path = Path(out_dir) / WORK_DIR_NAME
     if not path.exists():
         return False
+    _refuse_if_in_use(path)
     shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):
         for stale in Path(out_dir).glob(f"{STAGING_PREFIX}*"):

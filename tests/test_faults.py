@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,19 @@ def test_other_options_refuse_the_unfinished_run_and_restart_discards_it(
         assert main(args) == 130
     identity = (out / WORK_DIR_NAME / "run.json").read_bytes()
     capsys.readouterr()
+
+    # While another live process writes the folder, a second run keeps out; a dead one's lock
+    # (a killed run) is taken over.
+    lock = out / WORK_DIR_NAME / "lock.json"
+    assert not lock.exists()  # released by the interrupted run
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    assert main(args) == EXIT_BAD_INPUT
+    assert f"being written by another dm-audit run (process {os.getppid()})" in (
+        capsys.readouterr().err
+    )
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
 
     changed = [*args]
     changed[changed.index("--epochs") + 1] = "4"
