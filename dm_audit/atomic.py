@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from dm_audit.errors import ConfigError
+from dm_audit.faults import kill_point
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RUN_MARKER",
     "STAGING_PREFIX",
+    "UNFINISHED_RUN_DIR",
     "IfExists",
     "StagedOutput",
     "atomic_open",
@@ -58,6 +60,8 @@ __all__ = [
 ]
 
 RUN_MARKER = ".dm-audit-run.json"
+# The hidden work folder of an audit that has not finished (see `dm_audit.workdir`).
+UNFINISHED_RUN_DIR = ".dm-audit-work"
 STAGING_PREFIX = ".staging-"
 IfExists = Literal["error", "overwrite", "version"]
 _IF_EXISTS = ("error", "overwrite", "version")
@@ -219,9 +223,13 @@ def previous_run_files(out_dir: str | os.PathLike[str], names: Iterable[str] = (
         The run marker and any of `names` that exist; empty for a fresh folder.
     """
     out = Path(out_dir)
-    found = [out / RUN_MARKER] if (out / RUN_MARKER).is_file() else []
-    found += [out / n for n in names if (out / n).exists()]
-    return found
+    if (out / RUN_MARKER).is_file():
+        return [out / RUN_MARKER, *(out / n for n in names if (out / n).exists())]
+    if (out / UNFINISHED_RUN_DIR).is_dir():
+        # Reports without a marker next to an unfinished run's work were moved in by that run
+        # when it was killed: they belong to it, its resume replaces them.
+        return []
+    return [out / n for n in names if (out / n).exists()]
 
 
 def prepare_output_dir(
@@ -354,6 +362,7 @@ class StagedOutput:
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
             final.append(dst)
+            kill_point("report:commit")
         new_names = {r.as_posix() for r in relative}
         for name in old.get("files", []):
             if name not in new_names:

@@ -31,12 +31,13 @@ from dm_audit.atomic import resolve_output_dir
 from dm_audit.dataset import AuditDataset
 from dm_audit.emphasis import create_weighting, plot_weighting_curves
 from dm_audit.errors import ConfigError, DMAuditError
+from dm_audit.faults import kill_point
 from dm_audit.losses import create_loss
 from dm_audit.metrics import accuracy
 from dm_audit.reviews import read_reviews
 from dm_audit.scoring import scores_from_probs
 from dm_audit.training import FitResult, TrainConfig, fit, predict_proba
-from dm_audit.workdir import WorkDir, discard_work, kill_point, run_identity
+from dm_audit.workdir import WorkDir, discard_work, run_identity
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from dm_audit.atomic import (
 )
 from dm_audit.correction import CORRECTION_SOURCES
 from dm_audit.errors import DataError
-from dm_audit.workdir import kill_point
+from dm_audit.faults import kill_point
 
 __all__ = [
     "CORRECTED_LABELS_SCHEMA",

@@ -20,8 +20,7 @@ input or option error (`DMAuditError`, which a resume would only repeat).
 The stage files are pickles: they are private to the run, written and read by the same dm-audit
 version (the identity records it), never an exchange format.
 
-`kill_point` is a testing hook: it kills the process with SIGKILL at a named point when the
-environment variable ``DM_AUDIT_KILL_AT`` names that point, and does nothing otherwise.
+`kill_point` (from `dm_audit.faults`) is the testing hook that stops a run at a named point.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,22 +41,25 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from dm_audit.atomic import STAGING_PREFIX, atomic_write, atomic_write_json, to_jsonable
+from dm_audit.atomic import (
+    STAGING_PREFIX,
+    UNFINISHED_RUN_DIR,
+    atomic_write,
+    atomic_write_json,
+    to_jsonable,
+)
 from dm_audit.errors import ConfigError
 
 __all__ = [
-    "KILL_ENV",
     "WORK_DIR_NAME",
     "WorkDir",
     "dataset_fingerprint",
     "discard_work",
     "file_fingerprint",
-    "kill_point",
     "run_identity",
 ]
 
-WORK_DIR_NAME = ".dm-audit-work"
-KILL_ENV = "DM_AUDIT_KILL_AT"
+WORK_DIR_NAME = UNFINISHED_RUN_DIR
 _IDENTITY = "run.json"
 _LOCK = "lock.json"
 _FORMAT = "dm_audit.work"
@@ -67,17 +68,6 @@ _FORMAT_VERSION = 1
 _IGNORED_OPTIONS = frozenset({"progress"})
 
 T = TypeVar("T")
-
-
-def kill_point(name: str) -> None:
-    """Testing hook: SIGKILL this process when ``DM_AUDIT_KILL_AT`` equals `name`.
-
-    Inert unless the variable is set. The fault tests use it to stop a run at a known point
-    (``probe:epoch:2``, ``audit:epoch:2``, ``retrain:epoch:1``, ``scoring``, ``report``) exactly as
-    an out-of-memory killer or a pre-empted machine would: no cleanup code runs.
-    """
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _dm_audit_version() -> str:

@@ -1,7 +1,7 @@
 """Faults: an audit killed during training, scoring or report writing resumes to the same report.
 
 The kills are real SIGKILLs of a ``dm-audit audit`` subprocess, sent by the process itself at a
-named point through the ``DM_AUDIT_KILL_AT`` testing hook (`dm_audit.workdir.kill_point`), so no
+named point through the ``DM_AUDIT_KILL_AT`` testing hook (`dm_audit.faults.kill_point`), so no
 cleanup code runs, as with an out-of-memory killer or a pre-empted machine.
 
 "The same report" is defined by `assert_same_report`: examples.parquet, label_issues.parquet,
@@ -28,9 +28,10 @@ import pytest
 from dm_audit import audit as audit_module
 from dm_audit.atomic import RUN_MARKER, STAGING_PREFIX
 from dm_audit.cli import EXIT_BAD_INPUT, main
+from dm_audit.faults import KILL_ENV
 from dm_audit.reports import REPORT_FILES
 from dm_audit.sources import load_source
-from dm_audit.workdir import KILL_ENV, WORK_DIR_NAME, dataset_fingerprint
+from dm_audit.workdir import WORK_DIR_NAME, dataset_fingerprint
 
 AUDIT = [
     "audit",
@@ -164,6 +165,12 @@ def test_killed_in_training_scoring_and_report_writing_resumes_to_the_same_repor
     assert run_forked(source, out, kill_at="report") == -signal.SIGKILL
     assert visible_reports(out) == []
     assert len(list(out.glob(f"{STAGING_PREFIX}*/examples.parquet"))) == 1
+
+    # While the finished files are moved in, one by one: each visible file is whole, and the
+    # summary and the run marker, which announce a complete run, come last.
+    assert run_forked(source, out, kill_at="report:commit") == -signal.SIGKILL
+    assert visible_reports(out) == ["corrected_labels.parquet"]
+    pd.read_parquet(out / "corrected_labels.parquet")
 
     assert run_forked(source, out) == 0
     assert_same_report(expected, out)
