@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from dm_audit.errors import ConfigError
+from dm_audit.faults import kill_point
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RUN_MARKER",
     "STAGING_PREFIX",
+    "UNFINISHED_RUN_DIR",
     "IfExists",
     "StagedOutput",
     "atomic_open",
@@ -52,11 +54,14 @@ __all__ = [
     "atomic_write_text",
     "prepare_output_dir",
     "previous_run_files",
+    "resolve_output_dir",
     "staged_output_dir",
     "to_jsonable",
 ]
 
 RUN_MARKER = ".dm-audit-run.json"
+# The hidden work folder of an audit that has not finished (see `dm_audit.workdir`).
+UNFINISHED_RUN_DIR = ".dm-audit-work"
 STAGING_PREFIX = ".staging-"
 IfExists = Literal["error", "overwrite", "version"]
 _IF_EXISTS = ("error", "overwrite", "version")
@@ -218,9 +223,13 @@ def previous_run_files(out_dir: str | os.PathLike[str], names: Iterable[str] = (
         The run marker and any of `names` that exist; empty for a fresh folder.
     """
     out = Path(out_dir)
-    found = [out / RUN_MARKER] if (out / RUN_MARKER).is_file() else []
-    found += [out / n for n in names if (out / n).exists()]
-    return found
+    if (out / RUN_MARKER).is_file():
+        return [out / RUN_MARKER, *(out / n for n in names if (out / n).exists())]
+    if (out / UNFINISHED_RUN_DIR).is_dir():
+        # Reports without a marker next to an unfinished run's work were moved in by that run
+        # when it was killed: they belong to it, its resume replaces them.
+        return []
+    return [out / n for n in names if (out / n).exists()]
 
 
 def prepare_output_dir(
@@ -247,6 +256,36 @@ def prepare_output_dir(
     Path
         The folder to write into (created).
     """
+    out = resolve_output_dir(out_dir, if_exists=if_exists, names=names)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resolve_output_dir(
+    out_dir: str | os.PathLike[str], *, if_exists: IfExists = "error", names: Iterable[str] = ()
+) -> Path:
+    """The folder `prepare_output_dir` would write into, without creating anything.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Wanted output folder.
+    if_exists : {"error", "overwrite", "version"}
+        See `prepare_output_dir`.
+    names : iterable of str
+        Report names that count as a previous run (see `previous_run_files`).
+
+    Returns
+    -------
+    Path
+        `out_dir`, or with ``if_exists="version"`` and a previous run there, the first of
+        ``<out>-2``, ``<out>-3``, ... that holds no run.
+
+    Raises
+    ------
+    ConfigError
+        When the path is a file, or holds a previous run and `if_exists` is ``"error"``.
+    """
     if if_exists not in _IF_EXISTS:
         raise ConfigError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
     names = tuple(names)
@@ -265,7 +304,6 @@ def prepare_output_dir(
         while previous_run_files(out.with_name(f"{out.name}-{n}"), names):
             n += 1
         out = out.with_name(f"{out.name}-{n}")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -307,7 +345,11 @@ class StagedOutput:
         """
         if self.done:
             raise ConfigError(f"staging folder {self.path} was already committed")
-        staged = sorted(p for p in self.path.rglob("*") if p.is_file())
+        # summary.json last: a reader that polls for it finds the tables already in place.
+        staged = sorted(
+            (p for p in self.path.rglob("*") if p.is_file()),
+            key=lambda p: (p.name == "summary.json", p.as_posix()),
+        )
         relative = [p.relative_to(self.path) for p in staged]
         old = _read_marker(self.final_dir)
         # The marker goes first: once it is removed the old run is no longer announced as
@@ -320,6 +362,7 @@ class StagedOutput:
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
             final.append(dst)
+            kill_point("report:commit")
         new_names = {r.as_posix() for r in relative}
         for name in old.get("files", []):
             if name not in new_names:

@@ -12,9 +12,11 @@ and the retrained model on data nobody corrected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +27,17 @@ import torch
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from dm_audit import correction, estimate, flags, plots, reports
-from dm_audit.atomic import previous_run_files
+from dm_audit.atomic import resolve_output_dir
 from dm_audit.dataset import AuditDataset
 from dm_audit.emphasis import create_weighting, plot_weighting_curves
-from dm_audit.errors import ConfigError
+from dm_audit.errors import ConfigError, DMAuditError
+from dm_audit.faults import kill_point
 from dm_audit.losses import create_loss
 from dm_audit.metrics import accuracy
 from dm_audit.reviews import read_reviews
 from dm_audit.scoring import scores_from_probs
 from dm_audit.training import FitResult, TrainConfig, fit, predict_proba
+from dm_audit.workdir import WorkDir, discard_work, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +322,14 @@ def _truth(train: AuditDataset) -> np.ndarray | None:
 # stages
 
 
-def probe(dataset: AuditDataset, config: AuditConfig) -> ProbeResult:
+def probe(
+    dataset: AuditDataset,
+    config: AuditConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> ProbeResult:
     """Estimate the noise rate and choose the DM emphasis (λ, β) from it.
 
     One short training with GR's all-round default emphasis (β = 8, λ = 0.5) scores every
@@ -329,6 +340,8 @@ def probe(dataset: AuditDataset, config: AuditConfig) -> ProbeResult:
     on digits: 0.41-0.43 at 40 % symmetric noise, 0.20 at 20 % pair noise, 0.002-0.008 clean).
     Concentrated (pair-like) noise, read off the probe's confident-joint noise matrix, counts as
     a higher rate (`estimate.noise_concentration`).
+
+    `checkpoint_dir`, `resume` and `on_epoch_end` go to `dm_audit.training.fit`.
     """
     start = time.perf_counter()
     train, _ = _train_and_test(dataset)
@@ -345,6 +358,9 @@ def probe(dataset: AuditDataset, config: AuditConfig) -> ProbeResult:
             label="1/3 probe",
         ),
         num_classes=dataset.n_classes,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        on_epoch_end=on_epoch_end,
     )
     probs, embeddings = predict_proba(result.model, inputs, device=config.device)
     mean_p = result.dynamics.summary()["mean_p"].to_numpy()
@@ -408,6 +424,7 @@ def train_audit_model(
     *,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> AuditFit:
     """Train the audit model on the training split with the chosen DM emphasis.
 
@@ -439,6 +456,7 @@ def train_audit_model(
         true_labels=_truth(train),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        on_epoch_end=on_epoch_end,
     )
     return AuditFit(result, choice, time.perf_counter() - start)
 
@@ -623,12 +641,20 @@ def correct_labels(
 
 
 def retrain(
-    dataset: AuditDataset, scores: ExampleScores, corrections: Corrections, config: AuditConfig
+    dataset: AuditDataset,
+    scores: ExampleScores,
+    corrections: Corrections,
+    config: AuditConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> Retrained:
     """Train the final model on the corrected labels, OOD and unresolved examples left out.
 
     The residual noise of the corrected labels is estimated with the audit model's probabilities
     and the emphasis is chosen again from it (less noise: a smaller λ), unless the user fixed it.
+    `checkpoint_dir`, `resume` and `on_epoch_end` go to `dm_audit.training.fit`.
     """
     if not config.retrain:
         return Retrained(None, None, None, 0.0)
@@ -659,6 +685,9 @@ def retrain(
         eval_inputs=None if test is None else test.inputs(),
         eval_labels=None if test is None else test.label_codes(),
         true_labels=None if truth is None else truth[keep],
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        on_epoch_end=on_epoch_end,
     )
     return Retrained(result, choice, residual, time.perf_counter() - start)
 
@@ -920,8 +949,17 @@ def run_audit(
     *,
     reviews_path: str | Path | None = None,
     if_exists: str = "error",
+    restart: bool = False,
 ) -> AuditReport:
     """Run every stage of the audit and write the reports to `out_dir` (when given).
+
+    With an output folder the run is resumable: each training's checkpoint and each finished
+    stage's result are kept in ``<out>/.dm-audit-work/`` (`dm_audit.workdir`) until the report is
+    in place. Running again with the same dataset, options and reviews after a crash or a kill
+    skips the finished stages and continues the interrupted training from its last epoch; the
+    report equals that of an uninterrupted run in every table and summary field except timings
+    (``seconds``, ``examples_per_s``), ``out_dir`` and ``resumed`` (the trainings that were
+    continued, and from which epoch). Other inputs or options refuse, naming what differs.
 
     Parameters
     ----------
@@ -934,30 +972,107 @@ def run_audit(
         Human reviews (``example_id,label``) that override the automatic corrections.
     if_exists : {"error", "overwrite", "version"}
         What to do when `out_dir` already holds a previous run.
+    restart : bool
+        Discard the work of an unfinished run in `out_dir` instead of resuming it.
 
     Returns
     -------
     AuditReport
+
+    Raises
+    ------
+    DataError, ConfigError
+        Bad data, reviews or options; no report is written and the work folder is removed.
     """
-    if out_dir is not None and if_exists == "error":
-        # Fail before hours of training, not after, when the folder holds a previous run.
-        found = previous_run_files(out_dir, reports.REPORT_FILES)
-        if found:
-            raise ConfigError(
-                f"output folder {out_dir} already holds a previous run "
-                f"({', '.join(p.name for p in found[:5])}); choose another folder, or overwrite "
-                "it, or write a new version next to it"
-            )
-    probe_result = probe(dataset, config)
-    audit_fit = train_audit_model(dataset, probe_result, config)
-    scores = score_examples(dataset, audit_fit, config)
-    flag_result = flag_examples(dataset, scores, probe_result, config)
-    corrections = correct_labels(dataset, scores, flag_result, config, reviews_path=reviews_path)
-    retrained = retrain(dataset, scores, corrections, config)
+    train, _ = _train_and_test(dataset)
+    if reviews_path is not None:
+        # A bad reviews file fails now, not after hours of training.
+        read_reviews(
+            reviews_path, known_ids=train.example_ids, classes=dataset.classes, strict=True
+        )
+    if out_dir is None:
+        return _run_stages(dataset, config, None, reviews_path)
+    # Fail before hours of training, not after, when the folder holds a previous run.
+    target = resolve_output_dir(out_dir, if_exists=if_exists, names=reports.REPORT_FILES)
+    if restart:
+        discard_work(target)
+    created = not target.exists()
+    identity = run_identity(config.to_dict(), dataset, reviews_path)
+    work = WorkDir.open(target, identity)
+    if work.resumed:
+        log.info("resuming the unfinished run in %s", target)
+    try:
+        report = _run_stages(dataset, config, work, reviews_path)
+        paths = write_report(
+            report, target, if_exists="overwrite" if if_exists == "overwrite" else "error"
+        )
+    except DMAuditError:
+        # Bad input or options: a resume would fail the same way, so leave nothing behind.
+        work.remove()
+        if created:
+            with contextlib.suppress(OSError):
+                target.rmdir()
+        raise
+    except BaseException:
+        work.release()  # e.g. Ctrl-C: the next run resumes it
+        raise
+    work.remove()
+    report.summary["out_dir"] = str(paths.out_dir)
+    return report
+
+
+def _run_stages(
+    dataset: AuditDataset,
+    config: AuditConfig,
+    work: WorkDir | None,
+    reviews_path: str | Path | None,
+) -> AuditReport:
+    """The stages of `run_audit`, each kept in `work` (when given) once finished."""
+
+    def training(name: str) -> dict[str, Any]:
+        if work is None:
+            return {}
+        return {
+            "checkpoint_dir": work.checkpoint_dir(name),
+            "resume": True,
+            "on_epoch_end": lambda entry: kill_point(f"{name}:epoch:{entry['epoch']}"),
+        }
+
+    def stage(name: str, compute: Callable[[], Any]) -> Any:
+        return compute() if work is None else work.stage(name, compute)
+
+    def scored() -> ExampleScores:
+        result = score_examples(dataset, audit_fit, config)
+        kill_point("scoring")
+        return result
+
+    probe_result = stage("probe", lambda: probe(dataset, config, **training("probe")))
+    audit_fit = train_audit_model(dataset, probe_result, config, **training("audit"))
+    scores = stage("scores", scored)
+    flag_result = stage("flags", lambda: flag_examples(dataset, scores, probe_result, config))
+    corrections = stage(
+        "corrections",
+        lambda: correct_labels(dataset, scores, flag_result, config, reviews_path=reviews_path),
+    )
+    retrained = retrain(dataset, scores, corrections, config, **training("retrain"))
+    resumed = _take_resume_events("audit", audit_fit.fit) + _take_resume_events(
+        "retrain", retrained.fit
+    )
     report = build_report(
         dataset, probe_result, audit_fit, scores, flag_result, corrections, retrained, config
     )
-    if out_dir is not None:
-        paths = write_report(report, out_dir, if_exists=if_exists)
-        report.summary["out_dir"] = str(paths.out_dir)
+    report.summary["resumed"] = resumed
     return report
+
+
+def _take_resume_events(training: str, fit_result: FitResult | None) -> list[dict[str, Any]]:
+    """Move a training's resume events out of its event list into the run's resume record.
+
+    A resumed training's other events and history are those of an uninterrupted one; keeping
+    the resumes apart keeps the report comparable to that of an uninterrupted run.
+    """
+    if fit_result is None:
+        return []
+    taken = [e for e in fit_result.events if e.get("event") == "resume"]
+    fit_result.events[:] = [e for e in fit_result.events if e.get("event") != "resume"]
+    return [{"training": training, "epoch": int(e["epoch"])} for e in taken]

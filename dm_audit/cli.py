@@ -127,6 +127,16 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the unfinished run in --out instead of resuming it. An interrupted audit "
+        "keeps its checkpoints and finished stages in OUT/.dm-audit-work; running the same "
+        "command again resumes from there (same data, options and reviews required)",
+    )
+
+
 def _if_exists(args: argparse.Namespace) -> str:
     if args.overwrite:
         return "overwrite"
@@ -293,7 +303,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     config = _audit_config(args)
     dataset = _load(args)
     report = run_audit(
-        dataset, config, args.out, reviews_path=args.reviews, if_exists=_if_exists(args)
+        dataset,
+        config,
+        args.out,
+        reviews_path=args.reviews,
+        if_exists=_if_exists(args),
+        restart=args.restart,
     )
     _print_audit(report, args.out)
     return EXIT_OK
@@ -319,7 +334,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"({DEMO_OPEN_SET_CLASS}) labelled as other digits\n"
     )
     config = AuditConfig(seed=args.seed, device=args.device, progress=not args.quiet, **DEMO_CONFIG)
-    report = run_audit(dataset, config, args.out, if_exists=_if_exists(args))
+    report = run_audit(dataset, config, args.out, if_exists=_if_exists(args), restart=args.restart)
     _print_audit(report, args.out)
     return EXIT_OK
 
@@ -327,7 +342,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dm_audit.atomic import atomic_write_json, atomic_write_parquet, prepare_output_dir
+    from dm_audit.atomic import (
+        atomic_write_json,
+        atomic_write_parquet,
+        prepare_output_dir,
+        staged_output_dir,
+    )
     from dm_audit.models import save_model
     from dm_audit.training import TrainConfig, fit
 
@@ -361,37 +381,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = prepare_output_dir(
         args.out, if_exists="overwrite" if args.resume else _if_exists(args), names=TRAIN_FILES
     )
-    result = fit(
-        train.inputs(),
-        train.label_codes(),
-        config,
-        num_classes=dataset.n_classes,
-        eval_inputs=test.inputs() if len(test) else None,
-        eval_labels=test.label_codes() if len(test) else None,
-        true_labels=train.true_label_codes() if train.has_truth else None,
-        checkpoint_dir=out / "checkpoints",
-        resume=args.resume,
-    )
-    save_model(
-        result.model,
-        out / "model.pt",
-        num_classes=dataset.n_classes,
-        classes=dataset.classes,
-        model_params=config.model_params,
-    )
+    try:
+        result = fit(
+            train.inputs(),
+            train.label_codes(),
+            config,
+            num_classes=dataset.n_classes,
+            eval_inputs=test.inputs() if len(test) else None,
+            eval_labels=test.label_codes() if len(test) else None,
+            true_labels=train.true_label_codes() if train.has_truth else None,
+            checkpoint_dir=out / "checkpoints",
+            resume=args.resume,
+        )
+    except DMAuditError:
+        # Refused before the first checkpoint: leave no empty folder behind.
+        if not any(out.iterdir()):
+            out.rmdir()
+        raise
     history = pd.DataFrame(result.history)
-    atomic_write_parquet(out / "history.parquet", _arrow_table(history))
     last = result.history[-1]
-    atomic_write_json(
-        out / "train_summary.json",
-        {
-            "source": dataset.source,
-            "config": config.to_dict(),
-            "events": result.events,
-            "final_epoch": last,
-            "classes": dataset.classes,
-        },
-    )
+    # The three files appear together: a kill while writing them leaves the previous ones.
+    with staged_output_dir(out, if_exists="overwrite", names=TRAIN_FILES) as stage:
+        save_model(
+            result.model,
+            stage.path / "model.pt",
+            num_classes=dataset.n_classes,
+            classes=dataset.classes,
+            model_params=config.model_params,
+        )
+        atomic_write_parquet(stage.path / "history.parquet", _arrow_table(history))
+        atomic_write_json(
+            stage.path / "train_summary.json",
+            {
+                "source": dataset.source,
+                "config": config.to_dict(),
+                "events": result.events,
+                "final_epoch": last,
+                "classes": dataset.classes,
+            },
+        )
     shown = {k: last[k] for k in ("epoch", "train_acc", "eval_acc") if last.get(k) is not None}
     print(
         "trained:",
@@ -463,13 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="audit a dataset: flags, corrections, retrain, reports",
         description="Audit a dataset end to end and write examples.parquet, "
         "label_issues.parquet, corrected_labels.parquet, metrics.parquet, summary.json and "
-        "plots into --out. Example: dm-audit audit --input data.csv --label-column label "
+        "plots into --out. An interrupted run (crash, kill) resumes when the same command is "
+        "run again. Example: dm-audit audit --input data.csv --label-column label "
         "--out runs/first",
     )
     _add_source_arguments(audit)
     _add_training_arguments(audit)
     _add_audit_arguments(audit)
     _add_output_arguments(audit)
+    _add_resume_arguments(audit)
     audit.set_defaults(handler=cmd_audit)
 
     demo = sub.add_parser(
@@ -482,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_output_arguments(demo)
+    _add_resume_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
 
     train = sub.add_parser(

@@ -21,13 +21,19 @@ true code is -1.
 Labels read from files are normalised by `normalize_labels`: strings are kept verbatim, integers
 become their decimal text (``3 -> "3"``), floats that are integral become the integer's text
 (``3.0 -> "3"``, so a label column read as float because of the file format still matches an
-integer one), and non-integral floats or a mix of strings and numbers are refused.
+integer one), and non-integral floats or a mix of strings and numbers are refused (in a CSV,
+where everything reads as text, `dm_audit.sources` refuses labels that are partly numbers).
+
+Images of different modes and sizes are accepted on purpose, as photographs usually are: they
+are converted to one mode (grayscale when all are, else RGB, alpha dropped) and resized to the
+most common size, and `AuditDataset.images` logs a warning naming how many and which.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -51,6 +57,8 @@ SPLITS: tuple[str, ...] = ("train", "test")
 NOISE_KINDS: tuple[str, ...] = ("clean", "flipped", "open_set")
 
 #: Version of the canonical Parquet layout written by `AuditDataset.to_parquet`.
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = "1"
 _META_PREFIX = "dm_audit."
 
@@ -354,6 +362,40 @@ def _common_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
+def _report_normalisation(
+    headers: Sequence[tuple[str, tuple[int, int]]],
+    size: tuple[int, int],
+    why: str,
+    gray: bool,
+    ids: Sequence[str],
+    source: str,
+) -> None:
+    """Warn, naming examples, when images are resized or converted to a common mode."""
+    resized = [i for i, (_, hw) in enumerate(headers) if hw != size]
+    target = "L" if gray else "RGB"
+    converted = sorted({mode for mode, _ in headers} - {target})
+    if resized:
+        sizes = [(ids[i], *headers[i][1]) for i in resized[:3]]
+        shown = ", ".join(f"{eid!r} ({h}x{w})" for eid, h, w in sizes)
+        log.warning(
+            "%s: resized %d of %d images to %dx%d (%s), e.g. %s",
+            source,
+            len(resized),
+            len(headers),
+            size[0],
+            size[1],
+            why,
+            shown,
+        )
+    if converted:
+        log.warning(
+            "%s: converted images of mode(s) %s to %s (alpha dropped)",
+            source,
+            ", ".join(converted),
+            target,
+        )
+
+
 def default_ids(n: int, prefix: str = "row") -> list[str]:
     """Stable ids derived from the row number: ``row-000000``, ``row-000001``, ...
 
@@ -526,6 +568,8 @@ class AuditDataset:
         headers = [_image_header(b) for b in blobs]
         gray = all(mode in _GRAY_MODES for mode, _ in headers)
         height, width = size if size is not None else _common_size([hw for _, hw in headers])
+        why = "as asked" if size is not None else "the most common size"
+        _report_normalisation(headers, (height, width), why, gray, self.example_ids, self.source)
         out = np.empty((len(blobs), height, width, 1 if gray else 3), dtype=np.uint8)
         for i, (blob, (_, hw)) in enumerate(zip(blobs, headers, strict=True)):
             pixels = decode_image(blob, gray=gray)

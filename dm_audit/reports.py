@@ -36,6 +36,7 @@ from dm_audit.atomic import (
 )
 from dm_audit.correction import CORRECTION_SOURCES
 from dm_audit.errors import DataError
+from dm_audit.faults import kill_point
 
 __all__ = [
     "CORRECTED_LABELS_SCHEMA",
@@ -441,6 +442,7 @@ def write_reports(
     with staged_output_dir(out_dir, if_exists=if_exists, names=REPORT_FILES) as stage:
         root = stage.path
         atomic_write_parquet(root / "examples.parquet", examples)
+        kill_point("report")
         atomic_write_parquet(root / "label_issues.parquet", issues)
         atomic_write_parquet(root / "corrected_labels.parquet", corrected)
         atomic_write_parquet(root / "metrics.parquet", metrics)

@@ -442,10 +442,27 @@ def table_to_dataset(
         else default_ids(len(frame))
     )
     labels = normalize_labels(frame[options.label_column], options.label_column)
+    if types_inferred:
+        _refuse_numbers_mixed_with_text(labels, options.label_column, source)
     split = _read_split_column(frame[SPLIT_COLUMN], ids) if SPLIT_COLUMN in columns else None
     reserved = {options.label_column, SPLIT_COLUMN} | ({id_column} if id_column else set())
     inputs = _read_inputs(frame, options, reserved, ids, base_dir, source, types_inferred)
     return _finish(ids, labels, split, inputs, test_size=test_size, seed=seed, source=source)
+
+
+def _refuse_numbers_mixed_with_text(labels: np.ndarray, column: str, source: str) -> None:
+    """Refuse a text file's label column where some labels are numbers and others are not.
+
+    In a CSV both read as text, so ``1`` next to ``cat`` would silently become a class of its own;
+    it is far more often a code left among names (or the reverse) than a real class.
+    """
+    numeric = pd.to_numeric(pd.Series(labels, dtype=object), errors="coerce").notna().to_numpy()
+    if numeric.any() and not numeric.all():
+        row_num, row_text = int(np.flatnonzero(numeric)[0]), int(np.flatnonzero(~numeric)[0])
+        raise DataError(
+            f"label column {column!r} in {source} mixes numbers and text: row {row_num} is "
+            f"{labels[row_num]!r} but row {row_text} is {labels[row_text]!r}; use one type"
+        )
 
 
 # -- input columns ---------------------------------------------------------------------------

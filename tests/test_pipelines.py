@@ -340,3 +340,36 @@ def test_training_steps_ask_kubernetes_for_gpus_only_when_told(
     monkeypatch.setenv("DM_AUDIT_K8S_GPUS", "2")
     limits = _gpu_op_tags()["dagster-k8s/config"]["container_config"]["resources"]["limits"]
     assert limits == {"nvidia.com/gpu": "2"}
+
+
+# ------------------------------------------------------------------------------ idempotency
+
+
+def test_materialising_the_reports_twice_in_one_run_folder_gives_the_same_reports(
+    audit_run: Audit,
+) -> None:
+    # A retried step runs again with its run's id: the second write replaces the first with
+    # identical files and leaves nothing else behind.
+    job = dg.define_asset_job("reports_again", selection=["audit_reports"])
+    job_def = dg.Definitions(
+        assets=list(AUDIT_ASSETS), jobs=[job], resources=resources_for(audit_run.root)
+    ).resolve_job_def("reports_again")
+    run_id = "00000000-0000-4000-8000-000000000001"
+    folder = audit_run.root / run_id / "report"
+    contents = []
+    for _ in range(2):
+        with dg.instance_for_test() as instance:
+            result = job_def.execute_in_process(
+                instance=instance, run_id=run_id, tags={UPSTREAM_RUN_TAG: audit_run.result.run_id}
+            )
+        assert materialized(result) == {"audit_reports"}
+        contents.append(
+            {
+                str(p.relative_to(folder)): p.read_bytes()
+                for p in sorted(folder.rglob("*"))
+                if p.is_file() and p.name != ".dm-audit-run.json"
+            }
+        )
+    assert contents[0] == contents[1]
+    assert {"examples.parquet", "summary.json", "plots/noise_matrix.png"} <= set(contents[0])
+    assert not list(folder.glob(".staging-*"))

@@ -1,0 +1,288 @@
+"""Faults: an audit killed during training, scoring or report writing resumes to the same report.
+
+The kills are real SIGKILLs of a ``dm-audit audit`` subprocess, sent by the process itself at a
+named point through the ``DM_AUDIT_KILL_AT`` testing hook (`dm_audit.faults.kill_point`), so no
+cleanup code runs, as with an out-of-memory killer or a pre-empted machine.
+
+"The same report" is defined by `assert_same_report`: examples.parquet, label_issues.parquet,
+corrected_labels.parquet and every plot are byte-identical; metrics.parquet is equal in every
+column except the timings ``seconds`` and ``examples_per_s``; summary.json is equal in every field
+except ``seconds`` (timings), ``out_dir`` and ``resumed`` (which trainings were continued).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dm_audit import audit as audit_module
+from dm_audit.atomic import RUN_MARKER, STAGING_PREFIX
+from dm_audit.cli import EXIT_BAD_INPUT, main
+from dm_audit.faults import KILL_ENV
+from dm_audit.reports import REPORT_FILES
+from dm_audit.sources import load_source
+from dm_audit.workdir import WORK_DIR_NAME, dataset_fingerprint
+
+AUDIT = [
+    "audit",
+    "--inject-noise",
+    "symmetric",
+    "--noise-rate",
+    "0.2",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+    "--seed",
+    "3",
+    "--quiet",
+]
+# SIGKILL and fork are POSIX; the kill hook is inert elsewhere.
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL and fork")
+TIMING_COLUMNS = ("seconds", "examples_per_s")
+SUMMARY_EXCLUDED = ("seconds", "out_dir", "resumed")
+
+
+def write_blobs(path: Path, n_per_class: int = 60, seed: int = 0) -> Path:
+    """Three Gaussian blobs in 5-D with ids ``ex-000``, ... as a CSV."""
+    rng = np.random.default_rng(seed)
+    codes = np.repeat(np.arange(3), n_per_class)
+    x = 4.0 * np.eye(3, 5)[codes] + rng.normal(0.0, 0.7, size=(len(codes), 5))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(5)])
+    frame.insert(0, "example_id", [f"ex-{i:03d}" for i in range(len(codes))])
+    frame["label"] = np.array(["ant", "bee", "cat"])[codes]
+    frame.to_csv(path, index=False)
+    return path
+
+
+def run_cli(source: Path, out: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m dm_audit.cli audit ...`` in a fresh interpreter."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop(KILL_ENV, None)
+    if kill_at is not None:
+        env[KILL_ENV] = kill_at
+    command = [sys.executable, "-m", "dm_audit.cli", *AUDIT, "--input", str(source)]
+    return subprocess.run(
+        [*command, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def run_forked(source: Path, out: Path, kill_at: str | None = None) -> int:
+    """`main` in a forked child process; its exit status, or minus the signal that ended it.
+
+    A fork shares the modules this interpreter has already imported, so a run takes seconds
+    where a fresh interpreter spends most of its time importing; the child is killed for real.
+    """
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            if kill_at is not None:
+                os.environ[KILL_ENV] = kill_at
+            code = main([*AUDIT, "--input", str(source), "--out", str(out)])
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def visible_reports(out: Path) -> list[str]:
+    """Report files a reader of `out` could see (hidden work and staging folders excluded)."""
+    if not out.exists():
+        return []
+    names = [RUN_MARKER, *REPORT_FILES, "plots"]
+    return [name for name in names if (out / name).exists()]
+
+
+def assert_same_report(expected: Path, actual: Path) -> None:
+    """Equal reports, as the module docstring defines it."""
+    for name in ("examples.parquet", "label_issues.parquet", "corrected_labels.parquet"):
+        assert (actual / name).read_bytes() == (expected / name).read_bytes(), name
+    plots = sorted(p.name for p in (expected / "plots").iterdir())
+    assert plots and sorted(p.name for p in (actual / "plots").iterdir()) == plots
+    for name in plots:
+        assert (actual / "plots" / name).read_bytes() == (expected / "plots" / name).read_bytes()
+    metrics = [
+        pd.read_parquet(d / "metrics.parquet").drop(columns=list(TIMING_COLUMNS))
+        for d in (expected, actual)
+    ]
+    pd.testing.assert_frame_equal(metrics[1], metrics[0])
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (expected, actual)]
+    for summary in summaries:
+        for key in SUMMARY_EXCLUDED:
+            summary.pop(key, None)
+    assert summaries[1] == summaries[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The source table and the reports of an uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("faults")
+    source = write_blobs(tmp / "blobs.csv")
+    out = tmp / "uninterrupted"
+    assert main([*AUDIT, "--input", str(source), "--out", str(out)]) == 0
+    assert not (out / WORK_DIR_NAME).exists()
+    return source, out
+
+
+def test_killed_in_training_scoring_and_report_writing_resumes_to_the_same_report(
+    reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    source, expected = reference
+    out = tmp_path / "killed"
+    work = out / WORK_DIR_NAME
+
+    # During the probe, then the audit training, each right after epoch 2 was checkpointed.
+    assert run_forked(source, out, kill_at="probe:epoch:2") == -signal.SIGKILL
+    assert visible_reports(out) == []
+    assert (work / "probe" / "checkpoint.pt").is_file() and not (work / "probe.pkl").exists()
+    assert run_forked(source, out, kill_at="audit:epoch:2") == -signal.SIGKILL
+    assert visible_reports(out) == []
+    assert (work / "probe.pkl").is_file() and (work / "audit" / "checkpoint.pt").is_file()
+    assert not (work / "scores.pkl").exists()
+
+    # During scoring: the audit training is finished, the scores are not saved.
+    assert run_forked(source, out, kill_at="scoring") == -signal.SIGKILL
+    assert visible_reports(out) == []
+    assert not (work / "scores.pkl").exists()
+
+    # During the retrain, then during report writing: the first report file is written, but
+    # only into the hidden staging folder.
+    assert run_forked(source, out, kill_at="retrain:epoch:1") == -signal.SIGKILL
+    assert (work / "corrections.pkl").is_file()
+    assert run_forked(source, out, kill_at="report") == -signal.SIGKILL
+    assert visible_reports(out) == []
+    assert len(list(out.glob(f"{STAGING_PREFIX}*/examples.parquet"))) == 1
+
+    # While the finished files are moved in, one by one: each visible file is whole, and the
+    # summary and the run marker, which announce a complete run, come last.
+    assert run_forked(source, out, kill_at="report:commit") == -signal.SIGKILL
+    assert visible_reports(out) == ["corrected_labels.parquet"]
+    pd.read_parquet(out / "corrected_labels.parquet")
+
+    assert run_forked(source, out) == 0
+    assert_same_report(expected, out)
+    # Nothing of the interrupted attempts is left behind.
+    assert sorted(p.name for p in out.iterdir()) == sorted([RUN_MARKER, *REPORT_FILES, "plots"])
+    resumed = json.loads((out / "summary.json").read_text())["resumed"]
+    assert {"training": "audit", "epoch": 2} in resumed
+    assert {"training": "retrain", "epoch": 1} in resumed
+    assert {"training": "retrain", "epoch": 3} in resumed
+    assert json.loads((expected / "summary.json").read_text())["resumed"] == []
+
+
+def test_the_command_killed_in_a_fresh_interpreter_resumes_to_the_same_report(
+    reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    source, expected = reference
+    out = tmp_path / "killed"
+    killed = run_cli(source, out, kill_at="audit:epoch:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert visible_reports(out) == []
+    assert main([*AUDIT, "--input", str(source), "--out", str(out)]) == 0
+    assert_same_report(expected, out)
+
+
+def _interrupt_at(point: str):
+    """A stand-in for the kill hook that interrupts the run in-process (Ctrl-C) at `point`."""
+
+    def hook(name: str) -> None:
+        if name == point:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def test_other_options_refuse_the_unfinished_run_and_restart_discards_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    source = write_blobs(tmp_path / "data.csv")
+    out = tmp_path / "run"
+    args = [*AUDIT, "--input", str(source), "--out", str(out)]
+    with monkeypatch.context() as patch:
+        patch.setattr(audit_module, "kill_point", _interrupt_at("scoring"))
+        assert main(args) == 130
+    identity = (out / WORK_DIR_NAME / "run.json").read_bytes()
+    capsys.readouterr()
+
+    # While another live process writes the folder, a second run keeps out; a dead one's lock
+    # (a killed run) is taken over.
+    lock = out / WORK_DIR_NAME / "lock.json"
+    assert not lock.exists()  # released by the interrupted run
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    assert main(args) == EXIT_BAD_INPUT
+    assert f"being written by another dm-audit run (process {os.getppid()})" in (
+        capsys.readouterr().err
+    )
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+
+    changed = [*args]
+    changed[changed.index("--epochs") + 1] = "4"
+    assert main(changed) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "unfinished run" in err and "epochs: 3 before vs 4 now" in err and "--restart" in err
+    # The refused run leaves the unfinished one intact and writes no report.
+    assert (out / WORK_DIR_NAME / "run.json").read_bytes() == identity
+    assert visible_reports(out) == []
+
+    write_blobs(source, seed=1)  # the same file name and size, other values
+    assert main(args) == EXIT_BAD_INPUT
+    assert "data's content" in capsys.readouterr().err
+
+    assert main([*changed, "--restart"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["epochs"] == 4 and summary["resumed"] == []
+    assert not (out / WORK_DIR_NAME).exists()
+
+
+def test_an_error_after_training_removes_the_work_and_writes_nothing(
+    reference: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    source, _ = reference
+    out = tmp_path / "run"
+
+    def no_retrain(*args, **kwargs):
+        raise audit_module.ConfigError("fewer than two examples are left to retrain on")
+
+    monkeypatch.setattr(audit_module, "retrain", no_retrain)
+    code = main([*AUDIT, "--input", str(source), "--out", str(out)])
+    assert code == EXIT_BAD_INPUT
+    assert "fewer than two examples" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_data_fingerprint_sees_every_value(tmp_path: Path) -> None:
+    source = write_blobs(tmp_path / "data.csv")
+    dataset = load_source(str(source), id_column="example_id", test_size=0.3, seed=0)
+    same = load_source(str(source), id_column="example_id", test_size=0.3, seed=0)
+    assert dataset_fingerprint(dataset) == dataset_fingerprint(same)
+    table = dataset.table.copy()
+    table.loc[17, "label"] = "ant" if table.loc[17, "label"] != "ant" else "bee"
+    relabelled = dataclasses.replace(dataset, table=table)
+    table = dataset.table.copy()
+    vector = table.loc[5, "features"].copy()
+    vector[2] += np.float32(1e-3)
+    table.at[5, "features"] = vector
+    moved = dataclasses.replace(dataset, table=table)
+    resplit = load_source(str(source), id_column="example_id", test_size=0.3, seed=1)
+    prints = {dataset_fingerprint(d)["sha256"] for d in (dataset, relabelled, moved, resplit)}
+    assert len(prints) == 4
