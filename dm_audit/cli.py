@@ -325,8 +325,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dm_audit import distributed
+
+    # Under torchrun (WORLD_SIZE > 1) this starts the process group: data-parallel training,
+    # rank 0 writes the outputs.
+    with distributed.process_group(args.device):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from dm_audit import distributed
     from dm_audit.atomic import atomic_write_json, atomic_write_parquet, prepare_output_dir
     from dm_audit.models import save_model
     from dm_audit.training import TrainConfig, fit
@@ -358,8 +368,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(**options)
     dataset = _load(args)
     train, test = dataset.train(), dataset.test()
-    out = prepare_output_dir(
-        args.out, if_exists="overwrite" if args.resume else _if_exists(args), names=TRAIN_FILES
+    out = distributed.on_main(
+        lambda: prepare_output_dir(
+            args.out, if_exists="overwrite" if args.resume else _if_exists(args), names=TRAIN_FILES
+        )
     )
     result = fit(
         train.inputs(),
@@ -372,6 +384,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_dir=out / "checkpoints",
         resume=args.resume,
     )
+    if not distributed.is_main():
+        return EXIT_OK
     save_model(
         result.model,
         out / "model.pt",
