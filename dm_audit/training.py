@@ -1551,6 +1551,14 @@ def fit(
     ``alarm`` (a collapse symptom, or None), ``collapsed`` and ``discarded``.
 
     Seeding sets the global ``random``, NumPy and torch seeds (like most training scripts).
+
+    While a ``torch.distributed`` process group of more than one process is active (e.g. under
+    ``torchrun``, see :func:`dm_audit.distributed.process_group`), every process calls ``fit``
+    with the same arguments and trains one model with DistributedDataParallel:
+    ``config.batch_size`` is the global batch, each rank takes its slice of it, and the run
+    follows the single-process trajectory up to floating-point summation order (see
+    :mod:`dm_audit.distributed`). Every rank returns the same result; only rank 0 writes the
+    checkpoint.
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")

@@ -4,12 +4,13 @@ The end-to-end test runs ``dm-audit train`` under ``torchrun`` with 2 CPU proces
 compares the model, history and p_i dynamics with the same command in one process.
 
 Tolerance. The two runs differ only in floating-point summation order (gradients averaged over
-two ranks, BatchNorm statistics from all-reduced sums), so after one epoch the weights agree to
-~1e-7. DM training with a large emphasis amplifies such differences over the following steps;
-after 3 epochs on digits the largest weight difference measured is ~5e-4 and the largest p_i
-difference ~6e-3. The test asserts: every weight within 5e-3 (max abs), every example's p_i at
-every epoch within 0.05 and on average within 1e-3, and training/held-out accuracy per epoch
-within 1 point.
+two ranks, BatchNorm statistics from all-reduced sums). Measured on 2 epochs of digits: max
+weight difference 2.7e-7 and identical p_i, the same size as between two single-process runs
+with 1 and 2 threads (2.9e-7). DM training amplifies rounding differences over more epochs
+(3 epochs: 1.9e-3 for DDP vs one process, and 1.9e-3 for 1 vs 2 threads), hence 2 epochs here.
+The test asserts: every weight within 1e-5 (max abs), every example's p_i at every epoch within
+1e-4, the loss per epoch within 1e-5 (relative), and accuracies per epoch within 1 point (they
+were equal).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from dm_audit.errors import ConfigError
 from dm_audit.losses import create_loss
 from dm_audit.training import CHECKPOINT_NAME, _EpochBatchSampler, _split_batches
 
-EPOCHS = 3
-WEIGHT_TOL = 5e-3
-P_MAX_TOL = 0.05
-P_MEAN_TOL = 1e-3
+EPOCHS = 2
+WEIGHT_TOL = 1e-5
+P_TOL = 1e-4
+LOSS_RTOL = 1e-5
 ACC_TOL = 0.01
 
 
@@ -176,7 +177,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, request):
     for column in ("train_acc", "eval_acc"):
         gap = np.abs(ddp_hist[column].to_numpy() - one_hist[column].to_numpy())
         assert gap.max() <= ACC_TOL, column
-    np.testing.assert_allclose(ddp_hist["loss"], one_hist["loss"], rtol=1e-2)
+    np.testing.assert_allclose(ddp_hist["loss"], one_hist["loss"], rtol=LOSS_RTOL)
 
     ddp_ckpt = torch.load(ddp_out / "checkpoints" / CHECKPOINT_NAME, weights_only=True)
     one_ckpt = torch.load(single_out / "checkpoints" / CHECKPOINT_NAME, weights_only=True)
@@ -184,8 +185,6 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, request):
     p_one = one_ckpt["dynamics"]["p"].numpy()
     assert p_ddp.shape == p_one.shape == (EPOCHS, 1258)
     assert np.isfinite(p_ddp).all()  # every example recorded by exactly one rank
-    diff = np.abs(p_ddp - p_one)
-    assert diff.max() < P_MAX_TOL
-    assert diff.mean() < P_MEAN_TOL
+    assert np.abs(p_ddp - p_one).max() < P_TOL
     assert ddp_ckpt["epoch"] == one_ckpt["epoch"] == EPOCHS
     assert ddp_ckpt["events"] == one_ckpt["events"]
