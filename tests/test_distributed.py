@@ -79,6 +79,12 @@ def _skip_without_gloo() -> None:
 # ------------------------------------------------------------------------------- unit pieces
 
 
+def _pycache_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Bytecode cache shared by the torchrun processes: pytest's cache folder, kept across runs."""
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    return cache.mkdir("torchrun-pycache") if cache is not None else tmp_path.parent / "pycache"
+
+
 def test_shards_partition_each_global_batch():
     batch = torch.arange(10, 21)
     for world in (1, 2, 3, 4):
@@ -148,7 +154,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, request):
     ]
     run = subprocess.run(
         command,
-        env=_torchrun_env(request.config.cache.mkdir("torchrun-pycache")),
+        env=_torchrun_env(_pycache_dir(request, tmp_path)),
         capture_output=True,
         text=True,
         timeout=280,

@@ -25,6 +25,12 @@ from pipelines.resources import AuditRuntime
 EPOCHS = 2
 
 
+def _pycache_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Bytecode cache shared by the torchrun processes: pytest's cache folder, kept across runs."""
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    return cache.mkdir("torchrun-pycache") if cache is not None else tmp_path.parent / "pycache"
+
+
 def test_torchrun_command_passes_the_config(tmp_path: Path) -> None:
     config = DistributedTrainConfig(epochs=4, lam=1.0, beta=16.0, nproc_per_node=3)
     command = torchrun_command(config, "cpu", tmp_path / "m", python="py")
@@ -71,7 +77,7 @@ def test_materialise_with_two_gloo_processes(
     env = {
         "OMP_NUM_THREADS": "1",
         "PYTHONDONTWRITEBYTECODE": "",
-        "PYTHONPYCACHEPREFIX": str(request.config.cache.mkdir("torchrun-pycache")),
+        "PYTHONPYCACHEPREFIX": str(_pycache_dir(request, tmp_path)),
     }
     with dg.instance_for_test() as instance:
         result = dg.materialize(
