@@ -547,6 +547,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_launcher(args: argparse.Namespace) -> None:
+    """Refuse every command but ``train`` under torchrun.
+
+    The other commands would run once per process, each writing the same output folder.
+    """
+    from dm_audit.distributed import env_world_size
+
+    if env_world_size() > 1 and args.handler is not cmd_train:
+        raise ConfigError(
+            f"WORLD_SIZE={env_world_size()}: only `dm-audit train` runs under torchrun; "
+            "start other commands as one process"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input or options, 1 other failure)."""
     parser = build_parser()
@@ -556,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
     )
     try:
+        _check_launcher(args)
         return args.handler(args)
     except DMAuditError as error:
         print(f"dm-audit: error: {error}", file=sys.stderr)

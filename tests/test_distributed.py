@@ -130,6 +130,13 @@ def test_no_process_group_means_single_process(monkeypatch):
         pass
 
 
+def test_only_train_runs_under_torchrun(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert "only `dm-audit train` runs under torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_global_batch_sizes_cover_the_epoch():
     sizes = [len(b) for b in _split_batches(torch.arange(1258), 128)]
     assert sum(sizes) == 1258 and min(sizes) >= 2
