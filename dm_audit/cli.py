@@ -340,8 +340,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dm_audit import distributed
+
+    # Under torchrun (WORLD_SIZE > 1) this starts the process group: data-parallel training,
+    # rank 0 writes the outputs.
+    with distributed.process_group(args.device):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from dm_audit import distributed
     from dm_audit.atomic import (
         atomic_write_json,
         atomic_write_parquet,
@@ -378,8 +388,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(**options)
     dataset = _load(args)
     train, test = dataset.train(), dataset.test()
-    out = prepare_output_dir(
-        args.out, if_exists="overwrite" if args.resume else _if_exists(args), names=TRAIN_FILES
+    out = distributed.on_main(
+        lambda: prepare_output_dir(
+            args.out, if_exists="overwrite" if args.resume else _if_exists(args), names=TRAIN_FILES
+        )
     )
     try:
         result = fit(
@@ -395,9 +407,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except DMAuditError:
         # Refused before the first checkpoint: leave no empty folder behind.
-        if not any(out.iterdir()):
+        if distributed.is_main() and not any(out.iterdir()):
             out.rmdir()
         raise
+    if not distributed.is_main():
+        return EXIT_OK
     history = pd.DataFrame(result.history)
     last = result.history[-1]
     # The three files appear together: a kill while writing them leaves the previous ones.
@@ -564,6 +578,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_launcher(args: argparse.Namespace) -> None:
+    """Refuse every command but ``train`` under torchrun.
+
+    The other commands would run once per process, each writing the same output folder.
+    """
+    from dm_audit.distributed import env_world_size
+
+    if env_world_size() > 1 and args.handler is not cmd_train:
+        raise ConfigError(
+            f"WORLD_SIZE={env_world_size()}: only `dm-audit train` runs under torchrun; "
+            "start other commands as one process"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input or options, 1 other failure)."""
     parser = build_parser()
@@ -573,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
     )
     try:
+        _check_launcher(args)
         return args.handler(args)
     except DMAuditError as error:
         print(f"dm-audit: error: {error}", file=sys.stderr)

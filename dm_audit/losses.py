@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dm_audit.distributed import batch_mean, batch_sum, global_batch_size
 from dm_audit.emphasis import (
     Weighting,
     create_weighting,
@@ -188,7 +189,9 @@ def _prepare(logits: Tensor, targets: Tensor) -> _Batch:
 
 def _reduce(per_example: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
-        return per_example.mean()
+        # Under data-parallel training the mean is over the global batch of all processes.
+        total = global_batch_size(per_example.shape[0])
+        return per_example.mean() if total is None else per_example.sum() / total
     if reduction == "sum":
         return per_example.sum()
     return per_example
@@ -197,10 +200,12 @@ def _reduce(per_example: Tensor, reduction: str) -> Tensor:
 def _normalise_weights(w: Tensor, normalization: str, weighting: Weighting) -> Tensor:
     """Scale a batch of weights (B,) as ``normalization`` says; an all-zero batch stays zero."""
     tiny = torch.finfo(w.dtype).tiny
+    # batch_sum/batch_mean span the global batch under data-parallel training (exactly
+    # w.sum()/w.mean() otherwise), so W processes normalise as one process would.
     if normalization == "batch_sum":
-        return w / w.sum().clamp_min(tiny)
+        return w / batch_sum(w).clamp_min(tiny)
     if normalization == "batch_mean":
-        return w / w.mean().clamp_min(tiny)
+        return w / batch_mean(w).clamp_min(tiny)
     if normalization == "integral":
         return w / weighting.integral()
     return w

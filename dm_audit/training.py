@@ -51,6 +51,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import logging
 import math
@@ -70,6 +71,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from dm_audit import distributed
 from dm_audit.atomic import atomic_write
 from dm_audit.dynamics import TrainingDynamics
 from dm_audit.errors import ConfigError, DataError
@@ -496,14 +498,23 @@ def _split_batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 class _EpochBatchSampler(Sampler[list[int]]):
-    """Shuffled batches from a seeded generator (its state is checkpointed)."""
+    """Shuffled batches from a seeded generator (its state is checkpointed).
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+    Under data-parallel training every rank draws the same permutation and yields its own
+    slice of each global batch (:func:`dm_audit.distributed.shard`).
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1
+    ) -> None:
         self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
         perm = torch.randperm(self.n, generator=self.generator)
         for batch in _split_batches(perm, self.batch_size):
+            if self.world > 1:
+                batch = distributed.shard(batch, self.rank, self.world)
             yield batch.tolist()
 
     def __len__(self) -> int:
@@ -557,11 +568,21 @@ class _TrainData:
         device: torch.device,
         config: TrainConfig,
         generator: torch.Generator,
+        dist_info: distributed.DistInfo | None = None,
     ) -> None:
         self.n = len(labels)
         self.device = device
         self.batch_size = config.batch_size
         self.generator = generator
+        self.rank, self.world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+        # Sizes of the global batches of an epoch (a rank's local batches are slices of them).
+        self.global_sizes = [len(b) for b in _split_batches(torch.arange(self.n), self.batch_size)]
+        if self.world > 1 and min(self.global_sizes) < self.world:
+            raise ConfigError(
+                f"TrainConfig.batch_size {self.batch_size} on {self.n} examples leaves a batch of "
+                f"{min(self.global_sizes)}, fewer than the {self.world} processes: every process "
+                "needs at least one example per step"
+            )
         self.labels = torch.from_numpy(labels).to(device)
         self.transform = _augmentation(config.augment, inputs.shape[1:])
         self.loader: DataLoader | None = None
@@ -573,7 +594,9 @@ class _TrainData:
             # global torch RNG, which keeps augmentation reproducible across a resume.
             self.loader = DataLoader(
                 _AugmentedImages(inputs, self.transform),
-                batch_sampler=_EpochBatchSampler(self.n, self.batch_size, generator),
+                batch_sampler=_EpochBatchSampler(
+                    self.n, self.batch_size, generator, self.rank, self.world
+                ),
                 num_workers=workers,
                 pin_memory=device.type == "cuda",
             )
@@ -600,6 +623,8 @@ class _TrainData:
         assert self.x is not None
         perm = torch.randperm(self.n, generator=self.generator)
         for idx in _split_batches(perm, self.batch_size):
+            if self.world > 1:
+                idx = distributed.shard(idx, self.rank, self.world)
             if self.x.device == self.device:
                 idx = idx.to(self.device, non_blocking=nb)
                 xb = self.x[idx]
@@ -937,7 +962,10 @@ class _Trainer:
         self.eval_set = eval_set
         self.true_labels = true_labels
         self.checkpoint_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
+        self.dist = distributed.current()
         self.device = resolve_device(config.device)
+        if self.dist is not None and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         self.amp_dtype = _amp_dtype(config.amp, self.device)
         self.n = len(labels)
         self.iters_per_epoch = _n_batches(self.n, config.batch_size)
@@ -961,7 +989,13 @@ class _Trainer:
         self.model.to(self.device)
         if self.device.type == "cuda" and inputs.ndim == 4:
             self.model.to(memory_format=torch.channels_last)
-        self.data = _TrainData(inputs, labels, self.device, config, self.generator)
+        self.data = _TrainData(inputs, labels, self.device, config, self.generator, self.dist)
+        # The module that runs the training forward pass: the model, or its DDP wrapper.
+        self.net: nn.Module = self.model
+        self.sync_group: Any = None
+        self._bn_undo: list[tuple[nn.Module, str, nn.Module]] = []
+        if self.dist is not None:
+            self._wrap_ddp()
         self.optimizer = _make_optimizer(self.model, config)
         self.lr_lambda = _LRLambda(config, self.iters_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
@@ -984,6 +1018,32 @@ class _Trainer:
         self.snapshot: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- pieces
+
+    def _wrap_ddp(self) -> None:
+        """DistributedDataParallel with BatchNorm statistics over the global batch."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The loss's and BatchNorm's all-reduces get their own group, apart from DDP's
+        # gradient buckets on the default group.
+        self.sync_group = torch.distributed.new_group()
+        self._bn_undo = distributed.convert_sync_batchnorm(self.model, self.device, self.sync_group)
+        # Synchronised BatchNorm keeps every buffer identical on all ranks already: no
+        # broadcast of the buffers before each forward pass (the option's name varies).
+        options = inspect.signature(DistributedDataParallel).parameters
+        no_sync = "forward_sync_buffers"
+        if no_sync not in options:
+            no_sync = "broadcast_buffers"
+        self.net = DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            **{no_sync: False},
+        )
+
+    def unwrap(self) -> None:
+        """Plain BatchNorm modules again (same tensors), for the model handed to the caller."""
+        distributed.restore_batchnorm(self._bn_undo)
+        self._bn_undo = []
+        self.net = self.model
 
     def _build_loss(self) -> nn.Module:
         loss = _make_loss(
@@ -1014,7 +1074,8 @@ class _Trainer:
         self.global_iter = int(state["global_iter"])
 
     def recipe(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.dist is None else {"world_size": self.dist.world_size}
+        return extra | {
             "model": self.model.model_name,
             "device": str(self.device),
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
@@ -1039,7 +1100,8 @@ class _Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> None:
-        if self.checkpoint_path is None:
+        # Every rank holds the same state; rank 0 writes it.
+        if self.checkpoint_path is None or not distributed.is_main():
             return
         state = self._core_state()
         state.update(
@@ -1141,20 +1203,29 @@ class _Trainer:
             else contextlib.nullcontext()
         )
         seen = 0
+        world = self.dist.world_size if self.dist is not None else 1
         start = time.perf_counter()
         for step, (idx, xb, yb) in enumerate(self.data.epoch()):
             self.loss_fn.set_progress(self.global_iter, self.total_iters)
             x = prepare_batch(model, xb)
             with autocast:
-                logits = model(x)
-            out = self.loss_fn(logits.float(), yb)
+                logits = self.net(x)
+            if self.dist is None:
+                out = self.loss_fn(logits.float(), yb)
+                objective = out.loss
+            else:
+                # The loss normalises over the global batch; this rank's loss is its share of
+                # the single-process loss, and DDP averages gradients, hence the factor.
+                with distributed.global_batch(self.data.global_sizes[step], self.sync_group):
+                    out = self.loss_fn(logits.float(), yb)
+                objective = out.loss * world
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
-                self.scaler.scale(out.loss).backward()
+                self.scaler.scale(objective).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
-                out.loss.backward()
+                objective.backward()
                 self.optimizer.step()
             self.scheduler.step()
             self.global_iter += 1
@@ -1163,7 +1234,10 @@ class _Trainer:
                 pred = logits.argmax(dim=1)
                 hit = pred == yb
                 p_given = out.p_given.detach().float()
-                loss_sum += out.loss.detach().to(acc) * b
+                # Under DDP out.loss is this rank's share of the global batch's loss.
+                loss_sum += out.loss.detach().to(acc) * (
+                    b if self.dist is None else self.data.global_sizes[step]
+                )
                 correct += hit.sum()
                 weight_sum += out.weights.detach().to(acc).sum()
                 ce_sum -= torch.log(p_given.clamp_min(1e-12)).to(acc).sum()
@@ -1185,6 +1259,14 @@ class _Trainer:
                     refresh=False,
                 )
         seconds = time.perf_counter() - start
+        if self.dist is not None:
+            seen = self._reduce_epoch(
+                seen,
+                [loss_sum, correct, weight_sum, ce_sum, pred_counts, class_p],
+                record,
+                epoch_p,
+                epoch_ok,
+            )
         if record:
             self.dynamics.record(
                 self.epoch, np.arange(self.n), epoch_p.cpu().numpy(), epoch_ok.cpu().numpy()
@@ -1205,6 +1287,31 @@ class _Trainer:
             "seconds": seconds,
             "examples_per_s": seen / max(seconds, 1e-9),
         }
+
+    def _reduce_epoch(
+        self,
+        seen: int,
+        sums: list[torch.Tensor],
+        record: bool,
+        epoch_p: torch.Tensor,
+        epoch_ok: torch.Tensor,
+    ) -> int:
+        """Sum an epoch's statistics over the ranks in place; returns the examples seen by all.
+
+        Every example belongs to exactly one rank per epoch, so its p_i is summed with zeros.
+        """
+        dist = torch.distributed
+        for t in sums:
+            dist.all_reduce(t)
+        if record:
+            epoch_p.nan_to_num_(nan=0.0)
+            dist.all_reduce(epoch_p)
+            ok = epoch_ok.to(torch.int32)
+            dist.all_reduce(ok)
+            epoch_ok.copy_(ok.bool())
+        total = torch.tensor([seen], device=self.device, dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total.item())
 
     def evaluate(self, stats: dict[str, Any]) -> dict[str, Any]:
         """History entry of the epoch just trained (eval passes where needed)."""
@@ -1348,7 +1455,7 @@ class _Trainer:
         bar = tqdm(
             total=self.total_iters,
             initial=self.global_iter,
-            disable=not self.config.progress,
+            disable=not self.config.progress or not distributed.is_main(),
             desc=self.config.progress_label or f"train {self.config.loss}",
             unit="it",
             dynamic_ncols=True,
@@ -1444,6 +1551,14 @@ def fit(
     ``alarm`` (a collapse symptom, or None), ``collapsed`` and ``discarded``.
 
     Seeding sets the global ``random``, NumPy and torch seeds (like most training scripts).
+
+    While a ``torch.distributed`` process group of more than one process is active (e.g. under
+    ``torchrun``, see :func:`dm_audit.distributed.process_group`), every process calls ``fit``
+    with the same arguments and trains one model with DistributedDataParallel:
+    ``config.batch_size`` is the global batch, each rank takes its slice of it, and the run
+    follows the single-process trajectory up to floating-point summation order (see
+    :mod:`dm_audit.distributed`). Every rank returns the same result; only rank 0 writes the
+    checkpoint.
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -1476,6 +1591,7 @@ def fit(
         if resume and not trainer.load_checkpoint():
             log.info("no checkpoint in %s; starting a new run", ckpt)
         trainer.run(on_epoch_end)
+        trainer.unwrap()
     return FitResult(
         model=trainer.model,
         history=trainer.history,

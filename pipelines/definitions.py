@@ -1,8 +1,10 @@
 """The Dagster code location of dm-audit: ``dagster dev -m pipelines.definitions``.
 
 Assets (`pipelines.assets`), their checks (`pipelines.checks`), the audit and relabel jobs
-(`pipelines.jobs`), the recurring schedule (`pipelines.schedules`), the file sensors
-(`pipelines.sensors`) and the resources (`pipelines.resources`, `pipelines.storage`).
+(`pipelines.jobs`), data-parallel training launched with torchrun through Dagster Pipes
+(`pipelines.distributed`, its own asset group and job), the recurring schedule
+(`pipelines.schedules`), the file sensors (`pipelines.sensors`) and the resources
+(`pipelines.resources`, `pipelines.storage`).
 
 Environment variables read when the definitions load: ``DM_AUDIT_OUTPUT_ROOT`` (default
 ``data/runs``), ``DM_AUDIT_DEVICE`` (default ``auto``), ``DM_AUDIT_EXECUTOR`` (default
@@ -20,6 +22,7 @@ import dagster as dg
 
 from pipelines.assets import AUDIT_ASSETS
 from pipelines.checks import AUDIT_CHECKS
+from pipelines.distributed import distributed_model, distributed_train_job
 from pipelines.jobs import audit_job, relabel_job
 from pipelines.resources import AuditRuntime, AuditSettings, runtime_from_env
 from pipelines.schedules import audit_schedule
@@ -74,13 +77,15 @@ def build_resources(runtime: AuditRuntime | None = None) -> dict[str, object]:
         "runtime": runtime,
         "audit_settings": AuditSettings(),
         "io_manager": AuditIOManager(runtime=runtime),
+        # Launches torchrun for `distributed_model` (Dagster Pipes).
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
 
 
 defs = dg.Definitions(
-    assets=AUDIT_ASSETS,
+    assets=[*AUDIT_ASSETS, distributed_model],
     asset_checks=AUDIT_CHECKS,
-    jobs=[audit_job, relabel_job],
+    jobs=[audit_job, relabel_job, distributed_train_job],
     schedules=[audit_schedule],
     sensors=[new_dataset_sensor, reviews_sensor],
     resources=build_resources(),

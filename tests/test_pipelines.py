@@ -124,7 +124,11 @@ def test_definitions_resolve_every_job_asset_check_sensor_and_schedule() -> None
     assert {n.name for n in relabel.nodes} >= set(RELABEL_ASSETS)
     assert "dataset" not in {n.name for n in relabel.nodes}
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == set(AUDIT_ASSET_NAMES)
+    # Plus the torchrun training launched through Pipes (tests/test_pipelines_pipes.py).
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
+        *AUDIT_ASSET_NAMES,
+        "distributed_model",
+    }
     assert {k.name for k in graph.asset_check_keys} == {
         "dataset_is_valid",
         "flag_rate_is_plausible",

@@ -99,6 +99,7 @@ def test_the_web_ui_lists_the_assets_and_checks(tmp_path: Path) -> None:
             "retrained_model",
             "audit_reports",
             "mislabel_export",
+            "distributed_model",
         }
         assert checks["dataset"] == {"dataset_is_valid": True}
         assert checks["flags"] == {"flag_rate_is_plausible": False}
