@@ -563,7 +563,16 @@ MEASURE_COLUMNS = [
 def setting_table(stats: dict[str, dict[str, tuple[float, float, int]]]) -> str:
     """Per-method table of one (dataset, noise) setting."""
     rows = [
-        [method, *(cell(stats[method].get(key), d, s) for key, _, d, s in MEASURE_COLUMNS)]
+        [
+            method,
+            *(
+                # Trainings are a count, the same in every seed.
+                f"{stats[method][key][0]:.0f}"
+                if key == "trainings"
+                else cell(stats[method].get(key), d, s)
+                for key, _, d, s in MEASURE_COLUMNS
+            ),
+        ]
         for method in METHODS
         if method in stats
     ]
@@ -730,6 +739,14 @@ def environment(device: str) -> dict[str, Any]:
     }
 
 
+def warm_up(device: str) -> None:
+    """One short untimed training, so the first timed method does not pay for torch's start-up."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    config = TrainConfig(loss="cce", epochs=2, device=device, progress=False)
+    fit(x, np.arange(64) % 2, config, num_classes=2)
+
+
 def set_threads(threads: int) -> None:
     """Use `threads` CPU threads in torch and faiss (both default to every core)."""
     torch.set_num_threads(threads)
@@ -780,6 +797,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="dm-audit-bench-") as workdir:
         specs = dataset_specs(Path(workdir))
+        warm_up(args.device)
         names = args.datasets or (["digits"] if args.quick else list(specs))
         for name in names:
             spec = specs[name]
@@ -938,6 +956,9 @@ def write_results(
                     n: {k: v for k, v in dataclasses.asdict(specs[n]).items() if k != "load"}
                     for n in results
                 },
+                "seconds": {"total": total, **timings},
+                "load_average": {"start": load_before, "end": _load()},
+                "threads": args.threads,
                 "records": raw,
             },
             indent=1,
