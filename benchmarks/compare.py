@@ -769,6 +769,26 @@ def _load() -> str:
 # main
 
 
+def results_from_records(
+    records: Sequence[dict[str, Any]],
+) -> dict[str, dict[str, dict[str, dict[str, tuple[float, float, int]]]]]:
+    """Aggregate per-seed records into dataset -> noise -> method -> measure statistics."""
+    grouped: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    ids = ("dataset", "noise", "seed", "method")
+    for record in records:
+        by_method = grouped.setdefault(record["dataset"], {}).setdefault(record["noise"], {})
+        by_method.setdefault(record["method"], []).append(
+            {k: v for k, v in record.items() if k not in ids}
+        )
+    return {
+        dataset: {
+            noise: {method: aggregate(rows) for method, rows in by_method.items()}
+            for noise, by_method in by_noise.items()
+        }
+        for dataset, by_noise in grouped.items()
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, 2 settings, seed 0")
@@ -783,18 +803,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=1,
         help="CPU threads for torch and faiss (1: stable timings on a shared machine)",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="rewrite the tables and plot from these compare.json files without training",
+    )
     args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        render(args.render, args.out)
+        return
     set_threads(args.threads)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     command = "uv run --group bench python benchmarks/compare.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     load_before = _load()
     started = time.perf_counter()
-    results: dict[str, dict[str, dict[str, dict[str, tuple[float, float, int]]]]] = {}
     raw: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
+    env = environment(args.device)
     with tempfile.TemporaryDirectory(prefix="dm-audit-bench-") as workdir:
         specs = dataset_specs(Path(workdir))
         warm_up(args.device)
@@ -803,73 +833,93 @@ def main(argv: Sequence[str] | None = None) -> None:
             spec = specs[name]
             noises = args.noises or (["symmetric 40%", "pair 20%"] if args.quick else spec.noises)
             dataset_start = time.perf_counter()
-            results[name] = {}
             for noise_name in noises:
                 noise = next(n for n in NOISES if n.name == noise_name)
-                per_method: dict[str, list[dict[str, float | None]]] = {}
                 for seed in seeds:
                     ctx = Context(noisy_dataset(spec, noise, seed), seed, spec.epochs, args.device)
                     runs = run_cell(ctx, with_proselflc_source=name == "digits")
-                    for method, run in runs.items():
-                        record = measure(run, ctx.y, ctx.truth)
-                        per_method.setdefault(method, []).append(record)
-                        raw.append(
-                            {
-                                "dataset": name,
-                                "noise": noise_name,
-                                "seed": seed,
-                                "method": method,
-                                **record,
-                            }
-                        )
-                results[name][noise_name] = {m: aggregate(r) for m, r in per_method.items()}
-                audit = results[name][noise_name][DM_AUDIT]
+                    raw += [
+                        {"dataset": name, "noise": noise_name, "seed": seed, "method": method}
+                        | measure(run, ctx.y, ctx.truth)
+                        for method, run in runs.items()
+                    ]
+                stats = results_from_records(raw)[name][noise_name]
                 print(
-                    f"{name:<14} {noise_name:<28} dm-audit F1 {_mean(audit, 'f1'):.3f} "
-                    f"test {_mean(audit, 'test'):.3f}  cleanlab F1 "
-                    f"{_mean(results[name][noise_name][CL_FIND], 'f1'):.3f}  "
-                    f"[{time.perf_counter() - started:.0f} s]",
+                    f"{name:<14} {noise_name:<28} dm-audit F1 {_mean(stats[DM_AUDIT], 'f1'):.3f} "
+                    f"test {_mean(stats[DM_AUDIT], 'test'):.3f}  cleanlab F1 "
+                    f"{_mean(stats[CL_FIND], 'f1'):.3f}  [{time.perf_counter() - started:.0f} s]",
                     flush=True,
                 )
                 timings[name] = time.perf_counter() - dataset_start
                 # Written after every setting, so an interrupted grid leaves what it measured.
-                total = time.perf_counter() - started
-                write_results(
-                    args, specs, results, raw, seeds, command, timings, total, load_before
-                )
+                provenance = {
+                    "command": command.strip(),
+                    "seeds": seeds,
+                    "environment": env,
+                    "threads": args.threads,
+                    "seconds": {"total": time.perf_counter() - started, **timings},
+                    "load_average": {"start": load_before, "end": _load()},
+                    "datasets": {
+                        n: {k: v for k, v in dataclasses.asdict(specs[n]).items() if k != "load"}
+                        for n in timings
+                    },
+                }
+                write_results(args.out, specs, [provenance], raw)
+
+
+def render(paths: Sequence[Path], out: Path) -> None:
+    """Rewrite ``compare.md``/``.json``/``.png`` in `out` from earlier runs' ``compare.json``."""
+    documents = [json.loads(Path(p).read_text()) for p in paths]
+    raw = [r for doc in documents for r in doc["records"]]
+    provenance = [
+        run
+        for doc in documents
+        for run in doc.get("runs") or [{k: v for k, v in doc.items() if k != "records"}]
+    ]
+    with tempfile.TemporaryDirectory(prefix="dm-audit-bench-") as workdir:
+        write_results(out, dataset_specs(Path(workdir)), provenance, raw)
+
+
+def _provenance_lines(provenance: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for run in provenance:
+        seconds = run.get("seconds", {})
+        load = run.get("load_average", {})
+        env = run["environment"]
+        lines += [
+            f"Command: `{run['command']}`. Seeds {run['seeds']} (each seed sets the 70/30 "
+            "stratified split, the noise and every training); mean ± std over the seeds.",
+            "",
+            f"Machine: {env['platform']}, {env['cpu_count']} CPU cores, "
+            f"{run.get('threads', env['torch_threads'])} thread(s) for torch and faiss, device "
+            f"`{env['device']}`{' (' + env['cuda'] + ')' if env['cuda'] else ''}. Python "
+            f"{env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
+            "",
+            f"Wall time {seconds.get('total', math.nan) / 60:.1f} min ("
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items() if k != "total")
+            + f"). Load average (1/5/15 min) {load.get('start', '?')} at the start, "
+            f"{load.get('end', '?')} at the end.",
+            "",
+        ]
+    return lines
 
 
 def write_results(
-    args: argparse.Namespace,
+    out: Path,
     specs: dict[str, DatasetSpec],
-    results: dict,
+    provenance: Sequence[dict[str, Any]],
     raw: list[dict[str, Any]],
-    seeds: list[int],
-    command: str,
-    timings: dict[str, float],
-    total: float,
-    load_before: str,
 ) -> None:
-    """Write ``compare.md``, ``compare.json`` and ``compare.png`` into ``args.out``."""
-    env = environment(args.device)
+    """Write ``compare.md``, ``compare.json`` and ``compare.png`` into `out`."""
+    results = results_from_records(raw)
     table, checks = headline(results)
     lines = [
         "# dm-audit against cleanlab and the robust-loss family",
         "",
-        f"Command: `{command.strip()}`. Seeds {seeds} (each seed sets the 70/30 stratified "
-        "split, the noise and every training). Mean ± std over the seeds.",
-        "",
-        f"Machine: {env['platform']}, {env['cpu_count']} CPU cores, {env['torch_threads']} torch "
-        f"threads, device `{env['device']}`{' (' + env['cuda'] + ')' if env['cuda'] else ''}. "
-        f"Python {env['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-        + ".",
-        "",
-        f"Total wall time {total / 60:.1f} min ("
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-        + f"). Load average (1/5/15 min) {load_before} at the start, {_load()} at the end: the "
-        "machine was shared with other jobs, so the seconds are higher than on an idle machine; "
-        "compare them within a table, where every method ran under the same conditions.",
+        *_provenance_lines(provenance),
+        "The machine has 2 CPU cores and was shared with other jobs (see the load averages), so "
+        "the seconds are higher than on an idle machine; compare them within a table, where "
+        "every method ran under the same conditions.",
         "",
         "## Configuration",
         "",
@@ -945,27 +995,13 @@ def write_results(
         lines += [f"## {name}", ""]
         for noise, stats in by_noise.items():
             lines += [f"### {noise}", "", setting_table(stats), ""]
-    (args.out / "compare.md").write_text("\n".join(lines))
-    (args.out / "compare.json").write_text(
-        json.dumps(
-            {
-                "command": command.strip(),
-                "seeds": seeds,
-                "environment": env,
-                "datasets": {
-                    n: {k: v for k, v in dataclasses.asdict(specs[n]).items() if k != "load"}
-                    for n in results
-                },
-                "seconds": {"total": total, **timings},
-                "load_average": {"start": load_before, "end": _load()},
-                "threads": args.threads,
-                "records": raw,
-            },
-            indent=1,
-        )
-    )
-    plot(results, [n.name for n in NOISES], args.out / "compare.png")
-    print(f"wrote {args.out / 'compare.md'}, compare.json, compare.png")
+    (out / "compare.md").write_text("\n".join(lines))
+    document = {"runs": list(provenance), "records": raw} if len(provenance) > 1 else None
+    if document is None:
+        document = {**provenance[0], "records": raw}
+    (out / "compare.json").write_text(json.dumps(document, indent=1))
+    plot(results, [n.name for n in NOISES], out / "compare.png")
+    print(f"wrote {out / 'compare.md'}, compare.json, compare.png")
 
 
 if __name__ == "__main__":
