@@ -110,3 +110,16 @@ def test_measure_without_noise_or_correction_leaves_gaps(compare):
     assert m["f1"] is None and m["auroc"] is None and m["ood_auroc"] is None
     assert m["label_acc_before"] == 1.0 and m["label_acc_after"] is None
     assert m["flagged_share"] == 0.0
+
+
+def test_results_from_records_groups_by_dataset_noise_method(compare):
+    records = [
+        {"dataset": "d", "noise": "n", "seed": s, "method": m, "f1": f1, "seconds": sec}
+        for s, m, f1, sec in [(0, "a", 0.5, 1.0), (1, "a", 0.7, 3.0), (0, "b", 0.9, 2.0)]
+    ]
+    results = compare.results_from_records(records)
+    assert list(results) == ["d"] and list(results["d"]) == ["n"]
+    assert results["d"]["n"]["a"]["f1"] == (pytest.approx(0.6), pytest.approx(0.1), 2)
+    assert results["d"]["n"]["a"]["seconds"][0] == pytest.approx(2.0)
+    assert results["d"]["n"]["b"]["f1"] == (pytest.approx(0.9), 0.0, 1)
+    assert "seed" not in results["d"]["n"]["a"]
