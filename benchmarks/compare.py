@@ -141,8 +141,8 @@ def _wine_csv(root: Path) -> Path:
     return path
 
 
-IMAGE_PER_CLASS = 50
-IMAGE_EPOCHS = 10
+IMAGE_PER_CLASS = 80
+IMAGE_EPOCHS = 20
 
 
 def dataset_specs(workdir: Path) -> dict[str, DatasetSpec]:
@@ -594,8 +594,9 @@ def headline(
             if noise_by_name[noise].label_noise < 0.2:
                 continue
             audit, find = stats[DM_AUDIT], stats[CL_FIND]
+            short = {"CCE": "CCE", "GCE (q=0.7)": "GCE", CL_LEARN: "CleanLearning"}
             best_name, best = max(
-                ((m, _mean(stats[m], "test")) for m in ("CCE", "GCE (q=0.7)", CL_LEARN)),
+                ((name, _mean(stats[m], "test")) for m, name in short.items()),
                 key=lambda item: -math.inf if math.isnan(item[1]) else item[1],
             )
             rows.append(
@@ -688,6 +689,7 @@ def plot(results: dict, noise_order: Sequence[str], path: Path) -> None:
         len(datasets), 2, figsize=(13, 3.6 * len(datasets)), squeeze=False, layout="constrained"
     )
     markers = "osD^v<>xP*h"
+    colours = [plt.get_cmap("tab20")(2 * i % 20 + (2 * i >= 20)) for i in range(len(METHODS))]
     for row, dataset in enumerate(datasets):
         noises = [n for n in noise_order if n in results[dataset]]
         for col, (key, title) in enumerate((("f1", "detection F1"), ("test", "test accuracy"))):
@@ -701,6 +703,7 @@ def plot(results: dict, noise_order: Sequence[str], path: Path) -> None:
                     range(len(noises)),
                     means,
                     marker=markers[i % len(markers)],
+                    color=colours[i % len(colours)],
                     linewidth=width,
                     label=method,
                 )
@@ -709,8 +712,12 @@ def plot(results: dict, noise_order: Sequence[str], path: Path) -> None:
             ax.set_title(f"{dataset}: {title}")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8)
+    legend: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    labels = [m for m in METHODS if m in legend]
+    fig.legend([legend[m] for m in labels], labels, loc="outside lower center", ncol=4, fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -898,7 +905,8 @@ def _provenance_lines(provenance: Sequence[dict[str, Any]]) -> list[str]:
             f"Wall time {seconds.get('total', math.nan) / 60:.1f} min ("
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items() if k != "total")
             + f"). Load average (1/5/15 min) {load.get('start', '?')} at the start, "
-            f"{load.get('end', '?')} at the end.",
+            f"{load.get('end', '?')} at the end."
+            + (f" Note: {run['note']}." if run.get("note") else ""),
             "",
         ]
     return lines
@@ -929,11 +937,16 @@ def write_results(
         "of the epochs, at least 5).",
         "",
     ]
+    # Each run recorded its datasets' budgets; they win over today's defaults when re-rendering.
+    described = {n: dataclasses.asdict(s) for n, s in specs.items()}
+    for run in provenance:
+        described |= run.get("datasets", {})
     for name in results:
-        spec = specs[name]
+        spec = described[name]
+        note = spec["note"][:1].upper() + spec["note"][1:]
         lines.append(
-            f"* **{name}**: {spec.model}, {spec.epochs} epochs per training; settings: "
-            f"{', '.join(results[name])}. {spec.note}".rstrip()
+            f"* **{name}**: {spec['model']}, {spec['epochs']} epochs per training; settings: "
+            f"{', '.join(results[name])}. {note}".rstrip()
         )
     lines += [
         "",
@@ -975,6 +988,7 @@ def write_results(
         "best of CCE, GCE and CleanLearning.",
         "",
         *checks,
+        "",
         "",
         "![F1 and test accuracy](compare.png)",
         "",
