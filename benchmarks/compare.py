@@ -22,6 +22,9 @@ cleanlab is a benchmark-only dependency (the ``bench`` group; `dm_audit` never i
     uv run --group bench python benchmarks/compare.py                        # full grid
     uv run --group bench python benchmarks/compare.py --quick --out /tmp/q   # CI, < 5 min
     uv run --group bench python benchmarks/compare.py --device cuda          # mixed precision
+    uv run --group bench python benchmarks/compare.py --render a.json b.json # merge saved runs
+
+Results are written after every noise setting, so an interrupted grid keeps what it measured.
 """
 
 from __future__ import annotations
