@@ -552,7 +552,9 @@ def _augmentation(
 
     steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
     if kind in ("crop_flip", "crop"):
-        steps.append(v2.RandomCrop((h, w), padding=4))
+        # CIFAR's 4-pixel shift, scaled down for smaller images: 4 px moves an 8x8 digit half
+        # off its canvas and the network learns nothing (measured: test accuracy 0.24 vs 0.95).
+        steps.append(v2.RandomCrop((h, w), padding=min(4, max(1, min(h, w) // 8))))
     if kind in ("crop_flip", "flip"):
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)

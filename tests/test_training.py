@@ -17,6 +17,7 @@ from dm_audit.training import (
     CHECKPOINT_NAME,
     FitResult,
     TrainConfig,
+    _augmentation,
     fit,
     predict_proba,
     resolve_device,
@@ -384,3 +385,19 @@ def test_resume_after_a_recovery_is_bit_identical(digits, tmp_path):
     resumed = _run(x_train, y_train, config, tmp_path, resume=True)
     assert _same_weights(full.model, resumed.model)
     assert resumed.loss_params == full.loss_params == {"lam": 0.5, "beta": 32.0}
+
+
+@pytest.mark.parametrize(("size", "max_shift"), [(8, 1), (16, 2), (32, 4), (64, 4)])
+def test_crop_shift_scales_with_small_images(size, max_shift):
+    # A bright pixel in the middle of a dark image moves by at most the padding.
+    image = torch.zeros((1, size, size), dtype=torch.uint8)
+    image[0, size // 2, size // 2] = 255
+    transform = _augmentation("crop", (size, size, 1))
+    torch.manual_seed(0)
+    shifts = set()
+    for _ in range(200):
+        out = transform(image)
+        if out.max() == 255:
+            row, col = np.argwhere(out[0].numpy() == 255)[0]
+            shifts.add((int(row) - size // 2, int(col) - size // 2))
+    assert max(max(abs(r), abs(c)) for r, c in shifts) == max_shift
