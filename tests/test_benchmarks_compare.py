@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -93,6 +94,10 @@ def test_measure_against_known_truth(compare):
     assert m["label_acc_after"] == pytest.approx(5 / 6)
     assert m["flagged_share"] == pytest.approx(3 / 8)
     assert (m["test"], m["seconds"], m["trainings"]) == (0.75, 2.5, 3.0)
+    # Without a separate clock for the flags, the method's seconds are its seconds to flags.
+    assert m["detection_seconds"] == 2.5
+    timed = compare.measure(dataclasses.replace(run, detection_seconds=1.5), given, truth)
+    assert (timed["detection_seconds"], timed["seconds"]) == (1.5, 2.5)
 
 
 def test_measure_without_noise_or_correction_leaves_gaps(compare):
