@@ -54,6 +54,11 @@ OOD_NEIGHBOUR = 1
 # review instead of being corrected automatically.
 OOD_REVIEW_FPR = 0.25
 PROBE_DOUBT = 0.3  # = the lower bound of `flags.mixture_split`
+# Below this many training examples the probe's noise estimate is unreliable: a network
+# memorises a tiny table within a few steps, so a short probe has either not learnt the shared
+# patterns yet or already fitted the noise (scikit-learn's wine, 124 training rows at 40 %
+# symmetric noise: 0.58 with the default budget, 0.0 with ten times the epochs).
+SMALL_TRAINING_SET = 500
 
 
 @dataclass
@@ -369,6 +374,15 @@ def probe(
     # label it doubted (score at or above the lowest label-issue threshold), not only the
     # confident ones.
     noise_rate = float(np.mean(issue_score >= PROBE_DOUBT))
+    if len(labels) < SMALL_TRAINING_SET:
+        log.warning(
+            "only %d training examples: the estimated noise rate (%.1f%%), and with it the "
+            "chosen emphasis and the flags, are unreliable below %d; consider fixing --lam/--beta "
+            "or reviewing by --top-k",
+            len(labels),
+            100 * noise_rate,
+            SMALL_TRAINING_SET,
+        )
     noise = estimate.estimate_noise(probs, labels)
     if config.lam is not None:
         choice = estimate.EmphasisChoice(

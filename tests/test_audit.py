@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from dm_audit.audit import AuditConfig, run_audit
+from dm_audit.audit import SMALL_TRAINING_SET, AuditConfig, probe, run_audit
 from dm_audit.cli import main
 from dm_audit.errors import ConfigError
 from dm_audit.noise import add_noise
@@ -173,3 +175,15 @@ def test_demo_command_prints_the_quality_table(
     for row in ("detection F1", "OOD AUROC", "label accuracy before/after", "test accuracy"):
         assert row in printed
     assert (tmp_path / "demo" / "summary.json").is_file()
+
+
+def test_probe_warns_that_a_small_training_set_makes_the_estimate_unreliable(caplog) -> None:
+    digits = load_source("digits", seed=0)
+    small = digits.subset(np.arange(300))
+    assert len(small.train()) < SMALL_TRAINING_SET
+    with caplog.at_level(logging.WARNING, logger="dm_audit.audit"):
+        probe(small, AuditConfig(seed=0, epochs=8, probe_epochs=5, progress=False, device="cpu"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        f"only {len(small.train())} training examples" in m and "unreliable" in m for m in warnings
+    ), warnings
