@@ -33,7 +33,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -406,6 +406,13 @@ class AuditDataset:
     classes: list[str]
     input_kind: InputKind
     source: str = ""
+    # Where the table was built from one (rows, D) float32 matrix whose rows the "features"
+    # cells are views of: the matrix and the rows of it this table holds (a slice, or positions
+    # after a scattered subset). `features` then slices it instead of stacking N small arrays,
+    # which at a million rows saves a 512 MB copy per call.
+    _matrix: tuple[np.ndarray, slice | np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         # Cheap structural checks only: full validation (`validate`) scans every value.
@@ -498,7 +505,40 @@ class AuditDataset:
         values = self.table["features"].to_numpy(dtype=object)
         if len(values) == 0:
             return np.zeros((0, 0), dtype=np.float32)
+        shared = self._shared_features(values)
+        if shared is not None:
+            return shared
         return np.stack(values).astype(np.float32, copy=False)
+
+    def _shared_features(self, values: np.ndarray) -> np.ndarray | None:
+        """The rows of `_matrix` this table holds, if its cells still are views of them.
+
+        A slice of rows comes back as a view (shared memory: do not modify it), positions as a
+        copy. Cells replaced since (another column assigned) fail the spot check of their
+        addresses, and the caller stacks the cells instead.
+        """
+        if self._matrix is None:
+            return None
+        matrix, rows = self._matrix
+        n = len(values)
+        picked = matrix[rows]
+        if len(picked) != n or picked.ndim != 2:
+            return None
+        base = matrix.__array_interface__["data"][0]
+        row_bytes = matrix.strides[0]
+        positions = np.arange(matrix.shape[0])[rows]
+        for i in np.unique(np.linspace(0, n - 1, num=min(n, 65)).astype(np.int64)):
+            cell = values[i]
+            if not isinstance(cell, np.ndarray) or cell.shape != (matrix.shape[1],):
+                return None
+            if cell.__array_interface__["data"][0] != base + int(positions[i]) * row_bytes:
+                return None
+        return picked
+
+    def _with_matrix(self, matrix: np.ndarray, rows: slice | np.ndarray) -> AuditDataset:
+        if matrix.ndim == 2 and matrix.dtype == np.float32:
+            self._matrix = (matrix, rows)
+        return self
 
     def images(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """Decode every image to one uint8 array.
@@ -562,13 +602,24 @@ class AuditDataset:
         AuditDataset
             Same classes, input kind and source; the table index is reset.
         """
-        table = self.table.iloc[_as_row_mask(mask, len(self.table))]
-        return AuditDataset(
+        selection = _as_row_mask(mask, len(self.table))
+        table = self.table.iloc[selection]
+        out = AuditDataset(
             table=table.reset_index(drop=True),
             classes=list(self.classes),
             input_kind=self.input_kind,
             source=self.source,
         )
+        if self._matrix is not None and self.input_kind == "features":
+            matrix, rows = self._matrix
+            held = np.arange(matrix.shape[0])[rows]
+            positions = np.arange(len(self.table))[selection]
+            chosen = held[positions]
+            consecutive = chosen.size > 0 and (np.diff(chosen) == 1).all()
+            out._with_matrix(
+                matrix, slice(int(chosen[0]), int(chosen[-1]) + 1) if consecutive else chosen
+            )
+        return out
 
     def train(self) -> AuditDataset:
         """The rows whose split is ``"train"``."""
@@ -660,10 +711,11 @@ class AuditDataset:
             )
         input_kind = meta[_META_PREFIX + "input_kind"]
         columns = {}
+        matrix = None
         for name in arrow.column_names:
             column = arrow.column(name)
             if name == "features":
-                columns[name] = _features_from_arrow(column)
+                columns[name], matrix = _features_from_arrow(column)
             else:
                 columns[name] = column.to_pandas()
         dataset = cls(
@@ -672,6 +724,8 @@ class AuditDataset:
             input_kind=input_kind,
             source=meta.get(_META_PREFIX + "source", str(path)),
         )
+        if matrix is not None:
+            dataset._with_matrix(matrix, slice(0, len(matrix)))
         return dataset.validate()
 
     @classmethod
@@ -731,6 +785,8 @@ class AuditDataset:
                 raise DataError(f"features must have shape ({n}, D), got {matrix.shape}")
             table["features"] = list(matrix)
             kind = "features"
+            dataset = cls(table=table, classes=class_list, input_kind=kind, source=source)
+            return dataset._with_matrix(matrix, slice(0, n)).validate()
         else:
             if len(images) != n:  # type: ignore[arg-type]
                 raise DataError(f"got {len(images)} images for {n} labels")  # type: ignore[arg-type]
@@ -923,14 +979,35 @@ def _features_to_arrow(matrix: np.ndarray) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, type=pa.list_(pa.float32()))
 
 
-def _features_from_arrow(column: pa.ChunkedArray) -> list[np.ndarray]:
-    """list<float32> column as one float32 array per row (lengths are checked by `validate`)."""
+def _features_from_arrow(column: pa.ChunkedArray) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """list<float32> column as one float32 array per row (lengths are checked by `validate`).
+
+    When every row has the same length the rows are views of one (N, D) matrix, also returned
+    (None otherwise), so `AuditDataset.features` need not copy them.
+    """
+    chunks = [c for c in column.chunks if len(c)]
+    if chunks:
+        flats, width = [], None
+        for chunk in chunks:
+            offsets = chunk.offsets.to_numpy()
+            lengths = np.diff(offsets)
+            if width is None:
+                width = int(lengths[0])
+            if width < 1 or (lengths != width).any():
+                break
+            flat = chunk.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+            # A writable copy, as the stacked matrix used to be (Arrow's buffer is read-only).
+            flats.append(np.array(flat, dtype=np.float32))
+        else:
+            matrix = np.concatenate(flats) if len(flats) > 1 else flats[0]
+            matrix = matrix.reshape(-1, width)
+            return list(matrix), matrix
     rows: list[np.ndarray] = []
     for chunk in column.chunks:
         offsets = chunk.offsets.to_numpy()
         flat = chunk.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         rows.extend(flat[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
-    return rows
+    return rows, None
 
 
 def is_dataset_file(path: str | os.PathLike[str]) -> bool:
