@@ -136,7 +136,13 @@ class StageMeter:
 # ----------------------------------------------------------------------------- audit
 
 
-def run(rows: int, seed: int, out_dir: Path, config_overrides: dict[str, Any]) -> dict[str, Any]:
+def run(
+    rows: int,
+    seed: int,
+    out_dir: Path,
+    config_overrides: dict[str, Any],
+    chunk_rows: int | None = None,
+) -> dict[str, Any]:
     from dm_audit import audit
     from dm_audit.sources import load_source
 
@@ -145,7 +151,9 @@ def run(rows: int, seed: int, out_dir: Path, config_overrides: dict[str, Any]) -
     config = audit.AuditConfig(seed=seed, progress=False, **config_overrides)
     probe = meter.run("probe", audit.probe, dataset, config)
     fit = meter.run("train_audit_model", audit.train_audit_model, dataset, probe, config)
-    scores = meter.run("score_examples", audit.score_examples, dataset, fit, config)
+    scores = meter.run(
+        "score_examples", audit.score_examples, dataset, fit, config, chunk_rows=chunk_rows
+    )
     flags = meter.run("flag_examples", audit.flag_examples, dataset, scores, probe, config)
     corrections = meter.run("correct_labels", audit.correct_labels, dataset, scores, flags, config)
     retrained = meter.run("retrain", audit.retrain, dataset, scores, corrections, config)
@@ -226,7 +234,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"Command: `{result['command']}` (seed {result['seed']})  ",
         f"Machine: {result['machine']}; shared with other jobs: load average "
         f"{result['load_before']} before and {result['load_after']} after the run  ",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}  ",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}; "
+        f"torch threads {result['torch_threads']}  ",
         f"Date: {result['date']}; test split {result['n_test']:,} clean examples; "
         f"epochs: probe {result['epochs']['probe']}, audit and retrain {result['epochs']['audit']}",
         "",
@@ -269,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own choice)"
+    )
+    parser.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=None,
+        help="stream the scores in chunks of this many rows even below the streaming threshold",
+    )
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--results", type=Path, default=RESULTS / "scale.md", help="Markdown file to append to"
@@ -296,12 +314,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides["batch_size"] = args.batch_size
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    result = run(args.rows, args.seed, DATA / f"audit_{args.rows}", overrides)
+    result = run(args.rows, args.seed, DATA / f"audit_{args.rows}", overrides, args.chunk_rows)
     result |= {
         "command": "uv run python benchmarks/scale.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
+        "torch_threads": torch.get_num_threads(),
         "machine": _machine(),
         "versions": _versions(),
         "load_before": load_before,

@@ -726,6 +726,7 @@ class AuditDataset:
         )
         if matrix is not None:
             dataset._with_matrix(matrix, slice(0, len(matrix)))
+        del arrow, columns  # every column is copied out: free Arrow's buffers before validating
         return dataset.validate()
 
     @classmethod
@@ -822,7 +823,13 @@ def _check_values(column: pd.Series, allowed: Sequence[str], name: str, ids: np.
         )
 
 
-def check_feature_vectors(values: Sequence[np.ndarray], column: str, ids: Sequence[str]) -> int:
+def check_feature_vectors(
+    values: Sequence[np.ndarray],
+    column: str,
+    ids: Sequence[str],
+    *,
+    matrix: np.ndarray | None = None,
+) -> int:
     """Check that feature vectors share one length and are finite.
 
     Parameters
@@ -833,6 +840,8 @@ def check_feature_vectors(values: Sequence[np.ndarray], column: str, ids: Sequen
         Column the vectors came from, named in errors.
     ids : sequence of str, length N
         Example ids, named in errors.
+    matrix : numpy.ndarray, shape (N, D), optional
+        The vectors already stacked (rows of one matrix), checked without another copy.
 
     Returns
     -------
@@ -859,10 +868,16 @@ def check_feature_vectors(values: Sequence[np.ndarray], column: str, ids: Sequen
         )
     if dim == 0:
         raise DataError(f"column {column!r} holds empty feature vectors")
-    matrix = np.stack(values)
-    finite = np.isfinite(matrix)
-    if not finite.all():
+    if matrix is None:
+        matrix = np.stack(values)
+    # Block by block: a boolean mask of a million rows at once would cost 128 MB.
+    for start in range(0, len(matrix), 65_536):
+        finite = np.isfinite(matrix[start : start + 65_536])
+        if finite.all():
+            continue
         row, pos = (int(x) for x in np.argwhere(~finite)[0])
+        row += start
+        finite = np.isfinite(matrix)
         raise DataError(
             f"column {column!r} has {int((~finite).sum())} non-finite value(s) (NaN or inf); "
             f"the first is {matrix[row, pos]} at position {pos} of row {row} "
@@ -926,7 +941,7 @@ def validate(dataset: AuditDataset) -> None:
         vectors = table["features"].to_numpy(dtype=object)
         if not all(isinstance(v, np.ndarray) and v.ndim == 1 for v in vectors):
             raise DataError("the features column must hold one 1-D array per row")
-        check_feature_vectors(vectors, "features", ids)
+        check_feature_vectors(vectors, "features", ids, matrix=dataset._shared_features(vectors))
     else:
         blobs = table["image"].to_numpy(dtype=object)
         bad = [i for i, b in enumerate(blobs) if not isinstance(b, bytes | bytearray) or not b]
