@@ -15,7 +15,8 @@ labels, so its probabilities behave like out-of-sample probabilities:
 
 Nearest neighbours use faiss on L2-normalised embeddings (inner product = cosine similarity):
 an exact `IndexFlatIP` up to `ivf_threshold` rows and an `IndexIVFFlat` with about sqrt(N) lists
-above, searched in chunks so memory stays bounded at millions of rows.
+above (`dm_audit.neighbours`). Embeddings may be an array or chunks read back from a scores
+Parquet file, so at millions of rows only the index and one chunk are in memory.
 """
 
 from __future__ import annotations
@@ -174,8 +175,10 @@ def knn_label_agreement(
 
     Parameters
     ----------
-    embeddings : np.ndarray, shape (N, E)
-        Penultimate-layer embeddings; L2-normalised here (cosine similarity).
+    embeddings : np.ndarray, shape (N, E), or EmbeddingChunks
+        Penultimate-layer embeddings; L2-normalised here (cosine similarity). A chunked source
+        (`dm_audit.neighbours.ParquetEmbeddings`) is read chunk by chunk, so only the index and
+        one chunk are in memory.
     labels : np.ndarray, shape (N,)
         Given labels as integer codes.
     n_classes : int, optional
@@ -633,8 +636,8 @@ def ood_scores(
     ----------
     probs : np.ndarray, shape (N, C)
         Class probabilities of the audit model.
-    embeddings : np.ndarray, shape (N, E)
-        Penultimate-layer embeddings.
+    embeddings : np.ndarray, shape (N, E), or EmbeddingChunks
+        Penultimate-layer embeddings (a chunked source is read chunk by chunk).
     labels : np.ndarray, shape (N,)
         Given labels as integer codes (used by ``per_class``).
     trusted_mask : np.ndarray, shape (N,), bool
