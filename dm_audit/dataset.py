@@ -52,6 +52,9 @@ NOISE_KINDS: tuple[str, ...] = ("clean", "flipped", "open_set")
 
 #: Version of the canonical Parquet layout written by `AuditDataset.to_parquet`.
 FORMAT_VERSION = "1"
+# Rows per Parquet row group of a dataset file: a reader decodes one row group at a time, so
+# this bounds the decoding buffers (65,536 rows of 128 features: 32 MB of values).
+ROW_GROUP_ROWS = 65_536
 _META_PREFIX = "dm_audit."
 
 # PIL modes holding a single intensity channel (alpha, where present, is dropped on decode).
@@ -668,7 +671,7 @@ class AuditDataset:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -696,10 +699,13 @@ class AuditDataset:
         """
         path = Path(path)
         try:
-            arrow = pq.read_table(path)
+            schema = pq.read_schema(path)
+            others = [name for name in schema.names if name != "features"]
+            arrow = pq.read_table(path, columns=others)
+            matrix = _read_feature_matrix(path) if "features" in schema.names else None
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"cannot read the Parquet file {path}: {exc}") from exc
-        meta = {k.decode(): v.decode() for k, v in (arrow.schema.metadata or {}).items()}
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
         if _META_PREFIX + "classes" not in meta:
             raise DataError(
                 f"{path} is not a dm-audit dataset file (no class list in its metadata)"
@@ -711,13 +717,16 @@ class AuditDataset:
             )
         input_kind = meta[_META_PREFIX + "input_kind"]
         columns = {}
-        matrix = None
-        for name in arrow.column_names:
-            column = arrow.column(name)
-            if name == "features":
-                columns[name], matrix = _features_from_arrow(column)
+        for name in schema.names:
+            if name != "features":
+                columns[name] = arrow.column(name).to_pandas()
+            elif matrix is not None:
+                columns[name] = list(matrix)
             else:
-                columns[name] = column.to_pandas()
+                # Rows of different lengths: one array per row, for `validate` to name them.
+                columns[name], _ = _features_from_arrow(
+                    pq.read_table(path, columns=["features"]).column(0)
+                )
         dataset = cls(
             table=pd.DataFrame(columns),
             classes=json.loads(meta[_META_PREFIX + "classes"]),
@@ -992,6 +1001,36 @@ def _features_to_arrow(matrix: np.ndarray) -> pa.ChunkedArray:
         values = pa.array(np.ascontiguousarray(block).reshape(-1), type=pa.float32())
         chunks.append(pa.ListArray.from_arrays(offsets, values))
     return pa.chunked_array(chunks, type=pa.list_(pa.float32()))
+
+
+def _read_feature_matrix(path: Path) -> np.ndarray | None:
+    """The list<float32> ``features`` column as one (N, D) float32 matrix, row group by row group.
+
+    Reading the whole column at once decodes it into Arrow buffers next to the matrix (about
+    2 GB at a million 128-d rows); batch by batch only one row group is decoded at a time.
+    Returns None when the rows do not all have the same length.
+    """
+    file = pq.ParquetFile(path)
+    n = file.metadata.num_rows
+    matrix: np.ndarray | None = None
+    start = 0
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["features"]):
+        lists = batch.column(0)
+        if lists.null_count:
+            return None
+        offsets = lists.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        width = int(lengths[0]) if len(lengths) else 0
+        if width < 1 or (lengths != width).any():
+            return None
+        if matrix is None:
+            matrix = np.empty((n, width), dtype=np.float32)
+        elif width != matrix.shape[1]:
+            return None
+        values = lists.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+        matrix[start : start + len(lists)] = values.reshape(len(lists), width)
+        start += len(lists)
+    return matrix if matrix is not None and start == n else None
 
 
 def _features_from_arrow(column: pa.ChunkedArray) -> tuple[list[np.ndarray], np.ndarray | None]:
