@@ -223,12 +223,23 @@ def knn_label_agreement(
         seed=seed,
     )
     valid = ids >= 0
-    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], ids.shape)
-    # One bincount over flat (row, label) cells: much faster than np.add.at at millions of rows.
-    cells = rows[valid] * c + y[ids[valid]]
-    votes = np.bincount(cells, minlength=n * c).reshape(n, c).astype(np.float32)
     found = valid.sum(axis=1, keepdims=True)
-    votes = np.where(found > 0, votes / np.maximum(found, 1), np.float32(1.0 / c))
+    votes: np.ndarray | None = None
+    # One bincount over flat (row, label) cells per block of rows: much faster than np.add.at,
+    # and blocks keep its count array small at millions of rows.
+    step = 65_536
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        ok, near = valid[lo:hi], ids[lo:hi]
+        rows = np.broadcast_to(np.arange(hi - lo, dtype=np.int64)[:, None], near.shape)
+        cells = rows[ok] * c + y[near[ok]]
+        counts = np.bincount(cells, minlength=(hi - lo) * c).reshape(hi - lo, c)
+        f = found[lo:hi]
+        block = np.where(f > 0, counts.astype(np.float32) / np.maximum(f, 1), np.float32(1.0 / c))
+        if votes is None:
+            votes = np.empty((n, c), dtype=block.dtype)
+        votes[lo:hi] = block
+    assert votes is not None
     agreement = votes[np.arange(n), y].astype(np.float64)
     return KnnLabelAgreement(agreement=agreement, votes=votes, indices=ids, similarities=sims)
 
