@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
@@ -35,7 +36,12 @@ from dm_audit.errors import ConfigError
 from dm_audit.losses import create_loss
 from dm_audit.metrics import accuracy
 from dm_audit.reviews import read_reviews
-from dm_audit.scoring import STREAM_THRESHOLD, score_columns, write_scores_stream
+from dm_audit.scoring import (
+    SCORES_SCHEMA,
+    STREAM_THRESHOLD,
+    score_columns,
+    write_scores_stream,
+)
 from dm_audit.training import FitResult, TrainConfig, fit, predict_proba
 
 log = logging.getLogger(__name__)
@@ -504,7 +510,12 @@ def _score_pass(
     if folder is not None:
         # The temporary file lives as long as the handle that reads it.
         weakref.finalize(embeddings, shutil.rmtree, folder, True)
-    return score_columns(probs, labels, weighting=weighting), probs, embeddings
+    # The per-example columns were computed chunk by chunk on the way to the file: read them
+    # back rather than computing them again over every row.
+    names = [f.name for f in SCORES_SCHEMA if f.name not in ("example_id", "embedding")]
+    written = pq.read_table(path, columns=names)
+    columns = {name: written.column(name).to_numpy() for name in names}
+    return columns, probs, embeddings
 
 
 def score_examples(
