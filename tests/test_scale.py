@@ -94,8 +94,8 @@ def test_ivf_recall_and_exact_when_every_list_is_probed():
     assert ivf.nlist == nlist and ivf.nprobe == 8
     _, ids_ivf = search(ivf, source, 10, self_positions=own)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_ivf, ids_flat, strict=True)])
-    # Measured 0.96 on these overlapping clusters with 8 of 63 lists visited.
-    assert recall >= 0.9
+    # Measured 0.994 on these overlapping clusters with 8 of 63 lists visited (0.889 with 4).
+    assert recall >= 0.98
     every = build_index(source, kind="ivf", nprobe=nlist, seed=0)
     sims_all, ids_all = search(every, source, 10, self_positions=own)
     np.testing.assert_array_equal(ids_all, ids_flat)
