@@ -103,8 +103,7 @@ def test_ivf_recall_and_exact_when_every_list_is_probed():
 
 
 @pytest.mark.parametrize("index", ["flat", "ivf"])
-def test_chunked_flags_equal_in_memory(trained, tmp_path, index):
-    model, features, labels = trained
+def test_chunked_flags_equal_in_memory(tmp_path, index):
     x, y = _clusters(1500, dim=12, classes=4, seed=2)
     y_noisy = y.copy()
     y_noisy[:150] = (y[:150] + 1) % 4
