@@ -243,7 +243,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"Date: {result['date']}; test split {result['n_test']:,} clean examples; "
         f"epochs: probe {result['epochs']['probe']}, audit and retrain {result['epochs']['audit']}",
         "",
-        "| stage | wall time (s) | peak RSS (MB) |",
+        "| stage | wall time (s) | peak RSS (MiB) |",
         "|---|---:|---:|",
     ]
     for row in result["stages"]:
