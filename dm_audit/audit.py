@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +26,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
-from dm_audit import correction, estimate, flags, plots, reports
+from dm_audit import correction, estimate, flags, neighbours, plots, reports
 from dm_audit.atomic import resolve_output_dir
 from dm_audit.dataset import AuditDataset
 from dm_audit.emphasis import create_weighting, plot_weighting_curves
@@ -35,7 +39,12 @@ from dm_audit.faults import kill_point
 from dm_audit.losses import create_loss
 from dm_audit.metrics import accuracy
 from dm_audit.reviews import read_reviews
-from dm_audit.scoring import scores_from_probs
+from dm_audit.scoring import (
+    SCORES_SCHEMA,
+    STREAM_THRESHOLD,
+    score_columns,
+    write_scores_stream,
+)
 from dm_audit.training import FitResult, TrainConfig, fit, predict_proba
 from dm_audit.workdir import WorkDir, discard_work, run_identity
 
@@ -201,14 +210,15 @@ class ExampleScores:
         ``example_id``, ``given`` (code), ``p_given``, ``emphasis_weight``, ``predicted``
         (code), ``predicted_prob``, ``entropy``, ``margin`` and the training-dynamics summary.
     probs : ndarray (N, C) float32
-    embeddings : ndarray (N, E) float32
+    embeddings : ndarray (N, E) float32, or EmbeddingChunks
+        In memory, or (at scale) the scores Parquet file read back chunk by chunk.
     proselflc_targets : ndarray (N, C) or None
         ProSelfLC's corrected targets at the end of training (``correction_source="proselflc"``).
     """
 
     table: pd.DataFrame
     probs: np.ndarray
-    embeddings: np.ndarray
+    embeddings: np.ndarray | neighbours.EmbeddingChunks
     proselflc_targets: np.ndarray | None = None
 
 
@@ -367,7 +377,14 @@ def probe(
         resume=resume,
         on_epoch_end=on_epoch_end,
     )
-    probs, embeddings = predict_proba(result.model, inputs, device=config.device)
+    _, probs, embeddings = _score_pass(
+        result.model,
+        inputs,
+        labels,
+        create_weighting("dm", **PROBE_EMPHASIS),
+        config,
+        batch_size=1024,
+    )
     mean_p = result.dynamics.summary()["mean_p"].to_numpy()
     issue_score, _ = _label_issue_scores(probs, embeddings, labels, mean_p, dataset, config)
     # The short probe has not yet separated the modes fully: count every example whose given
@@ -412,7 +429,7 @@ def probe(
 
 def _label_issue_scores(
     probs: np.ndarray,
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | neighbours.EmbeddingChunks,
     labels: np.ndarray,
     mean_p: np.ndarray | None,
     dataset: AuditDataset,
@@ -475,25 +492,99 @@ def train_audit_model(
     return AuditFit(result, choice, time.perf_counter() - start)
 
 
+def _score_pass(
+    model: torch.nn.Module,
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    weighting: Any,
+    config: AuditConfig,
+    *,
+    batch_size: int,
+    example_ids: np.ndarray | None = None,
+    chunk_rows: int | None = None,
+    scores_path: str | Path | None = None,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray | neighbours.EmbeddingChunks]:
+    """Score columns, probabilities and embeddings of one eval pass.
+
+    Up to `STREAM_THRESHOLD` examples (and without `chunk_rows` or `scores_path`) the
+    embeddings stay in memory as an array. Above it the pass streams chunk by chunk to a scores
+    Parquet file (`scores_path`, else a temporary file removed with the returned handle) and the
+    embeddings come back as `neighbours.ParquetEmbeddings`, which the flags read chunk by chunk.
+    """
+    n = len(labels)
+    if chunk_rows is None and scores_path is None and n <= STREAM_THRESHOLD:
+        probs, embeddings = predict_proba(
+            model, inputs, device=config.device, batch_size=batch_size
+        )
+        return score_columns(probs, labels, weighting=weighting), probs, embeddings
+    chunk = neighbours.DEFAULT_CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
+    folder = None
+    if scores_path is None:
+        folder = Path(tempfile.mkdtemp(prefix="dm_audit_scores_"))
+        scores_path = folder / "scores.parquet"
+    try:
+        path, probs = write_scores_stream(
+            model,
+            inputs,
+            labels,
+            scores_path,
+            weighting=weighting,
+            device=config.device,
+            batch_size=batch_size,
+            chunk_rows=chunk,
+            example_ids=None if example_ids is None else list(example_ids),
+        )
+        embeddings = neighbours.ParquetEmbeddings(path, chunk_rows=chunk)
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if folder is not None:
+        # The temporary file lives as long as the handle that reads it.
+        weakref.finalize(embeddings, shutil.rmtree, folder, True)
+    # The per-example columns were computed chunk by chunk on the way to the file: read them
+    # back rather than computing them again over every row.
+    names = [f.name for f in SCORES_SCHEMA if f.name not in ("example_id", "embedding")]
+    written = pq.read_table(path, columns=names)
+    columns = {name: written.column(name).to_numpy() for name in names}
+    return columns, probs, embeddings
+
+
 def score_examples(
-    dataset: AuditDataset, audit_fit: AuditFit, config: AuditConfig
+    dataset: AuditDataset,
+    audit_fit: AuditFit,
+    config: AuditConfig,
+    *,
+    chunk_rows: int | None = None,
+    scores_path: str | Path | None = None,
 ) -> ExampleScores:
     """Score every training example under the audit model.
 
     The per-example table holds what `dm_audit.scoring.score` computes (p_i, emphasis weight,
     prediction, entropy, margin) and the training-dynamics summary (mean p_i over epochs, the
     epoch an example was first learned, ...).
+
+    Above `dm_audit.scoring.STREAM_THRESHOLD` examples, or when `chunk_rows` or `scores_path`
+    is given, scoring streams chunk by chunk to a scores Parquet file (`scores_path`, else a
+    temporary one) and ``ExampleScores.embeddings`` reads it back chunk by chunk, so neither
+    this stage nor the flags hold every embedding at once.
     """
     train, _ = _train_and_test(dataset)
     labels = train.label_codes()
     choice = audit_fit.choice
     weighting = create_weighting("dm", lam=choice.lam, beta=choice.beta)
-    probs, embeddings = predict_proba(
-        audit_fit.fit.model, train.inputs(), device=config.device, batch_size=1024
+    columns, probs, embeddings = _score_pass(
+        audit_fit.fit.model,
+        train.inputs(),
+        labels,
+        weighting,
+        config,
+        batch_size=1024,
+        example_ids=train.example_ids,
+        chunk_rows=chunk_rows,
+        scores_path=scores_path,
     )
-    table = scores_from_probs(
-        probs, embeddings, labels, weighting=weighting, example_ids=list(train.example_ids)
-    ).drop(columns=["embedding"])
+    table = pd.DataFrame({"example_id": list(train.example_ids), **columns})
     table = table.rename(columns={"label": "given", "predicted_label": "predicted"})
     dynamics = audit_fit.fit.dynamics.summary()
     for column in dynamics.columns:

@@ -39,7 +39,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +60,9 @@ NOISE_KINDS: tuple[str, ...] = ("clean", "flipped", "open_set")
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
+# Rows per Parquet row group of a dataset file: a reader decodes one row group at a time, so
+# this bounds the decoding buffers (65,536 rows of 128 features: 32 MB of values).
+ROW_GROUP_ROWS = 65_536
 _META_PREFIX = "dm_audit."
 
 # PIL modes holding a single intensity channel (alpha, where present, is dropped on decode).
@@ -448,6 +451,13 @@ class AuditDataset:
     classes: list[str]
     input_kind: InputKind
     source: str = ""
+    # Where the table was built from one (rows, D) float32 matrix whose rows the "features"
+    # cells are views of: the matrix and the rows of it this table holds (a slice, or positions
+    # after a scattered subset). `features` then slices it instead of stacking N small arrays,
+    # which at a million rows saves a 512 MB copy per call.
+    _matrix: tuple[np.ndarray, slice | np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         # Cheap structural checks only: full validation (`validate`) scans every value.
@@ -540,7 +550,40 @@ class AuditDataset:
         values = self.table["features"].to_numpy(dtype=object)
         if len(values) == 0:
             return np.zeros((0, 0), dtype=np.float32)
+        shared = self._shared_features(values)
+        if shared is not None:
+            return shared
         return np.stack(values).astype(np.float32, copy=False)
+
+    def _shared_features(self, values: np.ndarray) -> np.ndarray | None:
+        """The rows of `_matrix` this table holds, if its cells still are views of them.
+
+        A slice of rows comes back as a view (shared memory: do not modify it), positions as a
+        copy. Cells replaced since (another column assigned) fail the spot check of their
+        addresses, and the caller stacks the cells instead.
+        """
+        if self._matrix is None:
+            return None
+        matrix, rows = self._matrix
+        n = len(values)
+        picked = matrix[rows]
+        if len(picked) != n or picked.ndim != 2:
+            return None
+        base = matrix.__array_interface__["data"][0]
+        row_bytes = matrix.strides[0]
+        positions = np.arange(matrix.shape[0])[rows]
+        for i in np.unique(np.linspace(0, n - 1, num=min(n, 65)).astype(np.int64)):
+            cell = values[i]
+            if not isinstance(cell, np.ndarray) or cell.shape != (matrix.shape[1],):
+                return None
+            if cell.__array_interface__["data"][0] != base + int(positions[i]) * row_bytes:
+                return None
+        return picked
+
+    def _with_matrix(self, matrix: np.ndarray, rows: slice | np.ndarray) -> AuditDataset:
+        if matrix.ndim == 2 and matrix.dtype == np.float32:
+            self._matrix = (matrix, rows)
+        return self
 
     def images(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """Decode every image to one uint8 array.
@@ -606,13 +649,24 @@ class AuditDataset:
         AuditDataset
             Same classes, input kind and source; the table index is reset.
         """
-        table = self.table.iloc[_as_row_mask(mask, len(self.table))]
-        return AuditDataset(
+        selection = _as_row_mask(mask, len(self.table))
+        table = self.table.iloc[selection]
+        out = AuditDataset(
             table=table.reset_index(drop=True),
             classes=list(self.classes),
             input_kind=self.input_kind,
             source=self.source,
         )
+        if self._matrix is not None and self.input_kind == "features":
+            matrix, rows = self._matrix
+            held = np.arange(matrix.shape[0])[rows]
+            positions = np.arange(len(self.table))[selection]
+            chosen = held[positions]
+            consecutive = chosen.size > 0 and (np.diff(chosen) == 1).all()
+            out._with_matrix(
+                matrix, slice(int(chosen[0]), int(chosen[-1]) + 1) if consecutive else chosen
+            )
+        return out
 
     def train(self) -> AuditDataset:
         """The rows whose split is ``"train"``."""
@@ -661,7 +715,7 @@ class AuditDataset:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -689,10 +743,13 @@ class AuditDataset:
         """
         path = Path(path)
         try:
-            arrow = pq.read_table(path)
+            schema = pq.read_schema(path)
+            others = [name for name in schema.names if name != "features"]
+            arrow = pq.read_table(path, columns=others)
+            matrix = _read_feature_matrix(path) if "features" in schema.names else None
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"cannot read the Parquet file {path}: {exc}") from exc
-        meta = {k.decode(): v.decode() for k, v in (arrow.schema.metadata or {}).items()}
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
         if _META_PREFIX + "classes" not in meta:
             raise DataError(
                 f"{path} is not a dm-audit dataset file (no class list in its metadata)"
@@ -704,18 +761,25 @@ class AuditDataset:
             )
         input_kind = meta[_META_PREFIX + "input_kind"]
         columns = {}
-        for name in arrow.column_names:
-            column = arrow.column(name)
-            if name == "features":
-                columns[name] = _features_from_arrow(column)
+        for name in schema.names:
+            if name != "features":
+                columns[name] = arrow.column(name).to_pandas()
+            elif matrix is not None:
+                columns[name] = list(matrix)
             else:
-                columns[name] = column.to_pandas()
+                # Rows of different lengths: one array per row, for `validate` to name them.
+                columns[name], _ = _features_from_arrow(
+                    pq.read_table(path, columns=["features"]).column(0)
+                )
         dataset = cls(
             table=pd.DataFrame(columns),
             classes=json.loads(meta[_META_PREFIX + "classes"]),
             input_kind=input_kind,
             source=meta.get(_META_PREFIX + "source", str(path)),
         )
+        if matrix is not None:
+            dataset._with_matrix(matrix, slice(0, len(matrix)))
+        del arrow, columns  # every column is copied out: free Arrow's buffers before validating
         return dataset.validate()
 
     @classmethod
@@ -775,6 +839,8 @@ class AuditDataset:
                 raise DataError(f"features must have shape ({n}, D), got {matrix.shape}")
             table["features"] = list(matrix)
             kind = "features"
+            dataset = cls(table=table, classes=class_list, input_kind=kind, source=source)
+            return dataset._with_matrix(matrix, slice(0, n)).validate()
         else:
             if len(images) != n:  # type: ignore[arg-type]
                 raise DataError(f"got {len(images)} images for {n} labels")  # type: ignore[arg-type]
@@ -810,7 +876,13 @@ def _check_values(column: pd.Series, allowed: Sequence[str], name: str, ids: np.
         )
 
 
-def check_feature_vectors(values: Sequence[np.ndarray], column: str, ids: Sequence[str]) -> int:
+def check_feature_vectors(
+    values: Sequence[np.ndarray],
+    column: str,
+    ids: Sequence[str],
+    *,
+    matrix: np.ndarray | None = None,
+) -> int:
     """Check that feature vectors share one length and are finite.
 
     Parameters
@@ -821,6 +893,8 @@ def check_feature_vectors(values: Sequence[np.ndarray], column: str, ids: Sequen
         Column the vectors came from, named in errors.
     ids : sequence of str, length N
         Example ids, named in errors.
+    matrix : numpy.ndarray, shape (N, D), optional
+        The vectors already stacked (rows of one matrix), checked without another copy.
 
     Returns
     -------
@@ -847,10 +921,16 @@ def check_feature_vectors(values: Sequence[np.ndarray], column: str, ids: Sequen
         )
     if dim == 0:
         raise DataError(f"column {column!r} holds empty feature vectors")
-    matrix = np.stack(values)
-    finite = np.isfinite(matrix)
-    if not finite.all():
+    if matrix is None:
+        matrix = np.stack(values)
+    # Block by block: a boolean mask of a million rows at once would cost 128 MB.
+    for start in range(0, len(matrix), 65_536):
+        finite = np.isfinite(matrix[start : start + 65_536])
+        if finite.all():
+            continue
         row, pos = (int(x) for x in np.argwhere(~finite)[0])
+        row += start
+        finite = np.isfinite(matrix)
         raise DataError(
             f"column {column!r} has {int((~finite).sum())} non-finite value(s) (NaN or inf); "
             f"the first is {matrix[row, pos]} at position {pos} of row {row} "
@@ -914,7 +994,7 @@ def validate(dataset: AuditDataset) -> None:
         vectors = table["features"].to_numpy(dtype=object)
         if not all(isinstance(v, np.ndarray) and v.ndim == 1 for v in vectors):
             raise DataError("the features column must hold one 1-D array per row")
-        check_feature_vectors(vectors, "features", ids)
+        check_feature_vectors(vectors, "features", ids, matrix=dataset._shared_features(vectors))
     else:
         blobs = table["image"].to_numpy(dtype=object)
         bad = [i for i, b in enumerate(blobs) if not isinstance(b, bytes | bytearray) or not b]
@@ -967,14 +1047,65 @@ def _features_to_arrow(matrix: np.ndarray) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, type=pa.list_(pa.float32()))
 
 
-def _features_from_arrow(column: pa.ChunkedArray) -> list[np.ndarray]:
-    """list<float32> column as one float32 array per row (lengths are checked by `validate`)."""
+def _read_feature_matrix(path: Path) -> np.ndarray | None:
+    """The list<float32> ``features`` column as one (N, D) float32 matrix, row group by row group.
+
+    Reading the whole column at once decodes it into Arrow buffers next to the matrix (about
+    2 GB at a million 128-d rows); batch by batch only one row group is decoded at a time.
+    Returns None when the rows do not all have the same length.
+    """
+    file = pq.ParquetFile(path)
+    n = file.metadata.num_rows
+    matrix: np.ndarray | None = None
+    start = 0
+    for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["features"]):
+        lists = batch.column(0)
+        if lists.null_count:
+            return None
+        offsets = lists.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        width = int(lengths[0]) if len(lengths) else 0
+        if width < 1 or (lengths != width).any():
+            return None
+        if matrix is None:
+            matrix = np.empty((n, width), dtype=np.float32)
+        elif width != matrix.shape[1]:
+            return None
+        values = lists.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+        matrix[start : start + len(lists)] = values.reshape(len(lists), width)
+        start += len(lists)
+    return matrix if matrix is not None and start == n else None
+
+
+def _features_from_arrow(column: pa.ChunkedArray) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """list<float32> column as one float32 array per row (lengths are checked by `validate`).
+
+    When every row has the same length the rows are views of one (N, D) matrix, also returned
+    (None otherwise), so `AuditDataset.features` need not copy them.
+    """
+    chunks = [c for c in column.chunks if len(c)]
+    if chunks:
+        flats, width = [], None
+        for chunk in chunks:
+            offsets = chunk.offsets.to_numpy()
+            lengths = np.diff(offsets)
+            if width is None:
+                width = int(lengths[0])
+            if width < 1 or (lengths != width).any():
+                break
+            flat = chunk.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+            # A writable copy, as the stacked matrix used to be (Arrow's buffer is read-only).
+            flats.append(np.array(flat, dtype=np.float32))
+        else:
+            matrix = np.concatenate(flats) if len(flats) > 1 else flats[0]
+            matrix = matrix.reshape(-1, width)
+            return list(matrix), matrix
     rows: list[np.ndarray] = []
     for chunk in column.chunks:
         offsets = chunk.offsets.to_numpy()
         flat = chunk.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         rows.extend(flat[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
-    return rows
+    return rows, None
 
 
 def is_dataset_file(path: str | os.PathLike[str]) -> bool:

@@ -15,7 +15,8 @@ labels, so its probabilities behave like out-of-sample probabilities:
 
 Nearest neighbours use faiss on L2-normalised embeddings (inner product = cosine similarity):
 an exact `IndexFlatIP` up to `ivf_threshold` rows and an `IndexIVFFlat` with about sqrt(N) lists
-above, searched in chunks so memory stays bounded at millions of rows.
+above (`dm_audit.neighbours`). Embeddings may be an array or chunks read back from a scores
+Parquet file, so at millions of rows only the index and one chunk are in memory.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from typing import Literal
 
 import numpy as np
 
+from dm_audit import neighbours
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.estimate import validate_labels, validate_mask, validate_probs
+from dm_audit.neighbours import IVF_THRESHOLD, ArrayEmbeddings, EmbeddingChunks, IndexKind
 
 __all__ = [
     "DEFAULT_ISSUE_WEIGHTS",
@@ -47,8 +50,6 @@ __all__ = [
     "select_trusted",
 ]
 
-IndexKind = Literal["auto", "flat", "ivf"]
-IVF_THRESHOLD = 200_000
 # The mean of p_i over training separates mislabelled from clean examples best (digits, 40 %
 # symmetric / 20 % pair noise: AUROC 0.999 / 0.987 against 0.984 / 0.755 for the last epoch's
 # p_i and 0.94 / 0.50 for kNN agreement), so it dominates; the other two break its ties.
@@ -90,72 +91,28 @@ def _unit_vector(x: np.ndarray, name: str, n: int | None = None) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def _embeddings(x: np.ndarray, n: int | None = None) -> np.ndarray:
-    arr = np.asarray(x, dtype=np.float32)
-    if arr.ndim != 2 or arr.shape[1] < 1 or (n is not None and arr.shape[0] != n):
-        want = f"({n}, E)" if n is not None else "(N, E)"
-        raise DataError(f"embeddings must have shape {want}, got {arr.shape}")
-    if not np.isfinite(arr).all():
-        row = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
-        raise DataError(f"embeddings row {row} holds a non-finite value")
-    return arr
+def _embedding_source(x: np.ndarray | EmbeddingChunks, n: int | None = None) -> EmbeddingChunks:
+    """An array (checked whole, as before) or a chunked source (checked chunk by chunk)."""
+    if isinstance(x, np.ndarray) or not hasattr(x, "chunks"):
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[1] < 1 or (n is not None and arr.shape[0] != n):
+            want = f"({n}, E)" if n is not None else "(N, E)"
+            raise DataError(f"embeddings must have shape {want}, got {arr.shape}")
+        return ArrayEmbeddings(arr)
+    if n is not None and x.n_rows != n:
+        raise DataError(f"embeddings must have shape ({n}, E), got {x.n_rows} rows")
+    return x
 
 
 # ----------------------------------------------------------------------------- faiss kNN
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    """L2-normalise rows (zero rows stay zero) as C-contiguous float32, as faiss wants."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
-
-
-def _build_index(
-    base: np.ndarray, kind: IndexKind, *, ivf_threshold: int, nprobe: int, seed: int
-) -> object:
-    import faiss
-
-    if kind not in ("auto", "flat", "ivf"):
-        raise ConfigError(f"index must be 'auto', 'flat' or 'ivf', got {kind!r}")
-    n, d = base.shape
-    use_ivf = kind == "ivf" or (kind == "auto" and n > ivf_threshold)
-    if not use_ivf:
-        index = faiss.IndexFlatIP(d)
-        index.add(base)
-        return index
-    # About sqrt(N) lists, but at least 39 training points per centroid (faiss' own minimum).
-    nlist = int(max(1, min(round(math.sqrt(n)), n // 39)))
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = seed
-    rng = np.random.default_rng(seed)
-    n_train = min(n, 256 * nlist)
-    sample = base if n_train == n else base[np.sort(rng.choice(n, n_train, replace=False))]
-    index.train(np.ascontiguousarray(sample))
-    index.add(base)
-    index.nprobe = int(min(nlist, max(1, nprobe)))
-    return index
-
-
-def _search(
-    index: object, queries: np.ndarray, k: int, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    n = queries.shape[0]
-    sims = np.empty((n, k), dtype=np.float32)
-    ids = np.empty((n, k), dtype=np.int64)
-    # Chunks bound the (chunk, k) result buffers and faiss' scratch memory.
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        s, i = index.search(np.ascontiguousarray(queries[start:stop]), k)  # type: ignore[attr-defined]
-        sims[start:stop], ids[start:stop] = s, i
-    return sims, ids
-
-
 def _knn(
-    base: np.ndarray,
-    queries: np.ndarray,
+    base: EmbeddingChunks,
+    queries: EmbeddingChunks,
     k: int,
     *,
+    base_rows: np.ndarray | None,
     self_ids: np.ndarray | None,
     index: IndexKind,
     ivf_threshold: int,
@@ -165,30 +122,16 @@ def _knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest base rows of each query, excluding the query itself.
 
-    `self_ids[q]` is the base row of query q (or -1 when the query is not in the base). Missing
-    neighbours (IVF with too few candidates) come back with id -1 and similarity -inf.
+    `base_rows` selects the indexed rows of `base` (default all); `self_ids[q]` is the index
+    position of query q (or -1 when the query is not in the base). Missing neighbours (IVF with
+    too few candidates) come back with id -1 and similarity -inf. Ids are index positions.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    idx = _build_index(base, index, ivf_threshold=ivf_threshold, nprobe=nprobe, seed=seed)
-    kk = min(k + (1 if self_ids is not None else 0), base.shape[0])
-    sims, ids = _search(idx, queries, kk, batch_size)
-    if self_ids is not None:
-        # Drop the query's own row wherever it appears (exact duplicates may rank it second);
-        # if it was not returned, drop the farthest neighbour instead so every row keeps k.
-        hit = ids == self_ids[:, None]
-        hit &= self_ids[:, None] >= 0
-        no_hit = ~hit.any(axis=1)
-        hit[no_hit, -1] = True
-        keep = ~hit
-        sims = sims[keep].reshape(len(queries), kk - 1)
-        ids = ids[keep].reshape(len(queries), kk - 1)
-    sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
-    if sims.shape[1] < k:  # fewer base rows than k: pad as missing neighbours
-        pad = k - sims.shape[1]
-        sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
-        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-    return sims, ids
+    idx = neighbours.build_index(
+        base, base_rows, kind=index, ivf_threshold=ivf_threshold, nprobe=nprobe, seed=seed
+    )
+    return neighbours.search(idx, queries, k, self_positions=self_ids, batch_size=batch_size)
 
 
 @dataclass(frozen=True)
@@ -232,8 +175,10 @@ def knn_label_agreement(
 
     Parameters
     ----------
-    embeddings : np.ndarray, shape (N, E)
-        Penultimate-layer embeddings; L2-normalised here (cosine similarity).
+    embeddings : np.ndarray, shape (N, E), or EmbeddingChunks
+        Penultimate-layer embeddings; L2-normalised here (cosine similarity). A chunked source
+        (`dm_audit.neighbours.ParquetEmbeddings`) is read chunk by chunk, so only the index and
+        one chunk are in memory.
     labels : np.ndarray, shape (N,)
         Given labels as integer codes.
     n_classes : int, optional
@@ -257,19 +202,19 @@ def knn_label_agreement(
     KnnLabelAgreement
         ``agreement`` (N,), ``votes`` (N, C), ``indices`` and ``similarities`` (N, k).
     """
-    emb = _embeddings(embeddings)
-    n = emb.shape[0]
+    source = _embedding_source(embeddings)
+    n = source.n_rows
     if n < 2:
         raise DataError("knn_label_agreement needs at least 2 examples")
     c = int(n_classes) if n_classes is not None else int(np.max(np.asarray(labels))) + 1
     y = validate_labels(labels, n, c)
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
-    x = _normalise(emb)
     sims, ids = _knn(
-        x,
-        x,
+        source,
+        source,
         min(k, n - 1),
+        base_rows=None,
         self_ids=np.arange(n),
         index=index,
         ivf_threshold=ivf_threshold,
@@ -278,12 +223,23 @@ def knn_label_agreement(
         seed=seed,
     )
     valid = ids >= 0
-    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], ids.shape)
-    # One bincount over flat (row, label) cells: much faster than np.add.at at millions of rows.
-    cells = rows[valid] * c + y[ids[valid]]
-    votes = np.bincount(cells, minlength=n * c).reshape(n, c).astype(np.float32)
     found = valid.sum(axis=1, keepdims=True)
-    votes = np.where(found > 0, votes / np.maximum(found, 1), np.float32(1.0 / c))
+    votes: np.ndarray | None = None
+    # One bincount over flat (row, label) cells per block of rows: much faster than np.add.at,
+    # and blocks keep its count array small at millions of rows.
+    step = 65_536
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        ok, near = valid[lo:hi], ids[lo:hi]
+        rows = np.broadcast_to(np.arange(hi - lo, dtype=np.int64)[:, None], near.shape)
+        cells = rows[ok] * c + y[near[ok]]
+        counts = np.bincount(cells, minlength=(hi - lo) * c).reshape(hi - lo, c)
+        f = found[lo:hi]
+        block = np.where(f > 0, counts.astype(np.float32) / np.maximum(f, 1), np.float32(1.0 / c))
+        if votes is None:
+            votes = np.empty((n, c), dtype=block.dtype)
+        votes[lo:hi] = block
+    assert votes is not None
     agreement = votes[np.arange(n), y].astype(np.float64)
     return KnnLabelAgreement(agreement=agreement, votes=votes, indices=ids, similarities=sims)
 
@@ -691,8 +647,8 @@ def ood_scores(
     ----------
     probs : np.ndarray, shape (N, C)
         Class probabilities of the audit model.
-    embeddings : np.ndarray, shape (N, E)
-        Penultimate-layer embeddings.
+    embeddings : np.ndarray, shape (N, E), or EmbeddingChunks
+        Penultimate-layer embeddings (a chunked source is read chunk by chunk).
     labels : np.ndarray, shape (N,)
         Given labels as integer codes (used by ``per_class``).
     trusted_mask : np.ndarray, shape (N,), bool
@@ -726,7 +682,7 @@ def ood_scores(
     """
     p = validate_probs(probs)
     n, c = p.shape
-    emb = _embeddings(embeddings, n)
+    source = _embedding_source(embeddings, n)
     y = validate_labels(labels, n, c)
     trusted = validate_mask(trusted_mask, "trusted_mask", n)
     if k < 1:
@@ -741,20 +697,30 @@ def ood_scores(
         raise ConfigError(
             f"unknown OOD weight(s) {sorted(unknown)}; use {sorted(DEFAULT_OOD_WEIGHTS)}"
         )
-    x = _normalise(emb)
-    knn_opts = {
-        "index": index,
-        "ivf_threshold": ivf_threshold,
-        "nprobe": nprobe,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
 
     def kth_distance(base_rows: np.ndarray, query_rows: np.ndarray) -> np.ndarray:
         # Base row numbers of the queries that are themselves in the base (to exclude them).
         pos = np.full(n, -1, dtype=np.int64)
         pos[base_rows] = np.arange(base_rows.size)
-        sims, _ = _knn(x[base_rows], x[query_rows], k, self_ids=pos[query_rows], **knn_opts)
+        idx = neighbours.build_index(
+            source,
+            base_rows,
+            kind=index,
+            ivf_threshold=ivf_threshold,
+            nprobe=nprobe,
+            seed=seed,
+        )
+        every = query_rows.size == n
+        sims, _ = neighbours.search(
+            idx,
+            source,
+            k,
+            query_rows=None if every else query_rows,
+            self_positions=pos[query_rows],
+            batch_size=batch_size,
+        )
         kth = sims[:, k - 1].astype(np.float64)
         return 1.0 - np.where(np.isfinite(kth), kth, -1.0)  # missing neighbour: farthest (2)
 

@@ -7,12 +7,15 @@ curve gives it, the predicted class and its probability, the normalised entropy,
 p_i − max_{j≠y_i} p_j, and the penultimate embedding (for faiss nearest neighbours).
 
 The Parquet layout is :data:`SCORES_SCHEMA`, versioned in its metadata; :func:`write_scores`
-writes it atomically.
+writes it atomically. At millions of rows :func:`write_scores_stream` scores chunk by chunk and
+writes each chunk's rows straight to the file, so the embeddings are never all in memory; the
+flags read them back chunk by chunk (`dm_audit.neighbours.ParquetEmbeddings`).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,21 +27,29 @@ import pyarrow.parquet as pq
 import torch
 
 from dm_audit.atomic import atomic_write_parquet
-from dm_audit.errors import DataError
+from dm_audit.errors import ConfigError, DataError
 from dm_audit.metrics import given_probability, margin, normalised_entropy
 from dm_audit.models import AuditModel
+from dm_audit.neighbours import DEFAULT_CHUNK_ROWS
 from dm_audit.training import predict_proba
 
 __all__ = [
     "SCORES_SCHEMA",
     "SCORES_SCHEMA_VERSION",
+    "STREAM_THRESHOLD",
     "read_scores",
     "score",
+    "score_columns",
     "scores_from_probs",
     "write_scores",
+    "write_scores_stream",
 ]
 
 SCORES_SCHEMA_VERSION = "1"
+# Above this many examples the audit streams scores to Parquet instead of holding every
+# embedding: 200k rows of 256-d float32 embeddings are 200 MB (plus the normalised copy faiss
+# needs), which is where holding them starts to dominate the audit's memory.
+STREAM_THRESHOLD = 200_000
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -110,23 +121,148 @@ def scores_from_probs(
     ids = [str(i) for i in range(n)] if example_ids is None else [str(i) for i in example_ids]
     if len(ids) != n:
         raise DataError(f"example_ids has {len(ids)} entries for {n} examples")
-    p_given = given_probability(p, y)
+    return pd.DataFrame(
+        {"example_id": ids, **score_columns(p, y, weighting=weighting), "embedding": list(emb)}
+    )
+
+
+def score_columns(probs: np.ndarray, labels: np.ndarray, *, weighting: WeightFn) -> dict[str, Any]:
+    """The per-example score columns computed from probabilities (all but id and embedding).
+
+    Parameters
+    ----------
+    probs : array (N, C) float32
+        Class probabilities, already validated.
+    labels : array (N,) int
+        Given label codes in ``0..C-1``.
+    weighting : callable
+        Maps p_i to emphasis weights.
+
+    Returns
+    -------
+    dict of str to array (N,)
+        ``label``, ``p_given``, ``emphasis_weight``, ``predicted_label``, ``predicted_prob``,
+        ``entropy``, ``margin`` with the dtypes of :data:`SCORES_SCHEMA`.
+    """
+    n = probs.shape[0]
+    p_given = given_probability(probs, labels)
     weights = np.asarray(weighting(p_given.astype(np.float64)), dtype=np.float32)
     if weights.shape != (n,):
         raise DataError(f"weighting returned shape {weights.shape}, expected ({n},)")
-    return pd.DataFrame(
-        {
-            "example_id": ids,
-            "label": y.astype(np.int64),
-            "p_given": p_given,
-            "emphasis_weight": weights,
-            "predicted_label": p.argmax(axis=1).astype(np.int64),
-            "predicted_prob": p.max(axis=1).astype(np.float32),
-            "entropy": normalised_entropy(p),
-            "margin": margin(p, y),
-            "embedding": list(emb),
-        }
-    )
+    return {
+        "label": labels.astype(np.int64),
+        "p_given": p_given,
+        "emphasis_weight": weights,
+        "predicted_label": probs.argmax(axis=1).astype(np.int64),
+        "predicted_prob": probs.max(axis=1).astype(np.float32),
+        "entropy": normalised_entropy(probs),
+        "margin": margin(probs, labels),
+    }
+
+
+def _chunk_table(ids: Sequence[str], columns: dict[str, Any], embeddings: np.ndarray) -> pa.Table:
+    """One chunk of the scores table as Arrow, the embeddings as a list column without copies."""
+    m, width = embeddings.shape
+    offsets = pa.array(np.arange(m + 1, dtype=np.int32) * width, type=pa.int32())
+    values = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    arrays = [pa.array([str(i) for i in ids], type=pa.string())]
+    for f in SCORES_SCHEMA:
+        if f.name == "embedding":
+            arrays.append(pa.ListArray.from_arrays(offsets, values, type=f.type))
+        elif f.name != "example_id":
+            arrays.append(pa.array(columns[f.name], type=f.type))
+    return pa.Table.from_arrays(arrays, schema=SCORES_SCHEMA)
+
+
+def write_scores_stream(
+    model: AuditModel,
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    weighting: WeightFn,
+    device: str | torch.device = "auto",
+    batch_size: int = 1024,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    example_ids: Sequence[str] | None = None,
+) -> tuple[Path, np.ndarray]:
+    """Score every example chunk by chunk, writing each chunk's rows straight to Parquet.
+
+    Only one chunk's embeddings are in memory at a time; the probabilities of every example
+    (N x C, small next to N x E embeddings) are returned because the flags and corrections need
+    them. The file has :data:`SCORES_SCHEMA` and the same rows as :func:`write_scores` of
+    :func:`score` would write; it appears atomically (written under a temporary name, then
+    renamed), so a crash leaves no partial file.
+
+    Parameters
+    ----------
+    model : AuditModel
+        Trained model.
+    inputs : array
+        float features ``(N, D)`` or uint8 images ``(N, H, W, C)``.
+    labels : array (N,) int
+        Given labels.
+    path : path-like
+        Destination ``.parquet`` file; its folder is created if needed.
+    weighting : callable
+        Emphasis curve for ``emphasis_weight``.
+    device : str or torch.device
+        See :func:`dm_audit.training.resolve_device`.
+    batch_size : int
+        Examples per forward pass.
+    chunk_rows : int
+        Examples per chunk (one Parquet row group each). Rounded up to a multiple of
+        `batch_size`, so the forward passes see the same batches as one whole pass.
+    example_ids : sequence of str, optional
+        Ids for the ``example_id`` column (default: row positions).
+
+    Returns
+    -------
+    path : Path
+        The written file.
+    probs : array (N, C) float32
+        Class probabilities of every example.
+    """
+    y = np.asarray(labels)
+    n = len(inputs)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"labels must be integer codes of shape ({n},), got {y.dtype} {y.shape}")
+    if example_ids is not None and len(example_ids) != n:
+        raise DataError(f"example_ids has {len(example_ids)} entries for {n} examples")
+    if chunk_rows < 1 or batch_size < 1:
+        raise ConfigError(f"chunk_rows and batch_size must be >= 1, got {chunk_rows}, {batch_size}")
+    chunk = -(-chunk_rows // batch_size) * batch_size
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    probs: np.ndarray | None = None
+    try:
+        with pq.ParquetWriter(tmp, SCORES_SCHEMA) as writer:
+            for start in range(0, max(n, 1), chunk):
+                stop = min(n, start + chunk)
+                p, emb = predict_proba(model, inputs[start:stop], device, batch_size)
+                if probs is None:
+                    probs = np.empty((n, p.shape[1]), dtype=np.float32)
+                probs[start:stop] = p
+                yc = y[start:stop]
+                bad = np.flatnonzero((yc < 0) | (yc >= p.shape[1]))
+                if bad.size:
+                    row = start + int(bad[0])
+                    raise DataError(
+                        f"labels: row {row} has label {y[row]}, outside 0..{p.shape[1] - 1}"
+                    )
+                ids = range(start, stop) if example_ids is None else example_ids[start:stop]
+                columns = score_columns(p, yc, weighting=weighting)
+                writer.write_table(_chunk_table(ids, columns, emb))
+                if stop >= n:
+                    break
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    assert probs is not None
+    return out, probs
 
 
 def score(

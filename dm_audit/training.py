@@ -866,8 +866,11 @@ def _forward_all(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     was_training = model.training
     model.eval()
-    probs_out: list[np.ndarray] = []
-    emb_out: list[np.ndarray] = []
+    # Filled in place (no list of batches to concatenate): at millions of rows a second copy
+    # of the (N, E) embeddings would double the memory of the pass.
+    n = len(inputs)
+    probs = np.empty((n, model.head.out_features), dtype=np.float32)
+    emb_all = np.empty((n, model.embedding_dim), dtype=np.float32) if embeddings else None
     autocast = (
         torch.autocast(device_type=device.type, dtype=amp_dtype)
         if amp_dtype is not None
@@ -882,18 +885,13 @@ def _forward_all(
             with autocast:
                 emb = model.embed(x)
                 logits = model.head(emb)
-            probs_out.append(F.softmax(logits.float(), dim=1).cpu().numpy())
-            if embeddings:
-                emb_out.append(emb.float().cpu().numpy())
+            stop = start + len(xb)
+            probs[start:stop] = F.softmax(logits.float(), dim=1).cpu().numpy()
+            if emb_all is not None:
+                emb_all[start:stop] = emb.float().cpu().numpy()
     finally:
         model.train(was_training)
-    n_classes = model.head.out_features
-    probs = np.concatenate(probs_out) if probs_out else np.zeros((0, n_classes), np.float32)
-    if not embeddings:
-        return probs.astype(np.float32, copy=False), None
-    emb_dim = model.embedding_dim
-    emb_all = np.concatenate(emb_out) if emb_out else np.zeros((0, emb_dim), np.float32)
-    return probs.astype(np.float32, copy=False), emb_all.astype(np.float32, copy=False)
+    return probs, emb_all
 
 
 def predict_proba(
