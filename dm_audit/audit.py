@@ -595,6 +595,18 @@ def score_examples(
     return ExampleScores(table, probs, embeddings, targets)
 
 
+def streamed_scores_path(dataset: AuditDataset, folder: str | Path) -> Path | None:
+    """Where `score_examples` should stream the scores of `dataset` so they outlive the process.
+
+    Above `STREAM_THRESHOLD` training examples the scores (embeddings included) live in a
+    Parquet file that later stages read back; by default that file is temporary and goes with
+    the process. A run that resumes, or a pipeline whose stages run in separate processes, keeps
+    it in `folder` instead. None (score in memory) for smaller datasets.
+    """
+    n = int((dataset.table["split"] == "train").sum())
+    return Path(folder) / "scores.parquet" if n > STREAM_THRESHOLD else None
+
+
 def proselflc_targets(fit_result: FitResult, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """ProSelfLC's corrected targets q̃ at the end of training, shape (N, C).
 
@@ -1147,7 +1159,9 @@ def _run_stages(
         return compute() if work is None else work.stage(name, compute)
 
     def scored() -> ExampleScores:
-        result = score_examples(dataset, audit_fit, config)
+        # A resumed run reads the streamed scores back: they must live in the work folder.
+        path = None if work is None else streamed_scores_path(dataset, work.path)
+        result = score_examples(dataset, audit_fit, config, scores_path=path)
         kill_point("scoring")
         return result
 

@@ -158,13 +158,18 @@ def audit_model(
 
 @dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS)
 def example_scores(
+    context: dg.AssetExecutionContext,
     dataset: AuditDataset,
     audit_model: audit.AuditFit,
     audit_settings: AuditSettings,
     runtime: AuditRuntime,
 ) -> dg.Output[audit.ExampleScores]:
     """Per-example p_i, emphasis weight, prediction, entropy, margin and dynamics summary."""
-    result = audit.score_examples(dataset, audit_model, audit_settings.audit_config(runtime.device))
+    # At scale the scores stream to a file that the flags asset, in another process, reads.
+    scores_path = audit.streamed_scores_path(dataset, runtime.stage_dir(context.run.run_id))
+    result = audit.score_examples(
+        dataset, audit_model, audit_settings.audit_config(runtime.device), scores_path=scores_path
+    )
     table = result.table
     meta = {
         "dagster/row_count": len(table),

@@ -29,6 +29,7 @@ from dm_audit import audit as audit_module
 from dm_audit.atomic import RUN_MARKER, STAGING_PREFIX
 from dm_audit.cli import EXIT_BAD_INPUT, main
 from dm_audit.faults import KILL_ENV
+from dm_audit.noise import add_noise
 from dm_audit.reports import REPORT_FILES
 from dm_audit.sources import load_source
 from dm_audit.workdir import WORK_DIR_NAME, dataset_fingerprint
@@ -286,3 +287,31 @@ def test_the_data_fingerprint_sees_every_value(tmp_path: Path) -> None:
     resplit = load_source(str(source), id_column="example_id", test_size=0.3, seed=1)
     prints = {dataset_fingerprint(d)["sha256"] for d in (dataset, relabelled, moved, resplit)}
     assert len(prints) == 4
+
+
+def test_streamed_scores_live_in_the_work_folder_so_a_resume_can_read_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stream from 100 training examples on, so a small dataset takes the large-data path.
+    monkeypatch.setattr(audit_module, "STREAM_THRESHOLD", 100)
+    digits = load_source("digits", seed=0)
+    data = add_noise(digits.subset(np.arange(400)), kind="symmetric", rate=0.3)
+    config = audit_module.AuditConfig(
+        seed=0, epochs=6, probe_epochs=5, progress=False, device="cpu"
+    )
+    real_retrain = audit_module.retrain
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("stopped before the retrain")
+
+    monkeypatch.setattr(audit_module, "retrain", crash)
+    with pytest.raises(RuntimeError, match="stopped"):
+        audit_module.run_audit(data, config, tmp_path / "run")
+    work = tmp_path / "run" / WORK_DIR_NAME
+    assert (work / "scores.parquet").is_file() and (work / "scores.pkl").is_file()
+
+    monkeypatch.setattr(audit_module, "retrain", real_retrain)
+    resumed = audit_module.run_audit(data, config, tmp_path / "run")
+    fresh = audit_module.run_audit(data, config, tmp_path / "fresh")
+    assert not work.exists()
+    pd.testing.assert_frame_equal(resumed.examples, fresh.examples)
