@@ -96,6 +96,11 @@ _CHECKPOINT_VERSION = 1
 # Config fields that cannot change the trained weights: a checkpoint may differ in them.
 _RESUME_IGNORED_FIELDS = frozenset({"progress", "progress_label", "eval_batch_size"})
 _DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
+# The MLP recipe's weight decay, and the table size up to which it applies in full. Above it the
+# decay shrinks as 1/N: on a synthetic 50,000-row table with 20 % noise the full 2e-2 held the
+# audit model at 0.71 test accuracy (detection F1 0.58), 2e-3 gave 0.97 (F1 0.94).
+MLP_WEIGHT_DECAY = 2e-2
+MLP_DECAY_ROWS = 5_000
 # Emphasis parameters a collapse recovery halves (dm/normal/exponential: beta, lam/psi; imae: T;
 # ProSelfLC combined with DM: dm_lam, dm_beta).
 _EMPHASIS_KEYS = ("lam", "beta", "psi", "T", "dm_lam", "dm_beta")
@@ -226,19 +231,23 @@ class TrainConfig:
         """``lr``, or the optimizer's default when ``lr`` is None."""
         return float(self.lr) if self.lr is not None else _DEFAULT_LR[self.optimizer]
 
-    def resolved_weight_decay(self, model: nn.Module) -> float:
+    def resolved_weight_decay(self, model: nn.Module, n_examples: int | None = None) -> float:
         """``weight_decay``, or the recipe's value for ``model``'s family when it is None.
 
-        SGD/Adam (L2): 2e-2 for MLPs (strong enough that an emphasis loss cannot memorise noisy
-        labels on a feature table, see the module docstring), 5e-4 for CIFAR ResNets, 1e-4 for
-        torchvision ResNets (the DM/GR papers' fine-tuning value); AdamW: 0.05.
+        SGD/Adam (L2): for MLPs 2e-2 up to `MLP_DECAY_ROWS` training examples (strong enough
+        that an emphasis loss cannot memorise noisy labels on a small feature table, see the
+        module docstring) and 2e-2 · `MLP_DECAY_ROWS` / N above, since more data regularise by
+        themselves; 5e-4 for CIFAR ResNets, 1e-4 for torchvision ResNets (the DM/GR papers'
+        fine-tuning value); AdamW: 0.05.
         """
         if self.weight_decay is not None:
             return float(self.weight_decay)
         if self.optimizer == "adamw":
             return 0.05
         if isinstance(model, MLP):
-            return 2e-2
+            if n_examples is None or n_examples <= MLP_DECAY_ROWS:
+                return MLP_WEIGHT_DECAY
+            return MLP_WEIGHT_DECAY * MLP_DECAY_ROWS / n_examples
         if isinstance(model, CifarResNet):
             return 5e-4
         return 1e-4
@@ -683,9 +692,11 @@ class _LRLambda:
         return self.scale * factor
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(
+    model: nn.Module, config: TrainConfig, n_examples: int
+) -> torch.optim.Optimizer:
     lr = config.peak_lr
-    weight_decay = config.resolved_weight_decay(model)
+    weight_decay = config.resolved_weight_decay(model, n_examples)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
@@ -996,7 +1007,7 @@ class _Trainer:
         self._bn_undo: list[tuple[nn.Module, str, nn.Module]] = []
         if self.dist is not None:
             self._wrap_ddp()
-        self.optimizer = _make_optimizer(self.model, config)
+        self.optimizer = _make_optimizer(self.model, config, self.data.n)
         self.lr_lambda = _LRLambda(config, self.iters_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -1081,7 +1092,7 @@ class _Trainer:
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
             "optimizer": self.config.optimizer,
             "lr": self.config.peak_lr,
-            "weight_decay": self.config.resolved_weight_decay(self.model),
+            "weight_decay": self.config.resolved_weight_decay(self.model, self.data.n),
             "epochs": self.config.epochs,
             "batch_size": self.config.batch_size,
             "iterations": self.total_iters,

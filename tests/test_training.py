@@ -15,6 +15,8 @@ from dm_audit.errors import ConfigError, DataError
 from dm_audit.noise import inject_symmetric
 from dm_audit.training import (
     CHECKPOINT_NAME,
+    MLP_DECAY_ROWS,
+    MLP_WEIGHT_DECAY,
     FitResult,
     TrainConfig,
     _augmentation,
@@ -82,6 +84,22 @@ def test_config_round_trips_through_dict():
     assert again == config
     with pytest.raises(ConfigError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"epochz": 3})
+
+
+def test_mlp_weight_decay_shrinks_with_the_table_size():
+    from dm_audit.models import create_model
+
+    mlp = create_model("mlp", num_classes=10, input_shape=(64,))
+    resnet = create_model("resnet20", num_classes=10, input_shape=(32, 32, 3))
+    config = TrainConfig()
+    # Full strength up to MLP_DECAY_ROWS examples (digits, wine), then as 1/N.
+    assert config.resolved_weight_decay(mlp, 1_257) == MLP_WEIGHT_DECAY == 2e-2
+    assert config.resolved_weight_decay(mlp, MLP_DECAY_ROWS) == 2e-2
+    assert config.resolved_weight_decay(mlp, 50_000) == pytest.approx(2e-3)
+    assert config.resolved_weight_decay(mlp, 1_000_000) == pytest.approx(1e-4)
+    # A user's value and the other families' recipes do not depend on the size.
+    assert TrainConfig(weight_decay=0.05).resolved_weight_decay(mlp, 1_000_000) == 0.05
+    assert config.resolved_weight_decay(resnet, 1_000_000) == 5e-4
 
 
 def test_recipe_defaults_resolve_per_model_family(digits):
