@@ -1054,7 +1054,8 @@ def _read_feature_matrix(path: Path) -> np.ndarray | None:
     2 GB at a million 128-d rows); batch by batch only one row group is decoded at a time.
     Returns None when the rows do not all have the same length.
     """
-    file = pq.ParquetFile(path)
+    # Without pre-buffering: a pre-buffering reader keeps every row group read so far.
+    file = pq.ParquetFile(path, pre_buffer=False)
     n = file.metadata.num_rows
     matrix: np.ndarray | None = None
     start = 0

@@ -89,17 +89,21 @@ def test_ivf_recall_and_exact_when_every_list_is_probed():
     sims_flat, ids_flat = search(flat, source, 10, self_positions=own)
     truth = _exact_neighbours(x, 10)
     assert (ids_flat == truth).mean() > 0.999  # float ties aside, flat is exact
-    nlist = round(np.sqrt(4000))  # 63 lists
-    ivf = build_index(source, kind="ivf", nprobe=8, seed=0)
-    assert ivf.nlist == nlist and ivf.nprobe == 8
+    # 4 sqrt(N) = 253 lists, capped at N / 39 = 102 (faiss' minimum of 39 points per list).
+    nlist = 4000 // 39
+    ivf = build_index(source, kind="ivf", nprobe=16, seed=0)
+    assert ivf.nlist == nlist and ivf.nprobe == 16
     _, ids_ivf = search(ivf, source, 10, self_positions=own)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_ivf, ids_flat, strict=True)])
-    # Measured 0.994 on these overlapping clusters with 8 of 63 lists visited (0.889 with 4).
+    # Measured 0.999 on these overlapping clusters with 16 of 102 lists visited (0.958 with 8).
     assert recall >= 0.98
     every = build_index(source, kind="ivf", nprobe=nlist, seed=0)
     sims_all, ids_all = search(every, source, 10, self_positions=own)
-    np.testing.assert_array_equal(ids_all, ids_flat)
-    np.testing.assert_allclose(sims_all, sims_flat, rtol=0, atol=1e-6)
+    # Probing every list is exact up to the float16 storage: the same similarities within
+    # 1e-3 and the same neighbours except where float16 reorders near-ties at the k-th place.
+    np.testing.assert_allclose(sims_all, sims_flat, rtol=0, atol=1e-3)
+    same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_all, ids_flat, strict=True)])
+    assert same >= 0.995
 
 
 @pytest.mark.parametrize("index", ["flat", "ivf"])
