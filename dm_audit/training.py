@@ -1414,12 +1414,15 @@ class _Trainer:
             if previous is None or previous["discarded"] or not previous["collapsed"]:
                 event["action"] = "none" if not self.config.collapse_guard else "gave_up"
                 self.events.append(_plain(event))
-                log.warning(
-                    "training collapsed at epoch %d (%s); %s",
-                    entry["epoch"],
-                    reason,
-                    "the collapse guard is off" if event["action"] == "none" else "no retries left",
-                )
+                if distributed.is_main():  # every rank decides alike; one says so
+                    log.warning(
+                        "training collapsed at epoch %d (%s); %s",
+                        entry["epoch"],
+                        reason,
+                        "the collapse guard is off"
+                        if event["action"] == "none"
+                        else "no retries left",
+                    )
             return False
         params = dict(self.guard["loss_params"])
         reduced = {k: float(v) * 0.5 for k, v in params.items() if k in _EMPHASIS_KEYS}
@@ -1446,14 +1449,15 @@ class _Trainer:
             lr_scale=self.guard["lr_scale"],
         )
         self.events.append(_plain(event))
-        log.warning(
-            "training collapsed at epoch %d (%s); rolled back to epoch %d with %s, ramp %.2f",
-            entry["epoch"],
-            reason,
-            self.epoch,
-            params,
-            self.guard["ramp"],
-        )
+        if distributed.is_main():  # every rank rolls back alike; one says so
+            log.warning(
+                "training collapsed at epoch %d (%s); rolled back to epoch %d with %s, ramp %.2f",
+                entry["epoch"],
+                reason,
+                self.epoch,
+                params,
+                self.guard["ramp"],
+            )
         return True
 
     # ---------------------------------------------------------------- the loop
