@@ -14,8 +14,8 @@ labels, so its probabilities behave like out-of-sample probabilities:
   class, uncertain, and its neighbours (other OOD inputs) carry random labels.
 
 Nearest neighbours use faiss on L2-normalised embeddings (inner product = cosine similarity):
-an exact `IndexFlatIP` up to `ivf_threshold` rows and an `IndexIVFFlat` with about sqrt(N) lists
-above (`dm_audit.neighbours`). Embeddings may be an array or chunks read back from a scores
+an exact `IndexFlatIP` up to `ivf_threshold` rows and above it an IVF index with about 4 sqrt(N)
+lists and float16 vectors (`dm_audit.neighbours`). Embeddings may be an array or chunks read back from a scores
 Parquet file, so at millions of rows only the index and one chunk are in memory.
 """
 
@@ -186,8 +186,8 @@ def knn_label_agreement(
     k : int
         Neighbours per example, the example itself excluded.
     index : {"auto", "flat", "ivf"}
-        faiss index: exact ``IndexFlatIP``; ``IndexIVFFlat`` with about sqrt(N) lists (approximate,
-        for millions of rows); ``"auto"`` uses IVF above `ivf_threshold` rows.
+        faiss index: exact ``IndexFlatIP``; IVF with about 4 sqrt(N) lists and float16 vectors
+        (approximate, for millions of rows); ``"auto"`` uses IVF above `ivf_threshold` rows.
     ivf_threshold : int
         Row count above which ``"auto"`` switches to IVF.
     nprobe : int
