@@ -15,8 +15,9 @@ labels, so its probabilities behave like out-of-sample probabilities:
 
 Nearest neighbours use faiss on L2-normalised embeddings (inner product = cosine similarity):
 an exact `IndexFlatIP` up to `ivf_threshold` rows and above it an IVF index with about 4 sqrt(N)
-lists and float16 vectors (`dm_audit.neighbours`). Embeddings may be an array or chunks read back from a scores
-Parquet file, so at millions of rows only the index and one chunk are in memory.
+lists and float16 vectors (`dm_audit.neighbours`). Embeddings may be an array or chunks read
+back from a scores Parquet file, so at millions of rows only the index and one chunk are in
+memory.
 """
 
 from __future__ import annotations
