@@ -386,7 +386,9 @@ def probe(
         batch_size=1024,
     )
     mean_p = result.dynamics.summary()["mean_p"].to_numpy()
-    issue_score, _ = _label_issue_scores(probs, embeddings, labels, mean_p, dataset, config)
+    issue_score, _ = _label_issue_scores(
+        probs, embeddings, labels, mean_p, dataset, config, stage="1/3 probe"
+    )
     # The short probe has not yet separated the modes fully: count every example whose given
     # label it doubted (score at or above the lowest label-issue threshold), not only the
     # confident ones.
@@ -434,9 +436,16 @@ def _label_issue_scores(
     mean_p: np.ndarray | None,
     dataset: AuditDataset,
     config: AuditConfig,
+    *,
+    stage: str,
 ) -> tuple[np.ndarray, flags.KnnLabelAgreement]:
     knn = flags.knn_label_agreement(
-        embeddings, labels, n_classes=dataset.n_classes, k=config.knn_k, seed=config.seed
+        embeddings,
+        labels,
+        n_classes=dataset.n_classes,
+        k=config.knn_k,
+        seed=config.seed,
+        progress=f"{stage}: neighbours" if config.progress else None,
     )
     scores = flags.label_issue_scores(
         probs[np.arange(len(labels)), labels],
@@ -636,7 +645,7 @@ def flag_examples(
     labels = table["given"].to_numpy()
     mean_p = table["mean_p"].to_numpy() if "mean_p" in table else None
     issue_score, knn = _label_issue_scores(
-        scores.probs, scores.embeddings, labels, mean_p, dataset, config
+        scores.probs, scores.embeddings, labels, mean_p, dataset, config, stage="flags"
     )
     split = flags.mixture_split(issue_score, seed=config.seed)
     if config.top_k is not None:
@@ -661,6 +670,7 @@ def flag_examples(
         p_std=table["std_p"].to_numpy() if "std_p" in table else None,
         reference_mask=~is_issue,
         seed=config.seed,
+        progress="flags: OOD distance" if config.progress else None,
     )
     if config.ood_threshold is not None:
         ood_threshold = float(config.ood_threshold)

@@ -120,6 +120,7 @@ def _knn(
     nprobe: int,
     batch_size: int,
     seed: int,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest base rows of each query, excluding the query itself.
 
@@ -132,7 +133,9 @@ def _knn(
     idx = neighbours.build_index(
         base, base_rows, kind=index, ivf_threshold=ivf_threshold, nprobe=nprobe, seed=seed
     )
-    return neighbours.search(idx, queries, k, self_positions=self_ids, batch_size=batch_size)
+    return neighbours.search(
+        idx, queries, k, self_positions=self_ids, batch_size=batch_size, progress=progress
+    )
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,7 @@ def knn_label_agreement(
     nprobe: int = 16,
     batch_size: int = 16_384,
     seed: int = 0,
+    progress: str | None = None,
 ) -> KnnLabelAgreement:
     """How many nearest neighbours in the embedding space share each example's given label.
 
@@ -197,6 +201,9 @@ def knn_label_agreement(
         Queries per faiss call.
     seed : int
         Seed of the IVF training sample and k-means.
+    progress : str, optional
+        Label of the search's progress bar, shown when the search takes more than a moment
+        (see `dm_audit.neighbours.search`); None shows none.
 
     Returns
     -------
@@ -222,6 +229,7 @@ def knn_label_agreement(
         nprobe=nprobe,
         batch_size=batch_size,
         seed=seed,
+        progress=progress,
     )
     valid = ids >= 0
     found = valid.sum(axis=1, keepdims=True)
@@ -625,6 +633,7 @@ def ood_scores(
     nprobe: int = 16,
     batch_size: int = 16_384,
     seed: int = 0,
+    progress: str | None = None,
 ) -> np.ndarray:
     """Score how likely each example is out-of-distribution, in [0, 1] (higher = more likely).
 
@@ -673,8 +682,8 @@ def ood_scores(
         near its target when the model is unsure of many clean examples.
     per_class : bool
         Search only trusted examples of the predicted class.
-    index, ivf_threshold, nprobe, batch_size, seed
-        faiss options, see `knn_label_agreement`.
+    index, ivf_threshold, nprobe, batch_size, seed, progress
+        faiss options and the search's progress bar, see `knn_label_agreement`.
 
     Returns
     -------
@@ -721,6 +730,7 @@ def ood_scores(
             query_rows=None if every else query_rows,
             self_positions=pos[query_rows],
             batch_size=batch_size,
+            progress=progress,
         )
         kth = sims[:, k - 1].astype(np.float64)
         return 1.0 - np.where(np.isfinite(kth), kth, -1.0)  # missing neighbour: farthest (2)

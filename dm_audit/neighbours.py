@@ -18,6 +18,7 @@ vector on its own, so the results do not depend on the chunk size.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +26,11 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dm_audit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
@@ -53,6 +57,9 @@ IVF_THRESHOLD = 200_000
 IVF_LISTS_PER_SQRT_N = 4
 # k-means training points per list: above faiss' minimum of 39, a sample of 256k rows at 1M.
 IVF_TRAIN_PER_LIST = 64
+# A search bar appears only when the search outlasts this many seconds: the small tables'
+# searches finish before it and leave no line behind.
+PROGRESS_DELAY_S = 2.0
 # 65,536 rows of 256-d float32 embeddings are 64 MB: small next to the index of a million rows,
 # large enough that per-chunk overheads (Parquet decoding, faiss calls) vanish.
 DEFAULT_CHUNK_ROWS = 65_536
@@ -262,6 +269,13 @@ def build_index(
         index.cp.seed = seed
         rng = np.random.default_rng(seed)
         n_train = min(n, IVF_TRAIN_PER_LIST * nlist)
+        log.info(
+            "building an IVF index of %d rows: %d lists trained on %d rows, %d probed per query",
+            n,
+            nlist,
+            n_train,
+            min(nlist, max(1, nprobe)),
+        )
         # Positions among the indexed rows, then the row numbers they stand for.
         picked = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
         sample_rows = picked if rows is None else rows[picked]
@@ -316,6 +330,7 @@ def search(
     query_rows: np.ndarray | None = None,
     self_positions: np.ndarray | None = None,
     batch_size: int = 16_384,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest index entries of every query row, optionally excluding the query itself.
 
@@ -336,6 +351,9 @@ def search(
         so every query keeps k.
     batch_size : int
         Queries per faiss call (bounds faiss' scratch memory and the result buffers).
+    progress : str, optional
+        Label of a progress bar (queries/s, ETA) shown once the search outlasts
+        `PROGRESS_DELAY_S`; None shows none.
 
     Returns
     -------
@@ -356,6 +374,15 @@ def search(
     done = 0  # queries answered so far
     pending: list[np.ndarray] = []
     n_pending = 0
+    bar = tqdm(
+        total=n,
+        desc=progress,
+        unit="query",
+        unit_scale=True,
+        disable=progress is None,
+        delay=PROGRESS_DELAY_S,
+        dynamic_ncols=True,
+    )
 
     def flush() -> None:
         nonlocal done, pending, n_pending
@@ -372,20 +399,22 @@ def search(
             i = i[keep].reshape(hi - lo, kk - 1)
         sims[lo:hi], ids[lo:hi] = s, i
         done, pending, n_pending = hi, [], 0
+        bar.update(hi - lo)
 
     # Batches are filled across chunk boundaries, so faiss sees the same batches whatever the
     # chunk size (its BLAS kernels may round differently for different batch shapes).
-    for start, block in queries.chunks():
-        block = _selected(block, start, rows)
-        pos = 0
-        while pos < len(block):
-            take = min(batch_size - n_pending, len(block) - pos)
-            pending.append(normalise(block[pos : pos + take]))
-            n_pending += take
-            pos += take
-            if n_pending == batch_size:
-                flush()
-    flush()
+    with bar:
+        for start, block in queries.chunks():
+            block = _selected(block, start, rows)
+            pos = 0
+            while pos < len(block):
+                take = min(batch_size - n_pending, len(block) - pos)
+                pending.append(normalise(block[pos : pos + take]))
+                n_pending += take
+                pos += take
+                if n_pending == batch_size:
+                    flush()
+        flush()
     sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
     if sims.shape[1] < k:  # fewer indexed rows than k: pad as missing neighbours
         pad = k - sims.shape[1]

@@ -190,3 +190,20 @@ def test_chunked_reads_hold_one_row_group_at_a_time(tmp_path):
     source = ParquetEmbeddings(path, chunk_rows=group)
     held = _arrow_bytes_while_reading(block for _, block in source.chunks()) - baseline
     assert held < 8 * group_bytes
+
+
+def test_search_shows_a_progress_bar_only_when_asked(capsys, monkeypatch):
+    monkeypatch.setattr(neighbours, "PROGRESS_DELAY_S", 0.0)  # show it at once
+    x, _ = _clusters(500, dim=8)
+    source = ArrayEmbeddings(x, chunk_rows=128)
+    index = build_index(source, kind="flat")
+    own = np.arange(500)
+    quiet = search(index, source, 5, self_positions=own, batch_size=100)
+    assert capsys.readouterr().err == ""
+    shown = search(
+        index, source, 5, self_positions=own, batch_size=100, progress="flags: neighbours"
+    )
+    err = capsys.readouterr().err
+    assert "flags: neighbours" in err and "500/500" in err and "query/s" in err
+    for a, b in zip(quiet, shown, strict=True):
+        np.testing.assert_array_equal(a, b)
