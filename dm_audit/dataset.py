@@ -56,9 +56,9 @@ INPUT_KINDS: tuple[str, ...] = ("features", "image")
 SPLITS: tuple[str, ...] = ("train", "test")
 NOISE_KINDS: tuple[str, ...] = ("clean", "flipped", "open_set")
 
-#: Version of the canonical Parquet layout written by `AuditDataset.to_parquet`.
 log = logging.getLogger(__name__)
 
+#: Version of the canonical Parquet layout written by `AuditDataset.to_parquet`.
 FORMAT_VERSION = "1"
 # Rows per Parquet row group of a dataset file: a reader decodes one row group at a time, so
 # this bounds the decoding buffers (65,536 rows of 128 features: 32 MB of values).
