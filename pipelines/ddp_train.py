@@ -25,6 +25,7 @@ from dagster_pipes import open_dagster_pipes
 
 from dm_audit.cli import build_parser
 from dm_audit.cli import main as dm_audit_main
+from dm_audit.distributed import env_world_size
 
 
 def run_metadata(out: str | os.PathLike[str], world_size: int) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(["train", *argv])
     rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = env_world_size()
     pipes = open_dagster_pipes() if rank == 0 else contextlib.nullcontext()
     with pipes as context:
         if context is not None:
