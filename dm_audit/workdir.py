@@ -211,9 +211,7 @@ class WorkDir:
                     f"({'; '.join(diffs)}); re-run with the same ones to resume it, or pass "
                     "--restart to discard it"
                 )
-            # Staging folders of the interrupted run's report writing are ours to remove.
-            for stale in out.glob(f"{STAGING_PREFIX}*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            _remove_staging(out)  # the interrupted run's report writing
             work = cls(path, resumed=True)
         else:
             path.mkdir(parents=True, exist_ok=True)
@@ -275,7 +273,12 @@ def discard_work(out_dir: str | os.PathLike[str]) -> bool:
         return False
     _refuse_if_in_use(path)
     shutil.rmtree(path, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        for stale in Path(out_dir).glob(f"{STAGING_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    _remove_staging(Path(out_dir))
     return True
+
+
+def _remove_staging(out: Path) -> None:
+    """Delete the staging folders an unfinished run's report writing left in `out`."""
+    with contextlib.suppress(OSError):
+        for stale in out.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
