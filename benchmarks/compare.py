@@ -61,6 +61,7 @@ from dm_audit.audit import (
     train_audit_model,
 )
 from dm_audit.dataset import AuditDataset
+from dm_audit.metrics import accuracy
 from dm_audit.noise import add_noise
 from dm_audit.sources import load_source
 from dm_audit.training import TrainConfig, fit, predict_proba
@@ -273,10 +274,6 @@ def _throughput(*histories: Iterable[dict[str, Any]]) -> float | None:
     return float(np.mean(rates)) if rates else None
 
 
-def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(axis=1) == labels))
-
-
 def run_loss(ctx: Context, loss: str, params: dict[str, Any]) -> Run:
     """One training with `loss`; flags = prediction ≠ given label, score = 1 − p_given."""
     start = time.perf_counter()
@@ -292,7 +289,7 @@ def run_loss(ctx: Context, loss: str, params: dict[str, Any]) -> Run:
         issue_score=1.0 - probs[np.arange(len(ctx.y)), ctx.y],
         ood_score=1.0 - probs.max(axis=1),
         corrected=corrected,
-        test_accuracy=_accuracy(test_probs, ctx.y_test),
+        test_accuracy=accuracy(test_probs, ctx.y_test),
         seconds=time.perf_counter() - start,
         trainings=1,
         examples_per_s=_throughput(result.history),
