@@ -408,7 +408,7 @@ def run_cleanlab(ctx: Context) -> dict[str, Run]:
     start = time.perf_counter()
     learner = CleanLearning(clf, cv_n_folds=5, seed=ctx.seed)
     learner.fit(ctx.x, ctx.y, pred_probs=pred_probs)
-    test_accuracy = float(np.mean(learner.predict(ctx.x_test) == ctx.y_test))
+    test_accuracy = accuracy(learner.predict(ctx.x_test), ctx.y_test)
     clean = Run(
         flags=learner.label_issues_df["is_label_issue"].to_numpy(dtype=bool),
         issue_score=1.0 - learner.label_issues_df["label_quality"].to_numpy(),
