@@ -13,16 +13,18 @@ Three things are specific to training with an emphasis (DM) loss:
   one class for everything: examples whose p_i is near 0 weigh e^{beta/4}-fold less than those
   near the emphasis mode, so a class that falls behind early never catches up. After every
   epoch the training-pass predictions are checked: a non-finite loss; one class taking more
-  than ``collapse_share`` of the predictions while the labels are far more spread; and, once the
-  emphasis ramp is over and from the second epoch on, classes holding >= 20% of the labels that
-  the network has given up on (it almost never predicts them and gives their examples less than
-  half the uniform probability), or accuracy no better than the majority class. A symptom
-  that persists for two consecutive epochs is a collapse (divergence counts at once). With
-  ``collapse_guard`` the run then rolls back to the last epoch that passed every check (the
-  initial weights if none did), halves the emphasis parameters (lambda, beta, T; the learning
-  rate for a loss without any), doubles the ramp (at least 0.25) and goes on, at most
-  ``collapse_retries`` times. Every detection is recorded in ``FitResult.events`` and in the
-  history (``collapsed`` / ``discarded`` flags).
+  than ``collapse_share`` of the predictions while the labels are far more spread and the
+  predictions tell the classes apart no better than chance; and, once the emphasis ramp is over
+  and from the second epoch on, classes holding >= 20% of the labels that the network has given
+  up on (it almost never predicts them and gives their examples less than half the uniform
+  probability), or a balanced accuracy (mean per-class recall on the given labels) no better
+  than chance, which is 1/C for any predictor that ignores its input, however imbalanced the
+  labels (see :func:`_balanced_accuracy`). A symptom that persists for two consecutive epochs
+  is a collapse (divergence counts at once). With ``collapse_guard`` the run then rolls back to
+  the last epoch that passed every check (the initial weights if none did), halves the emphasis
+  parameters (lambda, beta, T; the learning rate for a loss without any), doubles the ramp (at
+  least 0.25) and goes on, at most ``collapse_retries`` times. Every detection is recorded in
+  ``FitResult.events`` and in the history (``collapsed`` / ``discarded`` flags).
 * **Dynamics.** Every example's p_i at every epoch is stored (see :mod:`dm_audit.dynamics`).
 
 Data pipeline: feature tables and un-augmented images are batched from in-memory tensors
@@ -109,6 +111,10 @@ _DEVICE_DATA_LIMIT = 1 << 30
 _STATS_SAMPLE = 20000
 # A collapse: classes the network (almost) never predicts hold at least this share of the labels.
 _DEAD_CLASS_SHARE = 0.2
+# A balanced training accuracy counts as chance up to 1/C plus the larger of this slack and
+# _CHANCE_Z standard errors of a predictor that ignores its input (see _balanced_accuracy).
+_CHANCE_SLACK = 0.02
+_CHANCE_Z = 3.0
 
 
 # ============================================================================================
@@ -179,7 +185,7 @@ class TrainConfig:
         Maximum number of recoveries.
     collapse_share : float
         Largest predicted-class share that counts as a collapse (when the labels are at least
-        0.2 less concentrated).
+        0.2 less concentrated and the balanced accuracy is at chance).
     dynamics_source : {"train", "eval"}
         Record p_i from the training forward passes (free) or from an eval-mode pass over the
         training set after each epoch (one extra forward pass per epoch).
@@ -652,9 +658,12 @@ def _input_stats(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if inputs.ndim == 2:
         x = sample.astype(np.float64)
         mean, std = x.mean(axis=0), x.std(axis=0)
-        # A (nearly) constant feature keeps its scale rather than being blown up by a tiny std.
-        floor = max(1e-6, 0.1 * float(np.median(std[std > 0])) if (std > 0).any() else 1.0)
-        return mean.astype(np.float32), np.maximum(std, floor).astype(np.float32)
+        # Each feature is scaled by its own spread, whatever its units: raw tables mix columns
+        # of 1e-3 and 1e4, and a floor shared across features would flatten the small ones.
+        # A feature constant up to rounding (spread below 1e-6 of its magnitude) is only
+        # centred, so rounding noise is not blown up into signal.
+        constant = std <= 1e-6 * np.maximum(np.abs(mean), np.finfo(np.float32).tiny)
+        return mean.astype(np.float32), np.where(constant, 1.0, std).astype(np.float32)
     x = sample.astype(np.float64) / 255.0
     mean = x.mean(axis=(0, 1, 2))
     std = np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
@@ -954,6 +963,54 @@ def predict_proba(
 # the trainer
 
 
+def _balanced_accuracy(
+    class_hits: np.ndarray, class_counts: np.ndarray, pred_share: np.ndarray
+) -> tuple[float | None, float | None]:
+    """Balanced accuracy of an epoch's predictions and the highest value that is still chance.
+
+    Parameters
+    ----------
+    class_hits : array (C,) int
+        Examples of each given class predicted as that class.
+    class_counts : array (C,) int
+        Examples of each given class.
+    pred_share : array (C,) float
+        Share of the predictions that went to each class.
+
+    Returns
+    -------
+    (balanced, chance) : tuple of float, or (None, None) with fewer than two classes present
+        ``balanced`` is the mean recall over the K classes present in the labels; the epoch is
+        no better than chance when ``balanced <= chance``.
+
+    Notes
+    -----
+    Plain accuracy cannot tell chance from learning under imbalance: with 98% of the labels in
+    one class, always answering that class scores 0.98, and a model that also learns the rare
+    classes scores at most 1.0, so "accuracy <= majority share + 0.02" fires on healthy runs.
+    Balanced accuracy has the same chance level 1/K for every predictor that ignores its input:
+    if it answers class k with probability q_k whatever the input, the recall of class k is q_k
+    in expectation and the mean over classes is sum(q_k) / K <= 1/K (exactly 1/K for a
+    one-class predictor). Its standard error under that null, with q_k the observed prediction
+    shares and n_k the class counts, is sqrt(sum_k q_k (1 - q_k) / n_k) / K (recalls treated as
+    independent binomial proportions). The epoch counts as chance up to 1/K plus the larger of
+    ``_CHANCE_SLACK`` (on balanced labels, where balanced accuracy is accuracy, the limit is
+    then 1/K + 0.02 as for plain accuracy) and ``_CHANCE_Z`` standard errors, capped at half
+    the way from 1/K to 1: classes of a handful of examples make the error large, and a perfect
+    fit must never look like chance.
+    """
+    present = class_counts > 0
+    k = int(present.sum())
+    if k < 2:
+        return None, None
+    n = class_counts[present].astype(np.float64)
+    balanced = float(np.mean(class_hits[present] / n))
+    q = pred_share[present].astype(np.float64)
+    se = math.sqrt(float(np.sum(q * (1.0 - q) / n))) / k
+    margin = min(max(_CHANCE_SLACK, _CHANCE_Z * se), 0.5 * (1.0 - 1.0 / k))
+    return balanced, 1.0 / k + margin
+
+
 class _Trainer:
     """State and steps of one :func:`fit` call."""
 
@@ -1205,6 +1262,8 @@ class _Trainer:
         ce_sum = torch.zeros((), device=device, dtype=acc)
         pred_counts = torch.zeros(c, device=device, dtype=torch.int64)
         class_p = torch.zeros(c, device=device, dtype=acc)  # sum of p_i per given class
+        class_seen = torch.zeros(c, device=device, dtype=torch.int64)  # examples per given class
+        class_hits = torch.zeros(c, device=device, dtype=torch.int64)  # ... predicted as it
         record = self.config.dynamics_source == "train"
         epoch_p = torch.full((self.n,), float("nan"), device=device)
         epoch_ok = torch.zeros(self.n, device=device, dtype=torch.bool)
@@ -1254,7 +1313,10 @@ class _Trainer:
                 ce_sum -= torch.log(p_given.clamp_min(1e-12)).to(acc).sum()
                 # one_hot().sum() rather than bincount: bincount is non-deterministic on CUDA.
                 pred_counts += F.one_hot(pred, c).sum(dim=0)
-                class_p += F.one_hot(yb, c).to(acc).T @ p_given.to(acc)
+                given = F.one_hot(yb, c)
+                class_p += given.to(acc).T @ p_given.to(acc)
+                class_seen += given.sum(dim=0)
+                class_hits += (given * hit.unsqueeze(1)).sum(dim=0)
                 if record:
                     epoch_p[idx] = p_given
                     epoch_ok[idx] = hit
@@ -1271,13 +1333,8 @@ class _Trainer:
                 )
         seconds = time.perf_counter() - start
         if self.dist is not None:
-            seen = self._reduce_epoch(
-                seen,
-                [loss_sum, correct, weight_sum, ce_sum, pred_counts, class_p],
-                record,
-                epoch_p,
-                epoch_ok,
-            )
+            sums = [loss_sum, correct, weight_sum, ce_sum, pred_counts, class_p, class_seen]
+            seen = self._reduce_epoch(seen, [*sums, class_hits], record, epoch_p, epoch_ok)
         if record:
             self.dynamics.record(
                 self.epoch, np.arange(self.n), epoch_p.cpu().numpy(), epoch_ok.cpu().numpy()
@@ -1288,10 +1345,15 @@ class _Trainer:
         # predicts them and gives their examples less than half the uniform probability. A
         # class merely not learned yet (early epochs, many classes) sits near 1/C instead.
         dead = (counts < 0.1 * self.label_freq) & (mean_p < 0.5 / self.num_classes)
+        balanced, chance = _balanced_accuracy(
+            class_hits.cpu().numpy(), class_seen.cpu().numpy(), counts
+        )
         return {
             "loss": float(loss_sum.item() / seen),
             "train_ce": float(ce_sum.item() / seen),
             "train_acc": float(correct.item() / seen),
+            "balanced_acc": balanced,
+            "balanced_acc_chance": chance,
             "mean_weight": float(weight_sum.item() / seen),
             "pred_share": float(counts.max()),
             "dead_class_share": float(self.label_freq[dead].sum()),
@@ -1378,8 +1440,16 @@ class _Trainer:
         """Symptom of a collapse in the epoch just trained, or None."""
         if not math.isfinite(entry["loss"]):
             return "diverged"
+        # Balanced accuracy rather than accuracy: under imbalance, answering the majority class
+        # for everything scores the majority share, and a model that learns every class cannot
+        # score much more (see _balanced_accuracy). None: fewer than two classes in the labels.
+        balanced = entry.get("balanced_acc")
+        at_chance = balanced is not None and balanced <= entry["balanced_acc_chance"]
+        # Predictions far more concentrated than the labels are a collapse only if they carry
+        # no information about the labels: a noise-robust model on imbalanced data predicts the
+        # majority class more often than the noisy labels give it, and tells the classes apart.
         share = entry["pred_share"]
-        if share > self.config.collapse_share and share - self.label_share >= 0.2:
+        if share > self.config.collapse_share and share - self.label_share >= 0.2 and at_chance:
             return "one_class"
         if not self.checks_complete():
             return None
@@ -1387,8 +1457,8 @@ class _Trainer:
         # classes at p_i ~ 0, where w(p) is e^{beta/4}-fold below the peak, so they never recover.
         if entry["dead_class_share"] >= _DEAD_CLASS_SHARE:
             return "dead_classes"
-        # No better than always answering the majority class.
-        if entry["train_acc"] <= self.label_share + 0.02:
+        # No better than a predictor that ignores the input.
+        if at_chance:
             return "chance_accuracy"
         return None
 
@@ -1401,6 +1471,8 @@ class _Trainer:
             "reason": reason,
             "pred_share": entry["pred_share"],
             "train_acc": entry["train_acc"],
+            "balanced_acc": entry.get("balanced_acc"),
+            "balanced_acc_chance": entry.get("balanced_acc_chance"),
             "majority_share": self.label_share,
             "loss_params": dict(self.guard["loss_params"]),
             "emphasis_ramp": self.guard["ramp"],
@@ -1558,7 +1630,10 @@ def fit(
     -----
     History entries hold ``epoch`` (1-based), ``attempt``, ``loss`` (the optimised loss),
     ``train_ce`` (cross entropy of the given labels), ``train_acc`` (against the given labels;
-    both from the training passes), ``mean_weight`` (mean per-example emphasis weight),
+    both from the training passes), ``balanced_acc`` (mean per-class recall on the given labels,
+    from the training passes) and ``balanced_acc_chance`` (the highest balanced accuracy that
+    still counts as chance; both None with fewer than two classes in the labels),
+    ``mean_weight`` (mean per-example emphasis weight),
     ``emphasis_scale`` (the loss's ramp factor, None for losses without one), ``pred_share``
     (largest predicted-class share), ``lr`` (at the epoch's end), ``seconds``,
     ``dead_class_share`` (share of the labels in classes the network has given up on),

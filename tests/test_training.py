@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from dm_audit.training import (
     FitResult,
     TrainConfig,
     _augmentation,
+    _balanced_accuracy,
+    _Trainer,
     fit,
     predict_proba,
     resolve_device,
@@ -403,6 +406,103 @@ def test_resume_after_a_recovery_is_bit_identical(digits, tmp_path):
     resumed = _run(x_train, y_train, config, tmp_path, resume=True)
     assert _same_weights(full.model, resumed.model)
     assert resumed.loss_params == full.loss_params == {"lam": 0.5, "beta": 32.0}
+
+
+def _imbalanced_blobs(
+    counts: tuple[int, ...] = (980, 10, 10), *, informative: bool = True, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clean labels, ``counts[k]`` rows of class k; features 4 standard deviations apart.
+
+    With ``informative=False`` the features are noise that says nothing about the labels.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(counts)), counts)
+    noise = rng.normal(0.0, 0.6, size=(len(y), 8))
+    x = 4.0 * np.eye(len(counts), 8)[y] + noise if informative else noise
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def test_balanced_accuracy_and_its_chance_limit():
+    counts = np.array([980, 10, 10])
+    # Answering the majority class for everything: accuracy 0.98, balanced accuracy 1/3, and
+    # with every prediction in one class the null has no spread: the limit is 1/3 + 0.02.
+    balanced, chance = _balanced_accuracy(np.array([980, 0, 0]), counts, np.array([1.0, 0, 0]))
+    assert balanced == pytest.approx(1 / 3) and chance == pytest.approx(1 / 3 + 0.02)
+    assert balanced <= chance
+    # Every class learnt: 1.0, far above 1/3 + 3 standard errors.
+    q = np.array([0.98, 0.01, 0.01])
+    balanced, chance = _balanced_accuracy(np.array([980, 10, 10]), counts, q)
+    se = np.sqrt(0.98 * 0.02 / 980 + 2 * 0.01 * 0.99 / 10) / 3
+    assert balanced == 1.0 and chance == pytest.approx(1 / 3 + 3 * se)
+    assert chance < 0.4
+    # Balanced labels: balanced accuracy is accuracy, the limit 1/C + 0.02 as for accuracy.
+    balanced, chance = _balanced_accuracy(np.full(10, 12), np.full(10, 1000), np.full(10, 0.1))
+    assert balanced == pytest.approx(0.012) and chance == pytest.approx(0.12)
+    # One example per class: the limit stops halfway to a perfect score (3 SE would pass 1).
+    balanced, chance = _balanced_accuracy(np.array([1, 1]), np.array([1, 1]), np.array([0.5, 0.5]))
+    assert balanced == 1.0 and chance == pytest.approx(0.75)
+    # Classes without labels are left out; one class alone has no chance level.
+    balanced, chance = _balanced_accuracy(
+        np.array([4, 1, 0]), np.array([5, 5, 0]), np.array([0.7, 0.3, 0.0])
+    )
+    assert balanced == pytest.approx(0.5) and chance > 0.5
+    assert _balanced_accuracy(np.array([5, 0]), np.array([5, 0]), np.array([1.0, 0.0])) == (
+        None,
+        None,
+    )
+
+
+def test_a_clean_imbalanced_table_trains_without_a_collapse_alarm():
+    # 98% of the labels in one class: accuracy <= majority share + 0.02 holds for any model,
+    # so a guard on plain accuracy rolled this run back until the rare classes were lost.
+    x, y = _imbalanced_blobs()
+    result = fit(x, y, TrainConfig(model="mlp", epochs=20, progress=False), num_classes=3)
+    assert result.events == []
+    assert all(h["alarm"] is None and not h["discarded"] for h in result.history)
+    assert all(h["attempt"] == 0 for h in result.history)  # the emphasis was never reduced
+    assert result.history[-1]["balanced_acc"] >= 0.95
+    pred = predict_proba(result.model, x, device="cpu")[0].argmax(axis=1)
+    for k in (1, 2):
+        assert np.mean(pred[y == k] == k) >= 0.9
+
+
+def test_a_run_that_ignores_its_input_is_caught_on_imbalanced_labels():
+    # Features without information: the network answers the majority class for everything,
+    # accuracy 0.98 (the majority share) and balanced accuracy exactly 1/3.
+    x, y = _imbalanced_blobs(informative=False)
+    config = TrainConfig(model="mlp", loss="cce", epochs=6, collapse_guard=False, progress=False)
+    result = fit(x, y, config, num_classes=3)
+    (event,) = result.events
+    assert (event["reason"], event["action"]) == ("chance_accuracy", "none")
+    assert event["train_acc"] >= 0.98 and event["balanced_acc"] == pytest.approx(1 / 3)
+    assert event["balanced_acc"] <= event["balanced_acc_chance"]
+
+
+def _diagnose(label_share: float, **entry: float) -> str | None:
+    """`_Trainer.diagnose` of one epoch's statistics, after the emphasis ramp."""
+    trainer = SimpleNamespace(
+        config=TrainConfig(progress=False), label_share=label_share, checks_complete=lambda: True
+    )
+    stats = {"loss": 1.0, "dead_class_share": 0.0, **entry}
+    return _Trainer.diagnose(trainer, stats)
+
+
+def test_one_class_predictions_are_a_collapse_only_at_chance():
+    # True shares 92/4/4 under 40% symmetric noise: the given labels are 56.8/21.6/21.6. A
+    # noise-robust model predicts the true classes, so 92% of its predictions go to class 0,
+    # 0.35 above the labels' majority share, yet it recalls 97% of the class-0 labels and 11%
+    # of the others, each against a prediction share of 4%.
+    counts = np.array([568, 216, 216])
+    share = np.array([0.92, 0.04, 0.04])
+    hits = np.round(np.array([0.97, 0.11, 0.11]) * counts).astype(int)
+    balanced, chance = _balanced_accuracy(hits, counts, share)
+    healthy = {"pred_share": 0.92, "balanced_acc": balanced, "balanced_acc_chance": chance}
+    assert _diagnose(0.568, **healthy) is None
+    # The same prediction shares with no information about the labels: a collapse.
+    hits = np.round(share * counts).astype(int)
+    balanced, chance = _balanced_accuracy(hits, counts, share)
+    collapsed = {"pred_share": 0.92, "balanced_acc": balanced, "balanced_acc_chance": chance}
+    assert _diagnose(0.568, **collapsed) == "one_class"
 
 
 @pytest.mark.parametrize(("size", "max_shift"), [(8, 1), (16, 2), (32, 4), (64, 4)])
