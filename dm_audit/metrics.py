@@ -1,4 +1,5 @@
-"""Accuracy, entropy and confidence, and the six noisy-label metrics of METHOD.md §4.
+"""Accuracy, entropy and confidence, the six noisy-label metrics of METHOD.md §4, and a paired
+test of two models' accuracies.
 
 Arrays in, numbers out. ``probs`` is a float array ``(N, C)`` whose rows sum to 1; labels are
 int codes ``0..C-1``; true labels use ``-1`` for open-set examples (inputs of no known class).
@@ -16,9 +17,15 @@ __all__ = [
     "given_probability",
     "margin",
     "max_probability",
+    "mcnemar_worse_p",
     "normalised_entropy",
+    "paired_accuracy_test",
     "six_metrics",
 ]
+
+# Up to this many discordant pairs the binomial tail is summed exactly in integers; above it,
+# in log space (float rounding only, and linear rather than quadratic cost in the count).
+_EXACT_TAIL_LIMIT = 10_000
 
 
 def _probs(probs: np.ndarray) -> np.ndarray:
@@ -179,3 +186,104 @@ def six_metrics(
             raise ValueError("test_probs given without test_labels")
         out["test_acc"] = accuracy(test_probs, test_labels)
     return out
+
+
+def _half_binomial_tail(k: int, m: int) -> float:
+    """P(X >= k) for X ~ Binomial(m, 1/2)."""
+    if k <= 0:
+        return 1.0
+    if k > m:
+        return 0.0
+    # By symmetry P(X >= k) = P(X <= m - k): a sum of m - k + 1 terms; the complement
+    # 1 - P(X <= k - 1) takes k terms. Sum the shorter one.
+    direct = m - k + 1 <= k
+    top = m - k if direct else k - 1
+    if m <= _EXACT_TAIL_LIMIT:
+        coef, total = 1, 1  # C(m, 0) and the running sum of C(m, j), j <= top
+        for j in range(top):
+            coef = coef * (m - j) // (j + 1)
+            total += coef
+        numerator = total if direct else (1 << m) - total
+        return numerator / (1 << m)  # one correctly rounded division of exact integers
+    j = np.arange(top, dtype=np.float64)
+    log_coef = np.concatenate(([0.0], np.cumsum(np.log(m - j) - np.log(j + 1))))
+    peak = float(log_coef.max())
+    log_lower = peak + math.log(float(np.exp(log_coef - peak).sum())) - m * math.log(2.0)
+    tail = math.exp(log_lower) if direct else -math.expm1(log_lower)
+    return min(1.0, max(0.0, tail))
+
+
+def _count(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def mcnemar_worse_p(before_only: int, after_only: int) -> float:
+    """One-sided exact McNemar p-value that the "after" model is less accurate.
+
+    Two models scored on the same examples against the same labels differ in accuracy only
+    through the discordant examples: ``before_only`` (b) that only the first model gets right
+    and ``after_only`` (c) that only the second gets right. If both are equally accurate, each
+    discordant example is equally likely to fall either way, so b ~ Binomial(b + c, 1/2) and the
+    p-value of b or more is ``P(Binomial(b + c, 1/2) >= b)``.
+
+    Parameters
+    ----------
+    before_only, after_only : int
+        Discordant counts (non-negative).
+
+    Returns
+    -------
+    float
+        The p-value in (0, 1]; 1.0 without discordant examples.
+
+    Examples
+    --------
+    >>> mcnemar_worse_p(2, 0)  # two examples lost, none gained: P(X >= 2), X ~ Bin(2, 1/2)
+    0.25
+    >>> mcnemar_worse_p(0, 5)
+    1.0
+    """
+    b = _count(before_only, "before_only")
+    c = _count(after_only, "after_only")
+    return _half_binomial_tail(b, b + c)
+
+
+def paired_accuracy_test(
+    before_correct: np.ndarray, after_correct: np.ndarray
+) -> dict[str, float | int]:
+    """Accuracies of two models on the same examples and the p-value that the second is worse.
+
+    Parameters
+    ----------
+    before_correct, after_correct : array (N,) bool
+        Whether each model got each example right (against the same labels).
+
+    Returns
+    -------
+    dict
+        ``n``, ``before_only`` and ``after_only`` (the discordant counts), ``accuracy_before``
+        and ``accuracy_after`` (NaN for ``N == 0``), and ``p_worse``, the one-sided exact
+        McNemar p-value of :func:`mcnemar_worse_p`.
+    """
+    before = np.asarray(before_correct)
+    after = np.asarray(after_correct)
+    if before.ndim != 1 or before.shape != after.shape:
+        raise ValueError(
+            f"before_correct and after_correct must be 1-D of one length, got {before.shape} "
+            f"and {after.shape}"
+        )
+    if before.dtype != np.bool_ or after.dtype != np.bool_:
+        raise ValueError("before_correct and after_correct must be boolean arrays")
+    n = int(before.size)
+    before_only = int(np.count_nonzero(before & ~after))
+    after_only = int(np.count_nonzero(after & ~before))
+    return {
+        "n": n,
+        "before_only": before_only,
+        "after_only": after_only,
+        "accuracy_before": float(before.mean()) if n else float("nan"),
+        "accuracy_after": float(after.mean()) if n else float("nan"),
+        "p_worse": mcnemar_worse_p(before_only, after_only),
+    }

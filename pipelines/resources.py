@@ -122,6 +122,17 @@ class AuditSettings(dg.ConfigurableResource):
             "the audit model that still publishes the export."
         ),
     )
+    retrain_check_alpha: float = Field(
+        default=0.05,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Retrain check: a drop above max_accuracy_drop blocks the export only when the "
+            "one-sided exact McNemar test on the held-out examples that only one model gets "
+            "right finds the retrained model worse at this level (p <= alpha); 1.0 blocks on "
+            "any such drop."
+        ),
+    )
 
     def audit_config(self, device: str) -> AuditConfig:
         """The library config for these settings on ``device``.
