@@ -7,11 +7,17 @@ Protocols (METHOD.md §5):
 * pair: in every class k that the mapping moves, exactly ``floor(r n_k)`` labels become
   ``mapping[k]`` (default ``k -> k+1 mod C``), i.e. a transition matrix with ``1 - r`` on the
   diagonal and r at ``(k, mapping[k])``;
+* instance-dependent ("confusable"): given out-of-sample class probabilities of a model trained
+  on the clean labels, exactly ``floor(r N)`` labels are flipped, the ones the model finds most
+  confusable (the largest probability of a class other than the true one), each to that most
+  confused class; unlike the two protocols above, which examples are hit depends on the input;
 * open-set: examples of held-out classes stay in the training split with a random in-set label;
   their classes leave the class list.
 
-`add_noise` applies them to an `AuditDataset`, corrupting the train split only, and records the
-truth in the ``true_label`` and ``noise`` ("clean" | "flipped" | "open_set") columns.
+`add_noise` applies symmetric, pair and open-set noise to an `AuditDataset`, corrupting the train
+split only, and records the truth in the ``true_label`` and ``noise`` ("clean" | "flipped" |
+"open_set") columns. Instance-dependent noise needs a model's probabilities, which this module
+does not train: `inject_instance_dependent` takes them as an argument.
 """
 
 from __future__ import annotations
@@ -159,6 +165,70 @@ def inject_pair(
         members = np.flatnonzero(codes == k)
         chosen = rng.choice(members, size=_count(rate, len(members)), replace=False)
         noisy[chosen] = target[k]
+    return noisy
+
+
+def inject_instance_dependent(
+    labels: np.ndarray | Sequence[int],
+    probs: np.ndarray,
+    rate: float,
+    seed: SeedLike,
+) -> np.ndarray:
+    """Flip exactly ``floor(rate * N)`` of the most confusable labels to their most confused class.
+
+    An example's confusability is the largest probability its model gives to a class other than
+    its (clean) label; the most confusable examples are flipped, each to that class. The noise
+    thus hits ambiguous inputs and lands on a plausible class, the way annotators err, instead
+    of hitting examples and classes at random.
+
+    Parameters
+    ----------
+    labels : array of int, shape (N,)
+        Clean codes in ``0..C-1``.
+    probs : numpy.ndarray of float, shape (N, C)
+        Class probabilities of each example, out-of-sample (e.g. cross-validated) from a model
+        trained on the clean labels; C is the number of classes (at least 2).
+    rate : float
+        Fraction of labels to flip, in [0, 1].
+    seed : int, numpy.random.SeedSequence or numpy.random.Generator
+        Breaks ties between equally confusable examples.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (N,)
+        Noisy codes; ``(noisy != labels).sum() == floor(rate * N)``. A flipped example's new
+        code is the argmax of its probabilities over the other classes (the lowest code among
+        equal ones).
+
+    Raises
+    ------
+    DataError
+        When ``probs`` is not an (N, C) array (C >= 2) of finite, non-negative numbers with one
+        row per label, or a label lies outside ``0..C-1``.
+    ConfigError
+        When ``rate`` is outside [0, 1].
+    """
+    matrix = np.asarray(probs, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[1] < 2:
+        raise DataError(f"probs must have shape (N, C) with C >= 2 classes, got {matrix.shape}")
+    codes = _check_labels(labels, matrix.shape[1])
+    n = len(codes)
+    if matrix.shape[0] != n:
+        raise DataError(f"probs has {matrix.shape[0]} rows for {n} labels; give one row per label")
+    _check_rate(rate)
+    if not np.isfinite(matrix).all() or (matrix < 0).any():
+        bad = int(np.flatnonzero(~(np.isfinite(matrix) & (matrix >= 0)).all(axis=1))[0])
+        raise DataError(f"probs must be finite and non-negative; row {bad} is {matrix[bad]}")
+    rng = _rng(seed)
+    others = matrix.copy()
+    others[np.arange(n), codes] = -np.inf  # the true class is never the target
+    target = others.argmax(axis=1)
+    confusion = others[np.arange(n), target]
+    # Most confusable first; a seeded random key orders examples of equal confusion.
+    order = np.lexsort((rng.random(n), -confusion))
+    chosen = order[: _count(rate, n)]
+    noisy = codes.copy()
+    noisy[chosen] = target[chosen]
     return noisy
 
 

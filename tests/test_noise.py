@@ -7,6 +7,7 @@ from dm_audit.dataset import AuditDataset
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.noise import (
     add_noise,
+    inject_instance_dependent,
     inject_pair,
     inject_symmetric,
     make_open_set,
@@ -68,6 +69,95 @@ def test_pair_with_a_partial_mapping_leaves_other_classes_clean():
     changed = noisy != labels
     assert changed.sum() == 10 and np.all(labels[changed] == 3) and np.all(noisy[changed] == 1)
     np.testing.assert_array_equal(noisy, inject_pair(labels, 4, 0.5, seed=3, mapping={3: 1}))
+
+
+def _confusable_probs(n: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and random probability rows (Dirichlet), so every example has its own confusion."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % n_classes
+    return labels, rng.dirichlet(np.ones(n_classes), size=n)
+
+
+@pytest.mark.parametrize(("n", "rate"), [(500, 0.2), (997, 0.29), (50, 0.0), (40, 1.0), (7, 0.5)])
+def test_instance_dependent_flips_exactly_floor_rate_n(n, rate):
+    labels, probs = _confusable_probs(n, 4, seed=0)
+    noisy = inject_instance_dependent(labels, probs, rate, seed=0)
+    assert noisy.dtype == np.int64 and noisy.shape == (n,)
+    assert (noisy != labels).sum() == int(np.floor(rate * n + 1e-9))
+
+
+def test_instance_dependent_flips_the_most_confusable_to_their_most_confused_class():
+    labels, probs = _confusable_probs(400, 5, seed=1)
+    noisy = inject_instance_dependent(labels, probs, 0.25, seed=0)
+    others = probs.copy()
+    others[np.arange(400), labels] = -1.0
+    confusion = others.max(axis=1)
+    flipped = noisy != labels
+    assert flipped.sum() == 100
+    # The 100 flipped examples are exactly the 100 with the largest non-true probability ...
+    np.testing.assert_array_equal(np.sort(np.argsort(-confusion)[:100]), np.flatnonzero(flipped))
+    assert confusion[flipped].min() > confusion[~flipped].max()
+    # ... and each went to that most-confused class, never to its own.
+    np.testing.assert_array_equal(noisy[flipped], others.argmax(axis=1)[flipped])
+    np.testing.assert_array_equal(noisy[~flipped], labels[~flipped])
+
+
+def test_instance_dependent_hand_checked_example():
+    labels = np.array([0, 1, 2, 0])
+    probs = np.array(
+        [
+            [0.9, 0.05, 0.05],  # confident: max other 0.05
+            [0.5, 0.1, 0.4],  # true class 1, most confused with 0 (0.5): flipped first
+            [0.1, 0.45, 0.45],  # true class 2, confused with 1 (0.45): flipped second
+            [0.6, 0.1, 0.3],  # max other 0.3
+        ]
+    )
+    np.testing.assert_array_equal(inject_instance_dependent(labels, probs, 0.5, 0), [0, 0, 1, 0])
+    np.testing.assert_array_equal(inject_instance_dependent(labels, probs, 0.75, 0), [0, 0, 1, 2])
+
+
+def test_instance_dependent_breaks_ties_with_the_seed():
+    # Every example is equally confusable: the seed alone decides which are flipped.
+    labels = np.arange(200) % 2
+    probs = np.full((200, 2), 0.5)
+    a = inject_instance_dependent(labels, probs, 0.3, seed=3)
+    np.testing.assert_array_equal(a, inject_instance_dependent(labels, probs, 0.3, seed=3))
+    b = inject_instance_dependent(labels, probs, 0.3, seed=4)
+    assert (a != labels).sum() == (b != labels).sum() == 60
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(labels, np.arange(200) % 2)  # inputs untouched
+    assert np.all(probs == 0.5)
+
+
+@pytest.mark.parametrize(
+    ("labels", "probs", "rate", "error", "message"),
+    [
+        ([0, 1, 0], np.full((2, 2), 0.5), 0.1, DataError, "2 rows for 3 labels"),
+        (
+            [0, 1],
+            np.full(2, 0.5),
+            0.1,
+            DataError,
+            r"shape \(N, C\) with C >= 2 classes, got \(2,\)",
+        ),
+        ([0, 0], np.ones((2, 1)), 0.1, DataError, r"C >= 2 classes, got \(2, 1\)"),
+        (
+            [0, 3],
+            np.full((2, 3), 1 / 3),
+            0.1,
+            DataError,
+            r"label 3 at position 1 is outside 0\.\.2",
+        ),
+        ([0.5, 1], np.full((2, 2), 0.5), 0.1, DataError, "1-D integer array"),
+        ([0, 1], np.array([[0.5, 0.5], [np.nan, 1.0]]), 0.1, DataError, "row 1"),
+        ([0, 1], np.array([[0.5, 0.5], [-0.1, 1.1]]), 0.1, DataError, "non-negative; row 1"),
+        ([0, 1], np.full((2, 2), 0.5), 1.5, ConfigError, "rate must be in"),
+        ([0, 1], np.full((2, 2), 0.5), -0.1, ConfigError, "rate must be in"),
+    ],
+)
+def test_instance_dependent_validates_input(labels, probs, rate, error, message):
+    with pytest.raises(error, match=message):
+        inject_instance_dependent(np.asarray(labels), probs, rate, seed=0)
 
 
 # -- datasets --------------------------------------------------------------------------------
