@@ -158,7 +158,7 @@ def run(
     scores = meter.run(
         "score_examples", audit.score_examples, dataset, fit, config, chunk_rows=chunk_rows
     )
-    flags = meter.run("flag_examples", audit.flag_examples, dataset, scores, probe, config)
+    flags = meter.run("flag_examples", audit.flag_examples, dataset, scores, config)
     corrections = meter.run("correct_labels", audit.correct_labels, dataset, scores, flags, config)
     retrained = meter.run("retrain", audit.retrain, dataset, scores, corrections, config)
     report = meter.run(
@@ -267,8 +267,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"| label accuracy before / after correction | "
         f"{truth.get('label_accuracy_before', float('nan')):.3f} / "
         f"{truth.get('label_accuracy_after', float('nan')):.3f} |",
-        f"| test accuracy audit model / retrained | {quality['test_accuracy_before']:.3f} / "
-        f"{quality['test_accuracy_after']:.3f} |",
+        f"| out-of-sample accuracy audit / retrained (kept rows) | "
+        f"{quality['accuracy_before']:.3f} / {quality['accuracy_after']:.3f} |",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The audit end to end: probe, one DM training, flags, corrections, one retrain, reports.
+"""The audit end to end: probe, cross-fitted DM training, flags, corrections, retrain, reports.
 
 Each stage is a function of the previous stages' results, so the CLI (`run_audit`) and the Dagster
 assets (one asset per stage) run exactly the same code::
@@ -6,8 +6,12 @@ assets (one asset per stage) run exactly the same code::
     probe -> train_audit_model -> score_examples -> flag_examples -> correct_labels -> retrain
           -> build_report -> write_report
 
-Only the training split is audited; the test split, when there is one, measures the audit model
-and the retrained model on data nobody corrected.
+Every row is audited. The trainings are cross-fitted: the rows are dealt into `CROSSFIT_FOLDS`
+stratified folds and model k trains on every row outside fold k, so each row has an in-sample
+trajectory (p_i at every epoch under the model that trains on it: DM's signal) and an
+out-of-sample prediction (the signal confident learning needs), and two halves cost as much as
+one training on all rows. The audit and the retrained models are compared out of sample on the
+same rows; a ``split`` column of the input only annotates the report.
 """
 
 from __future__ import annotations
@@ -56,17 +60,21 @@ CORRECTION_SOURCES = ("model", "proselflc")
 SUGGESTION_TEMPERATURE = 0.5
 # GR's all-round default emphasis: robust enough not to fit the noise during a short probe.
 PROBE_EMPHASIS = {"lam": 0.5, "beta": 8.0}
+# Two folds: two models on halves cost one training on all rows (the product's budget), and
+# every row is trained on by exactly one model (its dynamics) and scored by the other.
+CROSSFIT_FOLDS = 2
 # The OOD distance is to the nearest trusted example: the sharpest on digits (AUROC 0.91 at k=1,
 # 0.90 at 3, 0.89 at 10).
 OOD_NEIGHBOUR = 1
+# False discovery rate of the OOD test (Benjamini-Hochberg on conformal p-values against the
+# unflagged rows): the conventional 5 %; on in-distribution data the chance of any OOD flag is
+# then at most about 5 %, whatever the size of the table.
+OOD_FDR = 0.05
 # A flagged example whose OOD score exceeds that of 75 % of the unflagged examples is sent to
 # review instead of being corrected automatically.
 OOD_REVIEW_FPR = 0.25
-PROBE_DOUBT = 0.3  # = the lower bound of `flags.mixture_split`
-# Below this many training examples the probe's noise estimate is unreliable: a network
-# memorises a tiny table within a few steps, so a short probe has either not learnt the shared
-# patterns yet or already fitted the noise (scikit-learn's wine, 124 training rows at 40 %
-# symmetric noise: 0.58 with the default budget, 0.0 with ten times the epochs).
+# Below this many rows the noise estimate is uncertain: each half-model learns from a few
+# dozen examples per class, so out-of-sample errors of a weak model read as noise.
 SMALL_TRAINING_SET = 500
 
 
@@ -174,14 +182,17 @@ class ProbeResult:
     Attributes
     ----------
     noise_rate : float
-        Estimated share of wrong labels (mixture weight of the high label-issue scores).
+        Estimated share of wrong labels: the calibrated confident joint of the probe's
+        out-of-sample probabilities (``estimate.rate``).
     estimate : NoiseEstimate
-        Confident-joint estimate from the probe model (its class-to-class noise matrix).
+        The confident-joint estimate (its class-to-class noise matrix).
     choice : EmphasisChoice
         λ and β for the audit training (fixed by the user, or chosen from the estimate).
     adaptive : bool
         Whether λ and β were chosen from the estimate (False when the user fixed them).
     seconds : float
+    folds : ndarray (N,) int
+        The cross-fitting fold of every row (the audit training uses the same folds).
     """
 
     noise_rate: float
@@ -189,42 +200,141 @@ class ProbeResult:
     choice: estimate.EmphasisChoice
     adaptive: bool
     seconds: float
+    folds: np.ndarray | None = None
+
+
+@dataclass
+class CrossFit:
+    """K models of one training, model k trained on every row outside fold k.
+
+    Attributes
+    ----------
+    fits : list of FitResult
+        ``fits[k]`` never saw the rows of fold k, so its predictions for them are out of sample.
+    folds : ndarray (N,) int
+        The fold of every row of the dataset.
+    """
+
+    fits: list[FitResult]
+    folds: np.ndarray
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every fold's per-epoch history, each entry tagged with its ``fold``."""
+        return [{"fold": k, **entry} for k, f in enumerate(self.fits) for entry in f.history]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every fold's training events (collapses, recoveries), tagged with their ``fold``."""
+        return [{"fold": k, **event} for k, f in enumerate(self.fits) for event in f.events]
+
+    def predict_proba(self, inputs: np.ndarray, *, device: str = "auto") -> np.ndarray:
+        """Class probabilities of new inputs: the mean of the K models' probabilities, (M, C).
+
+        Every model trained on (K-1)/K of the rows; averaging them uses all of the data.
+        """
+        total: np.ndarray | None = None
+        for f in self.fits:
+            probs, _ = predict_proba(f.model, inputs, device=device, batch_size=1024)
+            total = probs.astype(np.float64) if total is None else total + probs
+        assert total is not None  # a CrossFit holds at least two models
+        return (total / len(self.fits)).astype(np.float32)
+
+    def in_sample_summary(self, n_rows: int) -> pd.DataFrame:
+        """Training-dynamics summary of every row under the models that trained on it.
+
+        A row of fold k was trained on by every model but model k; with two folds that is
+        exactly one model. With more, the numeric statistics are averaged over those models.
+        """
+        frames: list[pd.DataFrame] = []
+        for k, f in enumerate(self.fits):
+            rows = np.flatnonzero(self.folds != k)
+            part = f.dynamics.summary()
+            if len(part) != rows.size:
+                # A retrain leaves some rows out: its dynamics cover only the rows it used.
+                continue
+            part.index = rows
+            frames.append(part)
+        if not frames:
+            return pd.DataFrame(index=np.arange(n_rows))
+        stacked = pd.concat(frames)
+        return stacked.groupby(level=0).mean().reindex(np.arange(n_rows))
+
+    def in_sample_p_history(self, n_rows: int) -> np.ndarray:
+        """p_i of every row at every epoch under the (first) model that trained on it, (N, E)."""
+        epochs = max((f.dynamics.n_recorded for f in self.fits), default=0)
+        out = np.full((n_rows, epochs), np.nan, dtype=np.float32)
+        filled = np.zeros(n_rows, dtype=bool)
+        for k, f in enumerate(self.fits):
+            rows = np.flatnonzero(self.folds != k)
+            p = np.asarray(f.dynamics.p_matrix(), dtype=np.float32)
+            if p.shape[0] != rows.size:
+                continue
+            take = ~filled[rows]
+            out[rows[take], : p.shape[1]] = p[take]
+            filled[rows[take]] = True
+        return out
 
 
 @dataclass
 class AuditFit:
-    """The DM-trained audit model of the training split."""
+    """The cross-fitted DM audit models (every row scored by a model that did not train on it).
 
-    fit: FitResult
+    Attributes
+    ----------
+    models : CrossFit
+    choice : EmphasisChoice
+        The emphasis requested for the audit training.
+    seconds : float
+    """
+
+    models: CrossFit
     choice: estimate.EmphasisChoice
     seconds: float
+
+    @property
+    def effective_choice(self) -> estimate.EmphasisChoice:
+        """The emphasis that trained the models, after any collapse-guard reduction."""
+        return _effective_choice(self.choice, self.models)
 
 
 @dataclass
 class ExampleScores:
-    """Per-example scores of the training split under the audit model.
+    """Per-row scores under the audit models, every row out of sample.
 
     Attributes
     ----------
-    table : DataFrame, N rows
-        ``example_id``, ``given`` (code), ``p_given``, ``emphasis_weight``, ``predicted``
-        (code), ``predicted_prob``, ``entropy``, ``margin`` and the training-dynamics summary.
+    table : DataFrame, N rows (dataset order)
+        ``example_id``, ``fold``, ``given`` (code), ``p_given``, ``emphasis_weight``,
+        ``predicted`` (code), ``predicted_prob``, ``entropy``, ``margin`` (all from the
+        out-of-sample model), and the in-sample training-dynamics summary (``mean_p``, ...).
     probs : ndarray (N, C) float32
-    embeddings : ndarray (N, E) float32, or EmbeddingChunks
-        In memory, or (at scale) the scores Parquet file read back chunk by chunk.
+        Out-of-sample class probabilities.
+    embeddings : list of (ndarray (N_k, E) float32 or EmbeddingChunks)
+        Fold k's rows embedded by model k (each model has its own embedding space), in memory
+        or (at scale) read back chunk by chunk from the fold's scores Parquet file.
     proselflc_targets : ndarray (N, C) or None
         ProSelfLC's corrected targets at the end of training (``correction_source="proselflc"``).
     """
 
     table: pd.DataFrame
     probs: np.ndarray
-    embeddings: np.ndarray | neighbours.EmbeddingChunks
+    embeddings: list[np.ndarray | neighbours.EmbeddingChunks]
     proselflc_targets: np.ndarray | None = None
+
+    @property
+    def folds(self) -> np.ndarray:
+        return self.table["fold"].to_numpy()
+
+    def fold_rows(self) -> list[np.ndarray]:
+        """Row numbers of each fold, in the order of that fold's embeddings."""
+        folds = self.folds
+        return [np.flatnonzero(folds == k) for k in range(len(self.embeddings))]
 
 
 @dataclass
 class Flags:
-    """Label-issue and out-of-distribution flags of the training split."""
+    """Label-issue and out-of-distribution flags of every row."""
 
     table: pd.DataFrame
     label_issue_threshold: float
@@ -237,7 +347,7 @@ class Flags:
 
 @dataclass
 class Corrections:
-    """Suggested and decided labels, with provenance, of the training split."""
+    """Suggested and decided labels, with provenance, of every row."""
 
     table: pd.DataFrame
     plan: correction.CorrectionPlan
@@ -246,12 +356,30 @@ class Corrections:
 
 @dataclass
 class Retrained:
-    """The final model, trained on the corrected labels."""
+    """The final models, cross-fitted on the corrected labels like the audit models.
 
-    fit: FitResult | None
+    Attributes
+    ----------
+    models : CrossFit or None
+        None when the retrain was switched off.
+    choice : EmphasisChoice or None
+    residual_estimate : NoiseEstimate or None
+    probs : ndarray (N, C) or None
+        Out-of-sample probabilities of every row under the retrained models.
+    seconds : float
+    """
+
+    models: CrossFit | None
     choice: estimate.EmphasisChoice | None
     residual_estimate: estimate.NoiseEstimate | None
     seconds: float
+    probs: np.ndarray | None = None
+
+    @property
+    def effective_choice(self) -> estimate.EmphasisChoice | None:
+        if self.choice is None or self.models is None:
+            return self.choice
+        return _effective_choice(self.choice, self.models)
 
 
 @dataclass
@@ -321,16 +449,141 @@ def _dm_params(choice: estimate.EmphasisChoice) -> dict[str, Any]:
     return {"lam": float(choice.lam), "beta": float(choice.beta)}
 
 
-def _train_and_test(dataset: AuditDataset) -> tuple[AuditDataset, AuditDataset | None]:
-    train = dataset.train()
-    if len(train) == 0:
-        raise ConfigError(f"dataset {dataset.source!r} has no training examples to audit")
-    test = dataset.test()
-    return train, (test if len(test) else None)
+def _effective_choice(
+    requested: estimate.EmphasisChoice, models: CrossFit
+) -> estimate.EmphasisChoice:
+    """The emphasis in force at the end of training: the collapse guard may have softened it.
+
+    With several folds the softest (smallest λ) is reported, with the reason naming the folds.
+    """
+    softened = []
+    for k, f in enumerate(models.fits):
+        params = f.loss_params
+        lam = params.get("lam", params.get("dm_lam"))
+        beta = params.get("beta", params.get("dm_beta"))
+        if lam is None or beta is None:
+            continue
+        if (float(lam), float(beta)) != (float(requested.lam), float(requested.beta)):
+            softened.append((float(lam), float(beta), k))
+    if not softened:
+        return requested
+    lam, beta, _ = min(softened)
+    folds = ", ".join(str(k) for *_, k in softened)
+    return estimate.EmphasisChoice(
+        lam, beta, f"{requested.reason}; softened by the collapse guard (fold {folds})"
+    )
 
 
-def _truth(train: AuditDataset) -> np.ndarray | None:
-    return train.true_label_codes() if train.has_truth else None
+def _audited(dataset: AuditDataset) -> AuditDataset:
+    """Every row of the dataset: the audit covers the training and the test split alike."""
+    if len(dataset) == 0:
+        raise ConfigError(f"dataset {dataset.source!r} has no rows to audit")
+    return dataset
+
+
+def _truth(dataset: AuditDataset) -> np.ndarray | None:
+    return dataset.true_label_codes() if dataset.has_truth else None
+
+
+def fold_assignment(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Stratified cross-fitting folds: each class's rows dealt to the folds in a seeded order.
+
+    Every class with at least `n_folds` rows appears in every fold, so each model trains on
+    every such class. The fold sizes differ by at most the number of classes.
+
+    Parameters
+    ----------
+    labels : ndarray (N,) int
+    n_folds : int
+        Number of folds, at least 2.
+    seed : int
+
+    Returns
+    -------
+    ndarray (N,) int64
+        The fold of every row, in ``0..n_folds-1``.
+    """
+    if n_folds < 2:
+        raise ConfigError(f"cross-fitting needs at least 2 folds, got {n_folds}")
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    folds = np.empty(y.size, dtype=np.int64)
+    offset = 0
+    for cls in np.unique(y):
+        rows = np.flatnonzero(y == cls)
+        rows = rows[rng.permutation(rows.size)]
+        # Start each class where the previous one stopped, so small classes do not all put
+        # their single extra row into fold 0.
+        folds[rows] = (np.arange(rows.size) + offset) % n_folds
+        offset = (offset + rows.size) % n_folds
+    return folds
+
+
+def _folds_for(dataset: AuditDataset, config: AuditConfig) -> np.ndarray:
+    return fold_assignment(dataset.label_codes(), CROSSFIT_FOLDS, config.seed)
+
+
+def _fold_checkpoint(checkpoint_dir: str | Path | None, k: int) -> Path | None:
+    return None if checkpoint_dir is None else Path(checkpoint_dir) / f"fold{k}"
+
+
+def _crossfit(
+    dataset: AuditDataset,
+    folds: np.ndarray,
+    make_config: Callable[[int, int], TrainConfig],
+    *,
+    labels: np.ndarray | None = None,
+    keep: np.ndarray | None = None,
+    evaluate: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> CrossFit:
+    """Train one model per fold on the rows outside it (and inside `keep`).
+
+    `make_config(k, n_train)` gives fold k's training options. With `evaluate`, each model
+    is evaluated after every epoch on its own fold (kept rows, given or corrected `labels`):
+    the ``eval_acc`` of its history is out of sample.
+    """
+    inputs = dataset.inputs()
+    y = dataset.label_codes() if labels is None else np.asarray(labels)
+    keep = np.ones(y.size, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    truth = _truth(dataset)
+    fits: list[FitResult] = []
+    for k in range(int(folds.max()) + 1):
+        train_rows = np.flatnonzero((folds != k) & keep)
+        held_out = np.flatnonzero((folds == k) & keep)
+        if train_rows.size < 2:
+            raise ConfigError(
+                f"cross-fitting fold {k} leaves {train_rows.size} row(s) to train on; "
+                "an audit needs more rows"
+            )
+        fits.append(
+            fit(
+                inputs[train_rows],
+                y[train_rows],
+                make_config(k, int(train_rows.size)),
+                num_classes=dataset.n_classes,
+                eval_inputs=inputs[held_out] if evaluate and held_out.size else None,
+                eval_labels=y[held_out] if evaluate and held_out.size else None,
+                true_labels=None if truth is None else truth[train_rows],
+                checkpoint_dir=_fold_checkpoint(checkpoint_dir, k),
+                resume=resume,
+                on_epoch_end=on_epoch_end,
+            )
+        )
+    return CrossFit(fits, folds)
+
+
+def _out_of_sample_probs(models: CrossFit, dataset: AuditDataset, device: str) -> np.ndarray:
+    """Class probabilities of every row under the model that did not train on its fold."""
+    inputs = dataset.inputs()
+    probs = np.zeros((len(dataset), dataset.n_classes), dtype=np.float32)
+    for k, f in enumerate(models.fits):
+        rows = np.flatnonzero(models.folds == k)
+        if rows.size:
+            probs[rows], _ = predict_proba(f.model, inputs[rows], device=device, batch_size=1024)
+    return probs
 
 
 # ============================================================================================
@@ -347,78 +600,55 @@ def probe(
 ) -> ProbeResult:
     """Estimate the noise rate and choose the DM emphasis (λ, β) from it.
 
-    One short training with GR's all-round default emphasis (β = 8, λ = 0.5) scores every
-    training example exactly as the audit does (mostly the mean of p_i over the epochs); the
-    share of examples whose score reaches `PROBE_DOUBT` estimates the share of wrong labels.
-    Networks learn the shared patterns of clean examples before they memorise noise, so a short
-    run separates the two well and the estimate needs no out-of-sample cross-fitting (measured
-    on digits: 0.41-0.43 at 40 % symmetric noise, 0.20 at 20 % pair noise, 0.002-0.008 clean).
-    Concentrated (pair-like) noise, read off the probe's confident-joint noise matrix, counts as
-    a higher rate (`estimate.noise_concentration`).
+    Two short cross-fitted trainings with GR's all-round default emphasis (β = 8, λ = 0.5)
+    give every row an out-of-sample probability vector, and confident learning's calibrated
+    confident joint (`estimate.estimate_noise`) turns them into the noise rate and the noise
+    matrix: no threshold of ours is involved, and the two halves cost one training on all rows.
+    The rate chooses λ and β (`estimate.choose_emphasis`, the seeds' anchors).
 
-    `checkpoint_dir`, `resume` and `on_epoch_end` go to `dm_audit.training.fit`.
+    `checkpoint_dir`, `resume` and `on_epoch_end` go to `dm_audit.training.fit` (one
+    sub-folder per fold).
     """
     start = time.perf_counter()
-    train, _ = _train_and_test(dataset)
-    inputs, labels = train.inputs(), train.label_codes()
-    result = fit(
-        inputs,
-        labels,
-        _train_config(
+    data = _audited(dataset)
+    labels = data.label_codes()
+    folds = _folds_for(data, config)
+    epochs = _probe_epochs(config, len(labels))
+    models = _crossfit(
+        data,
+        folds,
+        lambda k, n: _train_config(
             config,
             loss="dm",
             loss_params=dict(PROBE_EMPHASIS),
-            epochs=_probe_epochs(config, len(labels)),
-            seed_offset=1,
-            label="1/3 probe",
+            epochs=epochs,
+            seed_offset=1 + k,
+            label=f"1/3 probe {k + 1}/{CROSSFIT_FOLDS}",
         ),
-        num_classes=dataset.n_classes,
+        evaluate=False,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         on_epoch_end=on_epoch_end,
     )
-    _, probs, embeddings = _score_pass(
-        result.model,
-        inputs,
-        labels,
-        create_weighting("dm", **PROBE_EMPHASIS),
-        config,
-        batch_size=1024,
-    )
-    mean_p = result.dynamics.summary()["mean_p"].to_numpy()
-    issue_score, _ = _label_issue_scores(
-        probs, embeddings, labels, mean_p, dataset, config, stage="1/3 probe"
-    )
-    # The short probe has not yet separated the modes fully: count every example whose given
-    # label it doubted (score at or above the lowest label-issue threshold), not only the
-    # confident ones.
-    noise_rate = float(np.mean(issue_score >= PROBE_DOUBT))
+    probs = _out_of_sample_probs(models, data, config.device)
+    noise = estimate.estimate_noise(probs, labels)
+    noise_rate = float(noise.rate)
     if len(labels) < SMALL_TRAINING_SET:
         log.warning(
-            "only %d training examples: the estimated noise rate (%.1f%%), and with it the "
-            "chosen emphasis and the flags, are unreliable below %d; consider fixing --lam/--beta "
-            "or reviewing by --top-k",
+            "only %d rows: the estimated noise rate (%.1f%%), and with it the chosen emphasis "
+            "and the flags, are uncertain below %d; consider fixing --lam/--beta or reviewing "
+            "by --top-k",
             len(labels),
             100 * noise_rate,
             SMALL_TRAINING_SET,
         )
-    noise = estimate.estimate_noise(probs, labels)
     if config.lam is not None:
         choice = estimate.EmphasisChoice(
             lam=float(config.lam), beta=float(config.beta), reason="fixed by the user"
         )
         adaptive = False
     else:
-        # Concentrated (pair-like) noise is harder than its rate: choose as for a higher rate.
-        concentration = estimate.noise_concentration(noise.matrix)
-        effective = min(1.0, noise_rate * (1.0 + concentration))
-        choice = estimate.choose_emphasis(effective, dataset.n_classes)
-        if effective > noise_rate:
-            choice = dataclasses.replace(
-                choice,
-                reason=f"{choice.reason} (estimated rate {noise_rate:.1%} raised to "
-                f"{effective:.1%}: noise concentration {concentration:.2f})",
-            )
+        choice = estimate.choose_emphasis(noise_rate, dataset.n_classes)
         adaptive = True
     log.info(
         "probe: estimated noise rate %.3f -> lam=%.2f beta=%.2f",
@@ -426,35 +656,7 @@ def probe(
         choice.lam,
         choice.beta,
     )
-    return ProbeResult(noise_rate, noise, choice, adaptive, time.perf_counter() - start)
-
-
-def _label_issue_scores(
-    probs: np.ndarray,
-    embeddings: np.ndarray | neighbours.EmbeddingChunks,
-    labels: np.ndarray,
-    mean_p: np.ndarray | None,
-    dataset: AuditDataset,
-    config: AuditConfig,
-    *,
-    stage: str,
-) -> tuple[np.ndarray, flags.KnnLabelAgreement]:
-    knn = flags.knn_label_agreement(
-        embeddings,
-        labels,
-        n_classes=dataset.n_classes,
-        k=config.knn_k,
-        seed=config.seed,
-        progress=f"{stage}: neighbours" if config.progress else None,
-    )
-    scores = flags.label_issue_scores(
-        probs[np.arange(len(labels)), labels],
-        probs,
-        labels,
-        mean_p=mean_p,
-        knn_agreement=knn.agreement,
-    )
-    return scores, knn
+    return ProbeResult(noise_rate, noise, choice, adaptive, time.perf_counter() - start, folds)
 
 
 def train_audit_model(
@@ -466,39 +668,41 @@ def train_audit_model(
     resume: bool = False,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> AuditFit:
-    """Train the audit model on the training split with the chosen DM emphasis.
+    """Train the cross-fitted audit models with the chosen DM emphasis.
+
+    Model k trains on every row outside fold k; with two folds the two halves cost as much as
+    one training on all rows, and every row gets both an in-sample trajectory (p_i at every
+    epoch under the model that trains on it) and an out-of-sample prediction.
 
     With ``correction_source="proselflc"`` the loss is ProSelfLC with annealed temperature whose
     gradient magnitude is rescaled by the same DM weights, so the run also yields corrected
     targets; otherwise plain DM.
     """
     start = time.perf_counter()
-    train, test = _train_and_test(dataset)
-    inputs, labels = train.inputs(), train.label_codes()
+    data = _audited(dataset)
+    folds = probe_result.folds if probe_result.folds is not None else _folds_for(data, config)
     choice = probe_result.choice
     if config.correction_source == "proselflc":
         loss, params = "proselflc", {"dm_lam": choice.lam, "dm_beta": choice.beta}
     else:
         loss, params = "dm", _dm_params(choice)
-    result = fit(
-        inputs,
-        labels,
-        _train_config(
+    epochs = _epochs(config, len(data))
+    models = _crossfit(
+        data,
+        folds,
+        lambda k, n: _train_config(
             config,
             loss=loss,
             loss_params=params,
-            epochs=_epochs(config, len(labels)),
-            label="2/3 audit",
+            epochs=epochs,
+            seed_offset=10 * k,
+            label=f"2/3 audit {k + 1}/{CROSSFIT_FOLDS}",
         ),
-        num_classes=dataset.n_classes,
-        eval_inputs=None if test is None else test.inputs(),
-        eval_labels=None if test is None else test.label_codes(),
-        true_labels=_truth(train),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         on_epoch_end=on_epoch_end,
     )
-    return AuditFit(result, choice, time.perf_counter() - start)
+    return AuditFit(models, choice, time.perf_counter() - start)
 
 
 def _score_pass(
@@ -509,19 +713,19 @@ def _score_pass(
     config: AuditConfig,
     *,
     batch_size: int,
+    stream: bool = False,
     example_ids: np.ndarray | None = None,
     chunk_rows: int | None = None,
     scores_path: str | Path | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray | neighbours.EmbeddingChunks]:
     """Score columns, probabilities and embeddings of one eval pass.
 
-    Up to `STREAM_THRESHOLD` examples (and without `chunk_rows` or `scores_path`) the
-    embeddings stay in memory as an array. Above it the pass streams chunk by chunk to a scores
-    Parquet file (`scores_path`, else a temporary file removed with the returned handle) and the
-    embeddings come back as `neighbours.ParquetEmbeddings`, which the flags read chunk by chunk.
+    Without `stream` the embeddings stay in memory as an array. With it the pass streams chunk
+    by chunk to a scores Parquet file (`scores_path`, else a temporary file removed with the
+    returned handle) and the embeddings come back as `neighbours.ParquetEmbeddings`, which the
+    flags read chunk by chunk.
     """
-    n = len(labels)
-    if chunk_rows is None and scores_path is None and n <= STREAM_THRESHOLD:
+    if not stream:
         probs, embeddings = predict_proba(
             model, inputs, device=config.device, batch_size=batch_size
         )
@@ -567,53 +771,76 @@ def score_examples(
     chunk_rows: int | None = None,
     scores_path: str | Path | None = None,
 ) -> ExampleScores:
-    """Score every training example under the audit model.
+    """Score every row out of sample: fold k's rows under model k, which never saw them.
 
-    The per-example table holds what `dm_audit.scoring.score` computes (p_i, emphasis weight,
-    prediction, entropy, margin) and the training-dynamics summary (mean p_i over epochs, the
-    epoch an example was first learned, ...).
+    The per-row table holds what `dm_audit.scoring.score` computes (p_i, emphasis weight,
+    prediction, entropy, margin) under the out-of-sample model, and the in-sample
+    training-dynamics summary (mean p_i over epochs, the epoch an example was first learned,
+    ...) under the model that trained on the row.
 
-    Above `dm_audit.scoring.STREAM_THRESHOLD` examples, or when `chunk_rows` or `scores_path`
-    is given, scoring streams chunk by chunk to a scores Parquet file (`scores_path`, else a
-    temporary one) and ``ExampleScores.embeddings`` reads it back chunk by chunk, so neither
-    this stage nor the flags hold every embedding at once.
+    Above `dm_audit.scoring.STREAM_THRESHOLD` rows, or when `chunk_rows` or `scores_path` is
+    given, each fold's scoring streams chunk by chunk to a scores Parquet file (next to
+    `scores_path` with the fold in its name, else a temporary one) and
+    ``ExampleScores.embeddings`` reads it back chunk by chunk, so neither this stage nor the
+    flags hold every embedding at once.
     """
-    train, _ = _train_and_test(dataset)
-    labels = train.label_codes()
-    choice = audit_fit.choice
+    data = _audited(dataset)
+    labels = data.label_codes()
+    inputs = data.inputs()
+    models = audit_fit.models
+    choice = audit_fit.effective_choice
     weighting = create_weighting("dm", lam=choice.lam, beta=choice.beta)
-    columns, probs, embeddings = _score_pass(
-        audit_fit.fit.model,
-        train.inputs(),
-        labels,
-        weighting,
-        config,
-        batch_size=1024,
-        example_ids=train.example_ids,
-        chunk_rows=chunk_rows,
-        scores_path=scores_path,
+    stream = chunk_rows is not None or scores_path is not None or len(labels) > STREAM_THRESHOLD
+    n, c = len(labels), data.n_classes
+    probs = np.zeros((n, c), dtype=np.float32)
+    columns: dict[str, np.ndarray] = {}
+    embeddings: list[np.ndarray | neighbours.EmbeddingChunks] = []
+    targets = (
+        np.zeros((n, c), dtype=np.float64) if config.correction_source == "proselflc" else None
     )
-    table = pd.DataFrame({"example_id": list(train.example_ids), **columns})
+    for k, f in enumerate(models.fits):
+        rows = np.flatnonzero(models.folds == k)
+        path = None
+        if scores_path is not None:
+            base = Path(scores_path)
+            path = base.with_name(f"{base.stem}_fold{k}{base.suffix}")
+        fold_columns, fold_probs, fold_embeddings = _score_pass(
+            f.model,
+            inputs[rows],
+            labels[rows],
+            weighting,
+            config,
+            batch_size=1024,
+            stream=stream,
+            example_ids=data.example_ids[rows],
+            chunk_rows=chunk_rows,
+            scores_path=path,
+        )
+        probs[rows] = fold_probs
+        for name, values in fold_columns.items():
+            if name not in columns:
+                columns[name] = np.zeros(n, dtype=np.asarray(values).dtype)
+            columns[name][rows] = values
+        embeddings.append(fold_embeddings)
+        if targets is not None:
+            targets[rows] = proselflc_targets(f, fold_probs, labels[rows])
+    table = pd.DataFrame({"example_id": list(data.example_ids), "fold": models.folds, **columns})
     table = table.rename(columns={"label": "given", "predicted_label": "predicted"})
-    dynamics = audit_fit.fit.dynamics.summary()
+    dynamics = models.in_sample_summary(n)
     for column in dynamics.columns:
         table[column] = dynamics[column].to_numpy()
-    targets = None
-    if config.correction_source == "proselflc":
-        targets = proselflc_targets(audit_fit.fit, probs, labels)
     return ExampleScores(table, probs, embeddings, targets)
 
 
 def streamed_scores_path(dataset: AuditDataset, folder: str | Path) -> Path | None:
     """Where `score_examples` should stream the scores of `dataset` so they outlive the process.
 
-    Above `STREAM_THRESHOLD` training examples the scores (embeddings included) live in a
-    Parquet file that later stages read back; by default that file is temporary and goes with
-    the process. A run that resumes, or a pipeline whose stages run in separate processes, keeps
-    it in `folder` instead. None (score in memory) for smaller datasets.
+    Above `STREAM_THRESHOLD` rows the scores (embeddings included) live in Parquet files, one
+    per fold, that later stages read back; by default they are temporary and go with the
+    process. A run that resumes, or a pipeline whose stages run in separate processes, keeps
+    them in `folder` instead. None (score in memory) for smaller datasets.
     """
-    n = int((dataset.table["split"] == "train").sum())
-    return Path(folder) / "scores.parquet" if n > STREAM_THRESHOLD else None
+    return Path(folder) / "scores.parquet" if len(dataset) > STREAM_THRESHOLD else None
 
 
 def proselflc_targets(fit_result: FitResult, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -630,55 +857,97 @@ def proselflc_targets(fit_result: FitResult, probs: np.ndarray, labels: np.ndarr
     return out.extras["target"].numpy()
 
 
-def flag_examples(
-    dataset: AuditDataset, scores: ExampleScores, probe_result: ProbeResult, config: AuditConfig
-) -> Flags:
-    """Flag label issues and out-of-distribution examples of the training split.
+def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditConfig) -> Flags:
+    """Flag label issues and out-of-distribution examples of every row.
 
-    The label-issue score is mostly the mean of p_i over the audit training (a DM model learns
-    clean examples early and mislabelled ones late or never), with the final prediction's
-    margin and the embedding-space kNN label agreement. A two-component mixture on the scores
-    estimates the noise rate again and sets the threshold (see `flags.mixture_split`), unless
-    the user fixed a threshold or asked for the top k.
+    * **Score**: `flags.label_issue_scores` of the out-of-sample prediction (normalised margin),
+      the in-sample training dynamics (mean p_i under DM, which learns clean examples early and
+      mislabelled ones late or never) and the label agreement of the row's nearest neighbours
+      among its fold in the fold model's embedding space.
+    * **How many**: confident learning's calibrated confident joint of the out-of-sample
+      probabilities estimates, per given class, how many of its labels are wrong
+      (`estimate.estimate_noise`); each class's most suspicious rows up to that count are
+      flagged (`flags.flag_by_class_counts`), if their score leans towards another label
+      (`flags.NEUTRAL_ISSUE_SCORE`). A fixed threshold or top k overrides both.
+    * **OOD**: `flags.ood_scores` per fold against the fold's trusted rows, and a conformal
+      test (`flags.conformal_ood_flags`): an example is flagged when its score is too high for
+      the unflagged rows at a false discovery rate of `OOD_FDR`, so in-distribution data gets
+      (almost) no OOD flags.
     """
     table = scores.table
     labels = table["given"].to_numpy()
+    n, c = scores.probs.shape
+    agreement = np.zeros(n)
+    votes = np.zeros((n, c))
+    fold_rows = scores.fold_rows()
+    for k, rows in enumerate(fold_rows):
+        if rows.size < 2:
+            agreement[rows], votes[rows, labels[rows]] = 1.0, 1.0
+            continue
+        knn = flags.knn_label_agreement(
+            scores.embeddings[k],
+            labels[rows],
+            n_classes=c,
+            k=min(config.knn_k, rows.size - 1),
+            seed=config.seed,
+            progress=f"flags: neighbours {k + 1}/{len(fold_rows)}" if config.progress else None,
+        )
+        agreement[rows], votes[rows] = knn.agreement, knn.votes
     mean_p = table["mean_p"].to_numpy() if "mean_p" in table else None
-    issue_score, knn = _label_issue_scores(
-        scores.probs, scores.embeddings, labels, mean_p, dataset, config, stage="flags"
+    if mean_p is not None:
+        # A row no model trained on (a singleton class) has no trajectory: use its p_i.
+        mean_p = np.where(np.isnan(mean_p), table["p_given"].to_numpy(), mean_p)
+    issue_score = flags.label_issue_scores(
+        table["p_given"].to_numpy(),
+        scores.probs,
+        labels,
+        mean_p=mean_p,
+        knn_agreement=agreement,
     )
-    split = flags.mixture_split(issue_score, seed=config.seed)
+    noise = estimate.estimate_noise(scores.probs, labels)
     if config.top_k is not None:
         is_issue = flags.flag_label_issues(issue_score, top_k=config.top_k)
         threshold = float(np.min(issue_score[is_issue])) if is_issue.any() else 1.0
-    else:
-        threshold = (
-            config.label_issue_threshold
-            if config.label_issue_threshold is not None
-            else split.threshold
-        )
+    elif config.label_issue_threshold is not None:
+        threshold = float(config.label_issue_threshold)
         is_issue = issue_score >= threshold
+    else:
+        # The confident joint counts a weak model's errors as noise too: of each class's
+        # counted rows, only those whose evidence leans towards another label are flagged.
+        is_issue = flags.flag_by_class_counts(
+            issue_score, labels, flags.issue_counts_per_class(noise, labels)
+        ) & (issue_score >= flags.NEUTRAL_ISSUE_SCORE)
+        threshold = float(np.min(issue_score[is_issue])) if is_issue.any() else 1.0
 
-    trusted = flags.select_trusted(table["p_given"].to_numpy(), is_issue)
-    ood = flags.ood_scores(
-        scores.probs,
-        scores.embeddings,
-        labels,
-        trusted_mask=trusted,
-        k=OOD_NEIGHBOUR,
-        knn_votes=knn.votes,
-        p_std=table["std_p"].to_numpy() if "std_p" in table else None,
-        reference_mask=~is_issue,
-        seed=config.seed,
-        progress="flags: OOD distance" if config.progress else None,
-    )
+    p_given = table["p_given"].to_numpy()
+    trusted = flags.select_trusted(p_given, is_issue)
+    std_p = table["std_p"].to_numpy() if "std_p" in table else None
+    ood = np.zeros(n)
+    for k, rows in enumerate(fold_rows):
+        fold_trusted = trusted[rows]
+        if fold_trusted.sum() <= OOD_NEIGHBOUR or (~is_issue[rows]).sum() == 0:
+            continue  # nothing in this fold to compare with: no OOD evidence
+        ood[rows] = flags.ood_scores(
+            scores.probs[rows],
+            scores.embeddings[k],
+            labels[rows],
+            trusted_mask=fold_trusted,
+            k=OOD_NEIGHBOUR,
+            knn_votes=votes[rows],
+            p_std=None if std_p is None else np.nan_to_num(std_p[rows], nan=0.0),
+            reference_mask=~is_issue[rows],
+            seed=config.seed,
+            progress=f"flags: OOD distance {k + 1}/{len(fold_rows)}" if config.progress else None,
+        )
     if config.ood_threshold is not None:
         ood_threshold = float(config.ood_threshold)
+        is_ood = flags.flag_ood(ood, threshold=ood_threshold)
     else:
-        ood_threshold = flags.auto_ood_threshold(ood, reference_mask=~is_issue)
-    is_ood = flags.flag_ood(ood, threshold=ood_threshold)
+        is_ood, ood_threshold = flags.conformal_ood_flags(
+            ood, reference_mask=~is_issue, fdr=OOD_FDR
+        )
     # Suggestions for examples more atypical than most unflagged ones go to a person: an OOD
-    # input the strict OOD threshold missed would otherwise be "corrected" into a class.
+    # input the OOD test missed would otherwise be "corrected" into a class.
     review_threshold = min(
         ood_threshold,
         flags.auto_ood_threshold(ood, reference_mask=~is_issue, fpr=OOD_REVIEW_FPR),
@@ -686,22 +955,21 @@ def flag_examples(
     out = pd.DataFrame(
         {
             "example_id": table["example_id"].to_numpy(),
-            "knn_agreement": knn.agreement,
+            "knn_agreement": agreement,
             "label_issue_score": issue_score,
             "is_label_issue": is_issue,
             "ood_score": ood,
             "is_ood": is_ood,
         }
     )
-    noise = estimate.estimate_noise(scores.probs, labels)
     return Flags(
         out,
         float(threshold),
         float(ood_threshold),
         float(review_threshold),
-        split.noise_rate,
+        float(noise.rate),
         noise,
-        knn.votes,
+        votes,
     )
 
 
@@ -720,7 +988,7 @@ def correct_labels(
     rows with unknown ids or labels are listed in the review report, never silently dropped:
     with ``strict_reviews`` (the CLI's default) they stop the run with a `DataError` naming them.
     """
-    train, _ = _train_and_test(dataset)
+    data = _audited(dataset)
     labels = scores.table["given"].to_numpy()
     suggested, confidence = correction.suggest_labels(
         scores.probs,
@@ -732,12 +1000,12 @@ def correct_labels(
     if reviews_path is not None:
         reviews = read_reviews(
             reviews_path,
-            known_ids=train.example_ids,
+            known_ids=data.example_ids,
             classes=dataset.classes,
             strict=strict_reviews,
         )
         review_report = reviews.report
-        review_positions = reviews.to_positions(train.example_ids, dataset.classes)
+        review_positions = reviews.to_positions(data.example_ids, dataset.classes)
     plan = correction.decide_corrections(
         labels,
         suggested,
@@ -777,59 +1045,89 @@ def retrain(
     resume: bool = False,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> Retrained:
-    """Train the final model on the corrected labels, OOD and unresolved examples left out.
+    """Cross-fit the final models on the corrected labels, OOD and unresolved rows left out.
 
-    The residual noise of the corrected labels is estimated with the audit model's probabilities
-    and the emphasis is chosen again from it (less noise: a smaller λ), unless the user fixed it.
-    `checkpoint_dir`, `resume` and `on_epoch_end` go to `dm_audit.training.fit`.
+    The same folds as the audit: every row gets an out-of-sample prediction from a retrained
+    model that never saw it, so the audit and the retrain are compared on the same rows
+    (`summary.quality`). The residual noise of the corrected labels is estimated with the audit
+    models' out-of-sample probabilities and the emphasis chosen again from it (less noise: a
+    smaller λ), unless the user fixed it. `checkpoint_dir`, `resume` and `on_epoch_end` go to
+    `dm_audit.training.fit`.
     """
     if not config.retrain:
         return Retrained(None, None, None, 0.0)
     start = time.perf_counter()
-    train, test = _train_and_test(dataset)
+    data = _audited(dataset)
     keep = corrections.table["include_in_retrain"].to_numpy(dtype=bool)
     if keep.sum() < 2:
         raise ConfigError("fewer than two examples are left to retrain on after the corrections")
-    labels = corrections.table["corrected"].to_numpy()[keep]
-    residual = estimate.estimate_noise(scores.probs[keep], labels)
+    corrected = corrections.table["corrected"].to_numpy()
+    labels = np.where(keep, corrected, scores.table["given"].to_numpy())
+    residual = estimate.estimate_noise(scores.probs[keep], labels[keep])
     if config.lam is not None:
         choice = estimate.EmphasisChoice(float(config.lam), float(config.beta), "fixed by the user")
     else:
         choice = estimate.choose_emphasis(residual.rate, dataset.n_classes)
-    truth = _truth(train)
-    result = fit(
-        train.inputs()[keep],
-        labels,
-        _train_config(
+    epochs = _epochs(config, int(keep.sum()))
+    models = _crossfit(
+        data,
+        scores.folds,
+        lambda k, n: _train_config(
             config,
             loss="dm",
             loss_params=_dm_params(choice),
-            epochs=_epochs(config, int(keep.sum())),
-            seed_offset=100,
-            label="3/3 retrain",
+            epochs=epochs,
+            seed_offset=100 + 10 * k,
+            label=f"3/3 retrain {k + 1}/{CROSSFIT_FOLDS}",
         ),
-        num_classes=dataset.n_classes,
-        eval_inputs=None if test is None else test.inputs(),
-        eval_labels=None if test is None else test.label_codes(),
-        true_labels=None if truth is None else truth[keep],
+        labels=labels,
+        keep=keep,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         on_epoch_end=on_epoch_end,
     )
-    return Retrained(result, choice, residual, time.perf_counter() - start)
+    probs = _out_of_sample_probs(models, data, config.device)
+    return Retrained(models, choice, residual, time.perf_counter() - start, probs)
 
 
 # ============================================================================================
 # evaluation and reports
 
 
-def _test_accuracy(
-    fit_result: FitResult | None, test: AuditDataset | None, device: str
-) -> float | None:
-    if fit_result is None or test is None:
-        return None
-    probs, _ = predict_proba(fit_result.model, test.inputs(), device=device, batch_size=1024)
-    return accuracy(probs.argmax(axis=1), test.label_codes())
+def compare_before_after(
+    given: np.ndarray,
+    before_probs: np.ndarray,
+    after_probs: np.ndarray | None,
+    corrections: Corrections,
+) -> dict[str, Any]:
+    """Out-of-sample accuracy of the audit models and of the retrained models, paired.
+
+    Both are measured on the same rows against the same labels: the rows whose given label the
+    audit kept, against that label, each row predicted by the models of its fold (which never
+    trained on it). On clean data the two should agree within sampling error; the discordant
+    counts (``paired``) let a check test whether the retrain is worse (McNemar).
+    """
+    source = corrections.table["correction_source"].to_numpy()
+    kept = source == "kept"
+    before_right = before_probs.argmax(axis=1)[kept] == given[kept]
+    out: dict[str, Any] = {
+        "measured_on": "rows whose given label was kept, out of sample",
+        "n_compared": int(kept.sum()),
+        "accuracy_before": accuracy(before_probs.argmax(axis=1)[kept], given[kept])
+        if kept.any()
+        else None,
+        "accuracy_after": None,
+        "paired": None,
+    }
+    if after_probs is not None and kept.any():
+        after_right = after_probs.argmax(axis=1)[kept] == given[kept]
+        out["accuracy_after"] = float(after_right.mean())
+        out["paired"] = {
+            "n": int(kept.sum()),
+            "before_only": int((before_right & ~after_right).sum()),
+            "after_only": int((after_right & ~before_right).sum()),
+        }
+    return out
 
 
 def _detection(truth: np.ndarray, flagged: np.ndarray, score_values: np.ndarray) -> dict[str, Any]:
@@ -890,18 +1188,18 @@ def evaluate_against_truth(
     return result
 
 
-def _history_frame(stage: str, fit_result: FitResult | None) -> pd.DataFrame:
+def _history_frame(stage: str, fit_result: CrossFit | None) -> pd.DataFrame:
     if fit_result is None or not fit_result.history:
-        return pd.DataFrame(columns=["stage", "epoch"])
+        return pd.DataFrame(columns=["stage", "fold", "epoch"])
     frame = pd.DataFrame(fit_result.history)
     numeric = [
         c
         for c in frame.columns
-        if c != "epoch"
+        if c not in ("epoch", "fold")
         and pd.api.types.is_numeric_dtype(frame[c])
         and not pd.api.types.is_bool_dtype(frame[c])
     ]
-    out = frame[["epoch", *numeric]].copy()
+    out = frame[["fold", "epoch", *numeric]].copy()
     out.insert(0, "stage", stage)
     return out
 
@@ -923,13 +1221,14 @@ def build_report(
     config: AuditConfig,
 ) -> AuditReport:
     """Assemble the report tables, the summary and the plots of an audit."""
-    train, test = _train_and_test(dataset)
+    data = _audited(dataset)
     classes = np.asarray(dataset.classes, dtype=object)
     given = scores.table["given"].to_numpy()
     examples = pd.DataFrame(
         {
             "example_id": scores.table["example_id"].to_numpy(),
-            "split": "train",
+            "split": data.table["split"].astype(str).to_numpy(),
+            "fold": scores.table["fold"].to_numpy(),
             "given_label": classes[given],
             "p_given": scores.table["p_given"].to_numpy(),
             "mean_p": scores.table["mean_p"].to_numpy() if "mean_p" in scores.table else np.nan,
@@ -947,18 +1246,22 @@ def build_report(
         "correction_source",
     ):
         examples[column] = corrections.table[column].to_numpy()
-    truth = _truth(train)
+    truth = _truth(data)
     if truth is not None:
-        examples["true_label"] = train.table["true_label"].to_numpy(dtype=object)
+        examples["true_label"] = data.table["true_label"].to_numpy(dtype=object)
         examples["is_noisy"] = given != truth
 
-    audit_test = _test_accuracy(audit_fit.fit, test, config.device)
-    final_test = _test_accuracy(retrained.fit, test, config.device)
+    quality = compare_before_after(given, scores.probs, retrained.probs, corrections)
     source = corrections.table["correction_source"].value_counts()
+    audit_choice, retrain_choice = audit_fit.effective_choice, retrained.effective_choice
     summary: dict[str, Any] = {
         "source": dataset.source,
-        "n_examples": len(train),
-        "n_test_examples": 0 if test is None else len(test),
+        "n_examples": len(data),
+        "n_audited": len(examples),
+        "cross_fitting": {
+            "folds": CROSSFIT_FOLDS,
+            "rows_per_fold": np.bincount(scores.folds, minlength=CROSSFIT_FOLDS).tolist(),
+        },
         "n_classes": dataset.n_classes,
         "classes": list(dataset.classes),
         "config": config.to_dict(),
@@ -972,8 +1275,12 @@ def build_report(
         },
         "emphasis": {
             "adaptive": probe_result.adaptive,
-            "audit": _choice_dict(audit_fit.choice),
-            "retrain": _choice_dict(retrained.choice),
+            "audit": _choice_dict(audit_choice),
+            "retrain": _choice_dict(retrain_choice),
+            "requested": {
+                "audit": _choice_dict(audit_fit.choice),
+                "retrain": _choice_dict(retrained.choice),
+            },
         },
         "thresholds": {
             "label_issue": flag_result.label_issue_threshold,
@@ -986,13 +1293,10 @@ def build_report(
             "ood": int(examples["is_ood"].sum()),
             **{name: int(source.get(name, 0)) for name in correction.CORRECTION_SOURCES},
         },
-        "quality": {
-            "test_accuracy_before": audit_test,
-            "test_accuracy_after": final_test,
-        },
+        "quality": quality,
         "training_events": {
-            "audit": audit_fit.fit.events,
-            "retrain": [] if retrained.fit is None else retrained.fit.events,
+            "audit": audit_fit.models.events,
+            "retrain": [] if retrained.models is None else retrained.models.events,
         },
         "seconds": {
             "probe": probe_result.seconds,
@@ -1006,9 +1310,18 @@ def build_report(
         summary["against_truth"] = evaluate_against_truth(
             given, truth, flag_result.table, corrections
         )
+        in_dist = truth >= 0
+        summary["against_truth"]["accuracy_before"] = accuracy(
+            scores.probs.argmax(axis=1)[in_dist], truth[in_dist]
+        )
+        summary["against_truth"]["accuracy_after"] = (
+            None
+            if retrained.probs is None
+            else accuracy(retrained.probs.argmax(axis=1)[in_dist], truth[in_dist])
+        )
 
     metrics = pd.concat(
-        [_history_frame("audit", audit_fit.fit), _history_frame("retrain", retrained.fit)],
+        [_history_frame("audit", audit_fit.models), _history_frame("retrain", retrained.models)],
         ignore_index=True,
     )
     is_issue = examples["is_label_issue"].to_numpy(dtype=bool)
@@ -1022,9 +1335,9 @@ def build_report(
         "noise_matrix": plots.plot_noise_matrix(
             flag_result.noise_estimate.matrix, list(dataset.classes)
         ),
-        "weighting_curves": _weighting_figure(audit_fit.choice, retrained.choice),
+        "weighting_curves": _weighting_figure(audit_choice, retrain_choice),
     }
-    p_history = audit_fit.fit.dynamics.p_matrix()
+    p_history = audit_fit.models.in_sample_p_history(len(examples))
     if p_history.shape[1] > 0:
         figures["training_dynamics"] = plots.plot_training_dynamics(
             np.asarray(p_history, dtype=np.float32), is_issue
@@ -1111,12 +1424,10 @@ def run_audit(
     DataError, ConfigError
         Bad data, reviews or options; no report is written and the work folder is removed.
     """
-    train, _ = _train_and_test(dataset)
+    data = _audited(dataset)
     if reviews_path is not None:
         # A bad reviews file fails now, not after hours of training.
-        read_reviews(
-            reviews_path, known_ids=train.example_ids, classes=dataset.classes, strict=True
-        )
+        read_reviews(reviews_path, known_ids=data.example_ids, classes=dataset.classes, strict=True)
     if out_dir is None:
         return _run_stages(dataset, config, None, reviews_path)
     # Fail before hours of training, not after, when the folder holds a previous run.
@@ -1178,14 +1489,14 @@ def _run_stages(
     probe_result = stage("probe", lambda: probe(dataset, config, **training("probe")))
     audit_fit = train_audit_model(dataset, probe_result, config, **training("audit"))
     scores = stage("scores", scored)
-    flag_result = stage("flags", lambda: flag_examples(dataset, scores, probe_result, config))
+    flag_result = stage("flags", lambda: flag_examples(dataset, scores, config))
     corrections = stage(
         "corrections",
         lambda: correct_labels(dataset, scores, flag_result, config, reviews_path=reviews_path),
     )
     retrained = retrain(dataset, scores, corrections, config, **training("retrain"))
-    resumed = _take_resume_events("audit", audit_fit.fit) + _take_resume_events(
-        "retrain", retrained.fit
+    resumed = _take_resume_events("audit", audit_fit.models) + _take_resume_events(
+        "retrain", retrained.models
     )
     report = build_report(
         dataset, probe_result, audit_fit, scores, flag_result, corrections, retrained, config
@@ -1194,14 +1505,17 @@ def _run_stages(
     return report
 
 
-def _take_resume_events(training: str, fit_result: FitResult | None) -> list[dict[str, Any]]:
+def _take_resume_events(training: str, models: CrossFit | None) -> list[dict[str, Any]]:
     """Move a training's resume events out of its event list into the run's resume record.
 
     A resumed training's other events and history are those of an uninterrupted one; keeping
     the resumes apart keeps the report comparable to that of an uninterrupted run.
     """
-    if fit_result is None:
+    if models is None:
         return []
-    taken = [e for e in fit_result.events if e.get("event") == "resume"]
-    fit_result.events[:] = [e for e in fit_result.events if e.get("event") != "resume"]
-    return [{"training": training, "epoch": int(e["epoch"])} for e in taken]
+    out = []
+    for k, fit_result in enumerate(models.fits):
+        taken = [e for e in fit_result.events if e.get("event") == "resume"]
+        fit_result.events[:] = [e for e in fit_result.events if e.get("event") != "resume"]
+        out += [{"training": training, "fold": k, "epoch": int(e["epoch"])} for e in taken]
+    return out

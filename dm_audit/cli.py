@@ -61,9 +61,10 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--test-size",
         type=float,
-        default=0.3,
-        help="held-out share for measuring the models, stratified (default: 0.3; a 'split' "
-        "column in the table is honoured)",
+        default=0.0,
+        help="share of each class marked 'test' in the report's split column (default: 0; "
+        "every row is audited either way, out of sample; a 'split' column in the table is "
+        "honoured)",
     )
     group.add_argument(
         "--download",
@@ -282,8 +283,9 @@ def _print_audit(report, out_dir: Path | None) -> None:
         )
     rows.append(
         (
-            "test accuracy before/after",
-            f"{_fmt(quality['test_accuracy_before'])} -> {_fmt(quality['test_accuracy_after'])}",
+            "accuracy before/after",
+            f"{_fmt(quality['accuracy_before'])} -> {_fmt(quality['accuracy_after'])} "
+            f"(out of sample, {quality['n_compared']} rows whose label was kept)",
         )
     )
     width = max(len(name) for name, _ in rows)
@@ -319,7 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dm_audit.noise import add_noise
     from dm_audit.sources import load_source
 
-    dataset = load_source("digits", test_size=0.3, seed=args.seed)
+    dataset = load_source("digits", test_size=0.0, seed=args.seed)
     dataset = add_noise(
         dataset,
         kind="symmetric",

@@ -77,6 +77,7 @@ EXAMPLES_SCHEMA = _schema(
     [
         _f("example_id", pa.string()),
         _f("split", pa.string(), True),
+        _f("fold", pa.int32(), True),
         _f("given_label", pa.string()),
         _f("true_label", pa.string(), True),
         _f("is_noisy", pa.bool_(), True),
@@ -122,7 +123,9 @@ CORRECTED_LABELS_SCHEMA = _schema(
 )
 
 # Per-epoch metrics: stage and epoch, then any number of numeric columns stored as float64.
-METRICS_SCHEMA = _schema("metrics", [_f("stage", pa.string()), _f("epoch", pa.int32())])
+METRICS_SCHEMA = _schema(
+    "metrics", [_f("stage", pa.string()), _f("fold", pa.int32(), True), _f("epoch", pa.int32())]
+)
 
 SCHEMAS: dict[str, pa.Schema] = {
     "examples": EXAMPLES_SCHEMA,

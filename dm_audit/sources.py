@@ -98,7 +98,7 @@ def load_source(
     feature_columns: str | Sequence[str] | None = None,
     image_column: str | None = None,
     image_root: str | os.PathLike[str] | None = None,
-    test_size: float = 0.3,
+    test_size: float = 0.0,
     seed: int = 0,
     download: bool = False,
 ) -> AuditDataset:
@@ -293,7 +293,7 @@ def _finish(
 # --------------------------------------------------------------------------------------------
 
 
-def load_digits(*, test_size: float = 0.3, seed: int = 0) -> AuditDataset:
+def load_digits(*, test_size: float = 0.0, seed: int = 0) -> AuditDataset:
     """scikit-learn's digits as feature vectors.
 
     Parameters
@@ -398,7 +398,7 @@ def table_to_dataset(
     options: TableOptions | None = None,
     *,
     base_dir: Path | None = None,
-    test_size: float = 0.3,
+    test_size: float = 0.0,
     seed: int = 0,
     source: str = "table",
     types_inferred: bool = False,
@@ -731,7 +731,7 @@ def _image_files(class_dir: Path, root: Path) -> list[Path]:
 
 
 def load_image_folder(
-    root: str | os.PathLike[str], *, test_size: float = 0.3, seed: int = 0
+    root: str | os.PathLike[str], *, test_size: float = 0.0, seed: int = 0
 ) -> AuditDataset:
     """Images in one sub-folder per class.
 

@@ -77,11 +77,14 @@ SUSPECT_COLUMNS = [
 FIT_FIGURES = ("loss", "train_acc", "test_acc", "clean_fit", "noisy_fit", "noisy_correction")
 
 
-def _fit_metadata(fit: Any, seconds: float) -> dict[str, Any]:
-    """Key last-epoch figures of a training run, for the model assets."""
-    last = fit.history[-1] if fit.history else {}
-    figures = {f"final_{k}": last[k] for k in FIT_FIGURES if last.get(k) is not None}
-    return {"epochs_run": len(fit.history), "training_seconds": seconds, **figures}
+def _fit_metadata(models: audit.CrossFit, seconds: float) -> dict[str, Any]:
+    """Key last-epoch figures of each cross-fitted model, for the model assets."""
+    meta: dict[str, Any] = {"training_seconds": seconds}
+    for k, fit in enumerate(models.fits):
+        last = fit.history[-1] if fit.history else {}
+        meta[f"fold{k}_epochs_run"] = len(fit.history)
+        meta |= {f"fold{k}_final_{n}": last[n] for n in FIT_FIGURES if last.get(n) is not None}
+    return meta
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"})
@@ -136,7 +139,7 @@ def audit_model(
     audit_settings: AuditSettings,
     runtime: AuditRuntime,
 ) -> dg.Output[audit.AuditFit]:
-    """The DM-trained audit model; one training yields the scores of every example.
+    """The cross-fitted DM audit models: each row is scored by the one that never saw it.
 
     Checkpoints go under the root run's folder, so re-executing a failed run resumes training
     from the last finished epoch instead of starting over (the library refuses a checkpoint
@@ -150,9 +153,10 @@ def audit_model(
         checkpoint_dir=runtime.run_dir(root_run) / "checkpoints" / "audit_model",
         resume=True,
     )
-    meta = {"lambda": result.choice.lam, "beta": result.choice.beta, "events": result.fit.events}
+    choice = result.effective_choice
+    meta = {"lambda": choice.lam, "beta": choice.beta, "events": result.models.events}
     return dg.Output(
-        result, metadata=scalar_metadata({**meta, **_fit_metadata(result.fit, result.seconds)})
+        result, metadata=scalar_metadata({**meta, **_fit_metadata(result.models, result.seconds)})
     )
 
 
@@ -182,14 +186,13 @@ def example_scores(
 @dg.asset(group_name=GROUP)
 def flags(
     dataset: AuditDataset,
-    noise_probe: audit.ProbeResult,
     example_scores: audit.ExampleScores,
     audit_settings: AuditSettings,
     runtime: AuditRuntime,
 ) -> dg.Output[audit.Flags]:
     """Label-issue flags (in-distribution) and out-of-distribution flags."""
     config = audit_settings.audit_config(runtime.device)
-    result = audit.flag_examples(dataset, example_scores, noise_probe, config)
+    result = audit.flag_examples(dataset, example_scores, config)
     table = result.table
     suspects = table[table["is_label_issue"]].sort_values("label_issue_score", ascending=False)
     meta = {
@@ -259,19 +262,19 @@ def retrained_model(
     audit_settings: AuditSettings,
     runtime: AuditRuntime,
 ) -> dg.Output[audit.Retrained]:
-    """The final model, trained on the corrected labels with the emphasis chosen again."""
+    """The final models, cross-fitted on the corrected labels with the emphasis chosen again."""
     result = audit.retrain(
         dataset, example_scores, corrected_labels, audit_settings.audit_config(runtime.device)
     )
-    residual, choice = result.residual_estimate, result.choice
+    residual, choice = result.residual_estimate, result.effective_choice
     meta: dict[str, Any] = {
         "n_retrain_examples": int(corrected_labels.table["include_in_retrain"].sum()),
         "residual_noise_rate": residual.rate if residual is not None else None,
         "lambda": choice.lam if choice is not None else None,
         "beta": choice.beta if choice is not None else None,
     }
-    if result.fit is not None:
-        meta |= _fit_metadata(result.fit, result.seconds)
+    if result.models is not None:
+        meta |= _fit_metadata(result.models, result.seconds)
     return dg.Output(result, metadata=scalar_metadata(meta))
 
 
@@ -320,8 +323,8 @@ def _report_metadata(report: audit.AuditReport, paths: ReportPaths) -> dict[str,
                 "lambda": summary["emphasis"]["audit"]["lam"],
                 "beta": summary["emphasis"]["audit"]["beta"],
                 "counts": summary["counts"],
-                "test_accuracy_before": quality.get("test_accuracy_before"),
-                "test_accuracy_after": quality.get("test_accuracy_after"),
+                "accuracy_before": quality.get("accuracy_before"),
+                "accuracy_after": quality.get("accuracy_after"),
             }
         ),
         "top_suspects": dg.MetadataValue.md(

@@ -53,10 +53,10 @@ class DatasetConfig(dg.Config):
         default=None, description="Folder that image paths in a table are relative to."
     )
     test_size: float = Field(
-        default=0.3,
+        default=0.0,
         description=(
-            "Share of each class held out to compare the audit and retrained models "
-            "(ignored when the source fixes the split)."
+            "Share of each class marked 'test' in the report's split column (every row is "
+            "audited either way; ignored when the source fixes the split)."
         ),
     )
     split_seed: int = Field(default=0, description="Seed of the train/test split.")

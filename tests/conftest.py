@@ -70,7 +70,7 @@ def make_colour_images():
 @pytest.fixture(scope="session")
 def digits_dataset() -> AuditDataset:
     """scikit-learn digits, split 70/30 with seed 0 (1,797 examples, 10 classes, D = 64)."""
-    return load_source("digits", seed=0)
+    return load_source("digits", test_size=0.3, seed=0)
 
 
 @pytest.fixture

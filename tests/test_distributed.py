@@ -33,8 +33,12 @@ from dm_audit.losses import create_loss
 from dm_audit.training import CHECKPOINT_NAME, _EpochBatchSampler, _split_batches
 
 EPOCHS = 2
-WEIGHT_TOL = 1e-5
-P_TOL = 1e-4
+# Summation order differs between one process and two: each feature is standardised by its own
+# spread, so digits' rarely-lit pixels reach inputs of ~40 and amplify those float differences
+# (measured 5.7e-5 after 2 epochs; a wrong gradient or a missed all-reduce is off by > 1e-2).
+WEIGHT_TOL = 2e-4
+# p_i are stored as float16, whose step near 1 is 4.9e-4: one rounding step apart is equal.
+P_TOL = 1e-3
 LOSS_RTOL = 1e-5
 ACC_TOL = 0.01
 
@@ -44,6 +48,8 @@ def _train_args(out: Path) -> list[str]:
         "train",
         "--input",
         "digits",
+        "--test-size",  # a held-out split, so both runs' eval_acc can be compared
+        "0.3",
         "--epochs",
         str(EPOCHS),
         "--batch-size",

@@ -148,10 +148,12 @@ def test_killed_in_training_scoring_and_report_writing_resumes_to_the_same_repor
     # During the probe, then the audit training, each right after epoch 2 was checkpointed.
     assert run_forked(source, out, kill_at="probe:epoch:2") == -signal.SIGKILL
     assert visible_reports(out) == []
-    assert (work / "probe" / "checkpoint.pt").is_file() and not (work / "probe.pkl").exists()
+    probe_checkpoint = work / "probe" / "fold0" / "checkpoint.pt"
+    assert probe_checkpoint.is_file() and not (work / "probe.pkl").exists()
     assert run_forked(source, out, kill_at="audit:epoch:2") == -signal.SIGKILL
     assert visible_reports(out) == []
-    assert (work / "probe.pkl").is_file() and (work / "audit" / "checkpoint.pt").is_file()
+    assert (work / "probe.pkl").is_file()
+    assert (work / "audit" / "fold0" / "checkpoint.pt").is_file()
     assert not (work / "scores.pkl").exists()
 
     # During scoring: the audit training is finished, the scores are not saved.
@@ -178,9 +180,10 @@ def test_killed_in_training_scoring_and_report_writing_resumes_to_the_same_repor
     # Nothing of the interrupted attempts is left behind.
     assert sorted(p.name for p in out.iterdir()) == sorted([RUN_MARKER, *REPORT_FILES, "plots"])
     resumed = json.loads((out / "summary.json").read_text())["resumed"]
-    assert {"training": "audit", "epoch": 2} in resumed
-    assert {"training": "retrain", "epoch": 1} in resumed
-    assert {"training": "retrain", "epoch": 3} in resumed
+    # Each cross-fitted model resumes from its own checkpoint.
+    assert {"training": "audit", "fold": 0, "epoch": 2} in resumed
+    assert {"training": "retrain", "fold": 0, "epoch": 1} in resumed
+    assert {"training": "retrain", "fold": 1, "epoch": 3} in resumed
     assert json.loads((expected / "summary.json").read_text())["resumed"] == []
 
 
@@ -308,7 +311,8 @@ def test_streamed_scores_live_in_the_work_folder_so_a_resume_can_read_them(
     with pytest.raises(RuntimeError, match="stopped"):
         audit_module.run_audit(data, config, tmp_path / "run")
     work = tmp_path / "run" / WORK_DIR_NAME
-    assert (work / "scores.parquet").is_file() and (work / "scores.pkl").is_file()
+    assert (work / "scores_fold0.parquet").is_file() and (work / "scores_fold1.parquet").is_file()
+    assert (work / "scores.pkl").is_file()
 
     monkeypatch.setattr(audit_module, "retrain", real_retrain)
     resumed = audit_module.run_audit(data, config, tmp_path / "run")

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dm_audit.dataset import AuditDataset
+from dm_audit.reports import ReportPaths
 from pipelines.assets import AUDIT_ASSETS, dataset
-from pipelines.checks import AUDIT_CHECKS, dataset_is_valid
+from pipelines.checks import AUDIT_CHECKS, dataset_is_valid, retrain_not_worse
 from pipelines.definitions import build_resources, defs, executor_from_name
 from pipelines.jobs import AUDIT_ASSETS as AUDIT_ASSET_NAMES
 from pipelines.jobs import RELABEL_ASSETS, UPSTREAM_RUN_TAG
@@ -149,8 +151,8 @@ def test_every_setting_reaches_the_library_config() -> None:
         5,
         "cpu",
     )
-    # Every setting but the two thresholds of the checks is an AuditConfig option.
-    check_only = {"max_flag_rate_ratio", "max_accuracy_drop"}
+    # Every setting but the thresholds of the checks is an AuditConfig option.
+    check_only = {"max_flag_rate_ratio", "max_accuracy_drop", "retrain_check_alpha"}
     assert set(AuditSettings.model_fields) - check_only <= set(vars(config))
 
 
@@ -160,7 +162,8 @@ def test_the_default_config_audits_the_built_in_digits(tmp_path: Path) -> None:
             [dataset, dataset_is_valid], resources=resources_for(tmp_path), instance=instance
         )
     meta = asset_metadata(result, "dataset")
-    assert (meta["dagster/row_count"], meta["n_train"], meta["n_test"]) == (1797, 1258, 539)
+    # Every row is audited: no rows are held out by default.
+    assert (meta["dagster/row_count"], meta["n_train"], meta["n_test"]) == (1797, 1797, 0)
     assert meta["n_classes"] == 10
     assert check_results(result)["dataset_is_valid"].passed
 
@@ -181,8 +184,7 @@ def test_reports_land_in_the_run_folder_and_the_export_is_published(audit_run: A
     for name in ("examples.parquet", "label_issues.parquet", "summary.json"):
         assert (report / name).is_file(), name
     examples = pd.read_parquet(report / "examples.parquet")
-    n_train = round(N_PER_CLASS * 0.7) * len(CLASSES)
-    assert len(examples) == n_train
+    assert len(examples) == N_PER_CLASS * len(CLASSES)  # every input row is audited
     summary = json.loads((report / "summary.json").read_text())
     assert summary["counts"]["label_issues"] == int(examples["is_label_issue"].sum())
 
@@ -195,6 +197,8 @@ def test_reports_land_in_the_run_folder_and_the_export_is_published(audit_run: A
 
 def test_metadata_shows_counts_noise_rate_detection_and_plots(audit_run: Audit) -> None:
     data = asset_metadata(audit_run.result, "dataset")
+    # The config holds 30 % out as a "test" split: noise goes into the training split only, and
+    # every row, the test split's too, is audited.
     n_train = round(N_PER_CLASS * 0.7) * len(CLASSES)
     assert data["injected_noise"] == {"clean": N_PER_CLASS * 3 - int(NOISE_RATE * n_train),
                                       "flipped": int(NOISE_RATE * n_train)}  # fmt: skip
@@ -205,7 +209,8 @@ def test_metadata_shows_counts_noise_rate_detection_and_plots(audit_run: Audit) 
 
     reports = asset_metadata(audit_run.result, "audit_reports")
     truth = json.loads((audit_run.report_dir / "summary.json").read_text())["against_truth"]
-    assert reports["true_noise_rate"] == pytest.approx(int(NOISE_RATE * n_train) / n_train)
+    n_rows = N_PER_CLASS * len(CLASSES)
+    assert reports["true_noise_rate"] == pytest.approx(int(NOISE_RATE * n_train) / n_rows)
     assert reports["detection_recall"] == truth["label_issues"]["recall"]
     assert reports["detection_precision"] == truth["label_issues"]["precision"]
     # Separable blobs: the flipped labels rank first and the flags are right.
@@ -231,19 +236,22 @@ def test_stage_results_are_stored_per_run_with_weights_only_models(audit_run: Au
 # ------------------------------------------------------------------------------ blocking checks
 
 
-def test_a_training_split_of_one_class_is_blocked_by_the_dataset_check(tmp_path: Path) -> None:
-    source = write_blobs(tmp_path / "one_class.csv")
-    frame = pd.read_csv(source)
-    # Only "ant" rows are for training; the others sit in the test split.
-    frame["split"] = np.where(frame["label"] == "ant", "train", "test")
-    frame.to_csv(source, index=False)
-    result = materialize_bad_dataset(source, tmp_path / "runs")
-    assert not result.success
-    assert materialized(result) == {"dataset"}
-    check = check_results(result)["dataset_is_valid"]
-    assert not check.passed
-    assert check.severity == dg.AssetCheckSeverity.ERROR
-    assert "1 class(es) ['ant']" in check.description
+def test_a_split_column_does_not_hide_rows_from_the_audit() -> None:
+    # Only "ant" rows are marked for training: every row is audited anyway, so the check passes.
+    rows = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+    labels = ["ant", "bee", "cat"] * 4
+    split = ["train" if label == "ant" else "test" for label in labels]
+    check = dataset_is_valid(AuditDataset.from_arrays(labels, features=rows, split=split))
+    assert check.passed, check.description
+
+
+def test_a_class_with_one_row_warns() -> None:
+    rows = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
+    check = dataset_is_valid(
+        AuditDataset.from_arrays(["ant"] * 4 + ["bee"] * 4 + ["cat"], features=rows)
+    )
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "['cat']" in check.description
 
 
 def test_nan_features_stop_the_graph_at_the_dataset(tmp_path: Path) -> None:
@@ -260,8 +268,9 @@ def test_nan_features_stop_the_graph_at_the_dataset(tmp_path: Path) -> None:
 
 
 def test_a_worse_retrain_blocks_the_export(audit_run: Audit, tmp_path: Path) -> None:
-    # Demand an improvement no model can make, so the retrain check must fail.
-    strict = audit_settings(max_accuracy_drop=-1.0)
+    # Demand an improvement no model can make, and block on any shortfall however small (alpha
+    # 1: no significance needed), so the retrain check must fail.
+    strict = audit_settings(max_accuracy_drop=-1.0, retrain_check_alpha=1.0)
     result = dg.materialize(
         [*AUDIT_ASSETS, *AUDIT_CHECKS],
         selection=["audit_reports", "mislabel_export"],
@@ -273,6 +282,92 @@ def test_a_worse_retrain_blocks_the_export(audit_run: Audit, tmp_path: Path) -> 
     assert materialized(result) == {"audit_reports"}
     check = check_results(result)["retrain_not_worse"]
     assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+
+
+def reports_with_quality(folder: Path, quality: dict[str, object]) -> ReportPaths:
+    """`ReportPaths` of a report folder holding only a ``summary.json`` with ``quality``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = folder / "summary.json"
+    summary.write_text(json.dumps({"quality": quality}), encoding="utf-8")
+    missing = folder / "missing"
+    return ReportPaths(folder, missing, missing, missing, missing, summary, {})
+
+
+def paired_quality(n: int, correct_before: int, before_only: int, after_only: int) -> dict:
+    correct_after = correct_before - before_only + after_only
+    return {
+        "accuracy_before": correct_before / n,
+        "accuracy_after": correct_after / n,
+        "paired": {"n": n, "before_only": before_only, "after_only": after_only},
+    }
+
+
+def test_a_retrain_two_examples_worse_passes_within_sampling_error(tmp_path: Path) -> None:
+    # The default digits run: 531 of 539 test examples right before, 529 after.
+    quality = paired_quality(539, 531, before_only=2, after_only=0)
+    result = retrain_not_worse(reports_with_quality(tmp_path, quality), audit_settings())
+    assert result.passed
+    assert result.description.startswith("out-of-sample accuracy 0.9852 -> 0.9814")
+    assert "539 rows" in result.description and "p = 0.25" in result.description
+    meta = {k: v.value for k, v in result.metadata.items()}
+    assert meta["n"] == 539 and (meta["before_only"], meta["after_only"]) == (2, 0)
+    assert meta["p_value"] == pytest.approx(0.25)  # P(X >= 2), X ~ Bin(2, 1/2)
+    assert (meta["accuracy_before"], meta["accuracy_after"]) == (531 / 539, 529 / 539)
+    # Blocking on any drop (alpha 1) restores the plain comparison: the same run fails.
+    strict = retrain_not_worse(
+        reports_with_quality(tmp_path, quality), audit_settings(retrain_check_alpha=1.0)
+    )
+    assert not strict.passed and strict.severity == dg.AssetCheckSeverity.ERROR
+
+
+def test_a_retrain_forty_examples_worse_is_blocked(tmp_path: Path) -> None:
+    quality = paired_quality(539, 531, before_only=40, after_only=0)
+    result = retrain_not_worse(reports_with_quality(tmp_path, quality), audit_settings())
+    assert not result.passed and result.severity == dg.AssetCheckSeverity.ERROR
+    assert result.description.startswith("the retrained model is worse")
+    assert result.metadata["p_value"].value == pytest.approx(2.0**-40)
+    # Significant, but within an allowed drop of 0.1 (40 / 539 = 0.074): passes.
+    lenient = audit_settings(max_accuracy_drop=0.1)
+    assert retrain_not_worse(reports_with_quality(tmp_path, quality), lenient).passed
+
+
+def test_an_improved_retrain_passes_even_when_an_improvement_is_demanded(tmp_path: Path) -> None:
+    # Many discordant examples, more of them gained than lost: no evidence of a worse model.
+    quality = paired_quality(539, 500, before_only=10, after_only=30)
+    settings = audit_settings(max_accuracy_drop=-1.0)
+    assert retrain_not_worse(reports_with_quality(tmp_path, quality), settings).passed
+
+
+@pytest.mark.parametrize(
+    "quality",
+    [
+        {},
+        {"test_accuracy_before": 0.9, "test_accuracy_after": None},
+        {"accuracy_before": 0.9, "accuracy_after": None, "paired": None},
+        {"accuracy_before": 0.9, "accuracy_after": 0.9, "paired": {"n": 0}},
+    ],
+    ids=["no-fields", "old-fields-no-retrain", "no-retrain", "no-examples"],
+)
+def test_a_retrain_check_without_the_figures_only_warns(tmp_path: Path, quality: dict) -> None:
+    result = retrain_not_worse(reports_with_quality(tmp_path, quality), audit_settings())
+    assert not result.passed and result.severity == dg.AssetCheckSeverity.WARN
+    assert "cannot be compared" in result.description
+
+
+def test_reports_without_paired_counts_are_compared_as_before(tmp_path: Path) -> None:
+    old = {"test_accuracy_before": 0.9852, "test_accuracy_after": 0.9814}
+    result = retrain_not_worse(reports_with_quality(tmp_path, old), audit_settings())
+    assert not result.passed and result.severity == dg.AssetCheckSeverity.ERROR
+    assert "drop above the allowed 0.0000" in result.description
+    assert set(result.metadata) == {"test_accuracy_before", "test_accuracy_after", "max_drop"}
+    tolerant = audit_settings(max_accuracy_drop=0.01)
+    assert retrain_not_worse(reports_with_quality(tmp_path, old), tolerant).passed
+
+
+def test_the_retrain_check_level_is_validated() -> None:
+    for alpha in (0.0, 1.5):
+        with pytest.raises(ValueError, match="retrain_check_alpha"):
+            AuditSettings(retrain_check_alpha=alpha)
 
 
 # ------------------------------------------------------------------------------ reviews

@@ -61,7 +61,7 @@ def _examples(n: int = 6) -> pd.DataFrame:
 
 def test_schemas_are_exact_and_versioned() -> None:
     assert EXAMPLES_SCHEMA.names == [
-        "example_id", "split", "given_label", "true_label", "is_noisy", "p_given", "mean_p",
+        "example_id", "split", "fold", "given_label", "true_label", "is_noisy", "p_given", "mean_p",
         "emphasis_weight", "predicted_label", "predicted_prob", "knn_agreement",
         "label_issue_score", "is_label_issue", "ood_score", "is_ood", "suggested_label",
         "suggestion_confidence", "corrected_label", "correction_source",
@@ -81,7 +81,7 @@ def test_schemas_are_exact_and_versioned() -> None:
     assert CORRECTED_LABELS_SCHEMA.names == [
         "example_id", "original_label", "corrected_label", "source",
     ]  # fmt: skip
-    assert METRICS_SCHEMA.names == ["stage", "epoch"]
+    assert METRICS_SCHEMA.names == ["stage", "fold", "epoch"]
     for name, schema in reports.SCHEMAS.items():
         assert schema.metadata[b"dm_audit_schema_version"] == SCHEMA_VERSION.encode()
         assert schema.metadata[b"dm_audit_table"] == name.encode()
@@ -128,7 +128,7 @@ def test_write_reports_round_trip(tmp_path: Path) -> None:
     assert corrected["corrected_label"].isna().tolist() == [False, False, False, True, False, False]
 
     m = pq.read_table(paths.metrics)
-    assert m.schema.names == ["stage", "epoch", "loss", "test_acc"]
+    assert m.schema.names == ["stage", "fold", "epoch", "loss", "test_acc"]
     assert m.schema.field("epoch").type == pa.int32()
     assert m.schema.field("loss").type == pa.float64()
 

@@ -53,9 +53,13 @@ def test_streamed_scores_equal_one_pass(trained, tmp_path):
     )
     a, b = read_scores(whole), read_scores(path)
     assert len(b) == 300 and list(b.columns) == list(a.columns)
-    pd.testing.assert_frame_equal(a.drop(columns="embedding"), b.drop(columns="embedding"))
-    np.testing.assert_array_equal(np.stack(a["embedding"]), np.stack(b["embedding"]))
-    np.testing.assert_allclose(probs[np.arange(300), labels], b["p_given"], rtol=0, atol=0)
+    # Batches of 4 and of the whole table may take different matrix-multiply kernels: equal up
+    # to float32 rounding, not bit for bit.
+    pd.testing.assert_frame_equal(
+        a.drop(columns="embedding"), b.drop(columns="embedding"), check_exact=False, atol=1e-5
+    )
+    np.testing.assert_allclose(np.stack(a["embedding"]), np.stack(b["embedding"]), atol=1e-5)
+    np.testing.assert_allclose(probs[np.arange(300), labels], b["p_given"], rtol=0, atol=1e-6)
     # Nothing but the finished file is left in the folder.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.parquet", "whole.parquet"]
 
@@ -145,16 +149,20 @@ def test_audit_stages_stream_to_the_same_flags(tmp_path):
     streamed = audit.score_examples(
         dataset, audit_fit, config, chunk_rows=64, scores_path=tmp_path / "scores.parquet"
     )
-    assert isinstance(in_memory.embeddings, np.ndarray)
-    assert isinstance(streamed.embeddings, neighbours.ParquetEmbeddings)
+    assert all(isinstance(e, np.ndarray) for e in in_memory.embeddings)
+    assert all(isinstance(e, neighbours.ParquetEmbeddings) for e in streamed.embeddings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "scores_fold0.parquet",
+        "scores_fold1.parquet",
+    ]
     pd.testing.assert_frame_equal(in_memory.table, streamed.table)
     np.testing.assert_array_equal(in_memory.probs, streamed.probs)
-    a = audit.flag_examples(dataset, in_memory, probe, config)
-    b = audit.flag_examples(dataset, streamed, probe, config)
+    a = audit.flag_examples(dataset, in_memory, config)
+    b = audit.flag_examples(dataset, streamed, config)
     pd.testing.assert_frame_equal(a.table, b.table)
     assert a.label_issue_threshold == b.label_issue_threshold
     assert a.ood_threshold == b.ood_threshold
-    truth = dataset.train().true_label_codes() != dataset.train().label_codes()
+    truth = dataset.true_label_codes() != dataset.label_codes()
     flagged = a.table["is_label_issue"].to_numpy()
     assert (flagged & truth).sum() / max(flagged.sum(), 1) > 0.6
 

@@ -64,27 +64,33 @@ def blob_frame(make_blobs) -> pd.DataFrame:
 # -- digits ----------------------------------------------------------------------------------
 
 
-def test_digits_is_the_builtin_default(digits_dataset, tmp_path):
-    ds = digits_dataset
+def test_digits_is_the_builtin_default(tmp_path):
+    ds = load_source("digits", seed=0)
     assert len(ds) == 1797 and ds.input_kind == "features" and ds.source.startswith("digits")
     assert ds.classes == [str(d) for d in range(10)]
     assert ds.example_ids[:2].tolist() == ["digits-00000", "digits-00001"]
     x = ds.features()
     assert x.shape == (1797, 64) and x.dtype == np.float32
     assert x.min() == 0.0 and x.max() == 1.0
-    # Stratified: every class puts round(0.3 n_k) examples into test.
-    for name, group in ds.table.groupby("label"):
-        assert (group["split"] == "test").sum() == int(np.floor(0.3 * len(group) + 0.5)), name
-    assert (ds.table["split"] == "test").sum() == 539
+    # Every row is audited, so nothing is held out unless asked.
+    assert set(ds.table["split"]) == {"train"}
     assert_round_trip(ds, tmp_path)
+    # Stratified on request: every class puts round(0.3 n_k) examples into test.
+    split = load_source("digits", test_size=0.3, seed=0)
+    for name, group in split.table.groupby("label"):
+        assert (group["split"] == "test").sum() == int(np.floor(0.3 * len(group) + 0.5)), name
+    assert (split.table["split"] == "test").sum() == 539
 
 
 def test_split_is_seeded():
-    a, b = load_source("digits", seed=1), load_source("digits", seed=1)
-    c = load_source("digits", seed=2)
+    a, b = (
+        load_source("digits", test_size=0.3, seed=1),
+        load_source("digits", test_size=0.3, seed=1),
+    )
+    c = load_source("digits", test_size=0.3, seed=2)
     assert a.table["split"].tolist() == b.table["split"].tolist()
     assert a.table["split"].tolist() != c.table["split"].tolist()
-    assert set(load_source("digits", test_size=0).table["split"]) == {"train"}
+    assert set(load_source("digits").table["split"]) == {"train"}
 
 
 def test_stratified_split_keeps_a_training_example_per_class():
