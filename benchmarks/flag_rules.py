@@ -1,0 +1,237 @@
+"""How the audit turns its per-row evidence into flags: the choices, measured on development data.
+
+The audit's evidence for each row is its out-of-sample probabilities (the cross-fitted model
+that never saw it), its in-sample trajectory (mean p_i under the DM model that trains on it) and
+its neighbours' labels. This benchmark runs the audit's stages once per development dataset,
+keeps that evidence, and scores candidate rules on it offline: how to combine the components
+into `label_issue_score` and how many rows to flag. The chosen rule is the library's default;
+the results table records why.
+
+Only development datasets are used here (digits and synthetic tables); the generality benchmark
+reports on held-out datasets that no choice was made on.
+
+    uv run python benchmarks/flag_rules.py            # runs the audits (cached), evaluates
+    uv run python benchmarks/flag_rules.py --quick    # two small datasets
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import load_digits, make_classification
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dm_audit import audit, estimate, flags  # noqa: E402
+from dm_audit.dataset import AuditDataset  # noqa: E402
+from dm_audit.noise import inject_pair, inject_symmetric  # noqa: E402
+
+CACHE = ROOT / "data" / "runs" / "flag_rules"
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    d = load_digits()
+    return d.data.astype(np.float32), d.target.astype(np.int64)
+
+
+def _imbalanced() -> tuple[np.ndarray, np.ndarray]:
+    # Geometric class shares: the largest class is ~30x the smallest.
+    shares = 0.6 ** np.arange(8)
+    x, y = make_classification(
+        n_samples=5000,
+        n_features=20,
+        n_informative=12,
+        n_classes=8,
+        n_clusters_per_class=1,
+        weights=list(shares / shares.sum()),
+        class_sep=1.5,
+        random_state=11,
+    )
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _binary_raw() -> tuple[np.ndarray, np.ndarray]:
+    x, y = make_classification(
+        n_samples=800, n_features=12, n_informative=6, class_sep=1.2, random_state=5
+    )
+    # Raw, unscaled columns of very different magnitudes and offsets.
+    scale = np.logspace(-3, 4, x.shape[1])
+    return (x * scale + 10 * scale).astype(np.float32), y.astype(np.int64)
+
+
+DATASETS = {"digits": _digits, "imbalanced8": _imbalanced, "binary_raw": _binary_raw}
+SETTINGS = {
+    "digits": [("symmetric", 0.4), ("pair", 0.2), ("symmetric", 0.2), ("none", 0.0)],
+    "imbalanced8": [("symmetric", 0.2), ("none", 0.0)],
+    "binary_raw": [("symmetric", 0.2), ("none", 0.0)],
+}
+QUICK = {"binary_raw": [("symmetric", 0.2)], "digits": [("pair", 0.2)]}
+
+
+def _noisy(y: np.ndarray, kind: str, rate: float, seed: int) -> np.ndarray:
+    c = int(y.max()) + 1
+    if kind == "symmetric":
+        return inject_symmetric(y, c, rate, seed)
+    if kind == "pair":
+        return inject_pair(y, c, rate, seed)
+    return y.copy()
+
+
+def evidence(name: str, kind: str, rate: float, seed: int) -> dict[str, np.ndarray]:
+    """Run the audit's stages up to the flags and keep every row's evidence (cached)."""
+    path = CACHE / f"{name}_{kind}_{rate:g}_seed{seed}.npz"
+    if path.is_file():
+        return dict(np.load(path))
+    x, y = DATASETS[name]()
+    given = _noisy(y, kind, rate, seed)
+    data = AuditDataset.from_arrays(
+        [str(v) for v in given], features=x, classes=[str(c) for c in range(int(y.max()) + 1)]
+    )
+    config = audit.AuditConfig(seed=seed, progress=False)
+    start = time.perf_counter()
+    probe = audit.probe(data, config)
+    fitted = audit.train_audit_model(data, probe, config)
+    scores = audit.score_examples(data, fitted, config)
+    flagged = audit.flag_examples(data, scores, config)
+    seconds = time.perf_counter() - start
+    out = {
+        "given": given,
+        "truth": y,
+        "probs": scores.probs,
+        "mean_p": scores.table["mean_p"].to_numpy(),
+        "knn": flagged.table["knn_agreement"].to_numpy(),
+        "probe_rate": np.float64(probe.noise_rate),
+        "seconds": np.float64(seconds),
+    }
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+WEIGHTS = {
+    "1:6:1": {"prediction": 1.0, "dynamics": 6.0, "knn": 1.0},
+    "1:1:1": {"prediction": 1.0, "dynamics": 1.0, "knn": 1.0},
+    "1:1:0": {"prediction": 1.0, "dynamics": 1.0, "knn": 0.0},
+    "2:1:1": {"prediction": 2.0, "dynamics": 1.0, "knn": 1.0},
+    "1:2:1": {"prediction": 1.0, "dynamics": 2.0, "knn": 1.0},
+    "0:1:0": {"prediction": 0.0, "dynamics": 1.0, "knn": 0.0},
+    "1:0:0": {"prediction": 1.0, "dynamics": 0.0, "knn": 0.0},
+}
+
+
+def rules(ev: dict[str, np.ndarray], score: np.ndarray) -> dict[str, np.ndarray]:
+    """Candidate flag rules on one score vector."""
+    given, probs = ev["given"], ev["probs"]
+    noise = estimate.estimate_noise(probs, given)
+    cj = flags.flag_by_class_counts(score, given, flags.issue_counts_per_class(noise, given))
+    neutral = score >= 0.5
+    return {
+        "cj_count": cj,
+        "score>=0.5": neutral,
+        "cj_count & score>=0.5": cj & neutral,
+        "mixture[0.3,0.5]": score >= flags.mixture_split(score).threshold,
+        "argmax!=given": probs.argmax(axis=1) != given,
+    }
+
+
+def evaluate(quick: bool, seeds: list[int]) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for name, settings in (QUICK if quick else SETTINGS).items():
+        for kind, rate in settings:
+            for seed in seeds:
+                ev = evidence(name, kind, rate, seed)
+                noisy = ev["given"] != ev["truth"]
+                for wname, weights in WEIGHTS.items():
+                    score = flags.label_issue_scores(
+                        ev["probs"][np.arange(noisy.size), ev["given"]],
+                        ev["probs"],
+                        ev["given"],
+                        mean_p=ev["mean_p"],
+                        knn_agreement=ev["knn"],
+                        weights=weights,
+                    )
+                    auroc = roc_auc_score(noisy, score) if 0 < noisy.sum() < noisy.size else None
+                    for rname, flagged in rules(ev, score).items():
+                        rows.append(
+                            {
+                                "dataset": name,
+                                "noise": f"{kind} {rate:.0%}",
+                                "seed": seed,
+                                "weights": wname,
+                                "rule": rname,
+                                "flagged": float(flagged.mean()),
+                                "precision": precision_score(noisy, flagged, zero_division=0),
+                                "recall": recall_score(noisy, flagged, zero_division=0),
+                                "f1": f1_score(noisy, flagged, zero_division=0),
+                                "auroc": auroc,
+                                "true_rate": float(noisy.mean()),
+                                "probe_rate": float(ev["probe_rate"]),
+                            }
+                        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    import pandas as pd
+
+    load = os.getloadavg()[0]
+    frame = pd.DataFrame(evaluate(args.quick, args.seeds))
+    noisy = frame[frame["true_rate"] > 0]
+    clean = frame[frame["true_rate"] == 0]
+    f1 = noisy.pivot_table(index=["weights", "rule"], values="f1", aggfunc="mean")
+    worst = noisy.pivot_table(index=["weights", "rule"], values="f1", aggfunc="min")
+    flagged_clean = clean.pivot_table(index=["weights", "rule"], values="flagged", aggfunc="max")
+    table = f1.rename(columns={"f1": "mean F1 (noisy)"})
+    table["worst F1 (noisy)"] = worst["f1"]
+    table["max share flagged (clean)"] = flagged_clean["flagged"]
+    auroc = noisy.groupby("weights")["auroc"].mean().rename("mean AUROC")
+    per_setting = noisy.pivot_table(
+        index=["dataset", "noise"], columns=["weights", "rule"], values="f1", aggfunc="mean"
+    )
+    lines = [
+        "# Flag rules on the development datasets",
+        "",
+        f"Command: `uv run python benchmarks/flag_rules.py {' '.join(argv or sys.argv[1:])}`; "
+        f"seeds {args.seeds}; {platform.machine()}, {os.cpu_count()} cores, load {load:.2f}.",
+        "",
+        "Score weights are prediction : dynamics : knn (see `flags.label_issue_scores`).",
+        "",
+        table.sort_values("mean F1 (noisy)", ascending=False).round(3).to_markdown(),
+        "",
+        auroc.round(4).to_markdown(),
+        "",
+        "## F1 per setting",
+        "",
+        per_setting.round(3).T.to_markdown(),
+        "",
+        "## Noise-rate estimates (probe, confident joint) against the truth",
+        "",
+        frame.drop_duplicates(["dataset", "noise", "seed"])[
+            ["dataset", "noise", "seed", "true_rate", "probe_rate"]
+        ]
+        .round(3)
+        .to_markdown(index=False),
+        "",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "flag_rules_quick.md" if args.quick else "flag_rules.md"
+    (args.out / name).write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
