@@ -133,7 +133,12 @@ def rules(ev: dict[str, np.ndarray], score: np.ndarray) -> dict[str, np.ndarray]
     noise = estimate.estimate_noise(probs, given)
     cj = flags.flag_by_class_counts(score, given, flags.issue_counts_per_class(noise, given))
     neutral = score >= 0.5
+    disagrees = probs.argmax(axis=1) != given
+    forgotten = ev["mean_p"] < 0.5
     return {
+        "cj_count & score>=0.5 & argmax!=given": cj & neutral & disagrees,
+        "cj_count & argmax!=given & mean_p<0.5": cj & disagrees & forgotten,
+        "cj_count & (argmax!=given | mean_p<0.5)": cj & (disagrees | forgotten),
         "cj_count": cj,
         "score>=0.5": neutral,
         "cj_count & score>=0.5": cj & neutral,
