@@ -59,6 +59,12 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-column", default=None, help="column of image bytes or image paths")
     group.add_argument("--image-root", default=None, help="folder that image paths are relative to")
     group.add_argument(
+        "--split-column",
+        default=None,
+        help="column of train/test values for your own split (default: 'split' when present); "
+        "its test rows are audited too and the split is kept in the report",
+    )
+    group.add_argument(
         "--test-size",
         type=float,
         default=0.0,
@@ -161,6 +167,7 @@ def _load(args: argparse.Namespace):
         feature_columns=args.features,
         image_column=args.image_column,
         image_root=args.image_root,
+        split_column=args.split_column,
         test_size=args.test_size,
         seed=args.seed,
         download=args.download,
@@ -331,7 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         open_set_fraction=DEMO_OPEN_SET_FRACTION,
     )
     print(
-        f"demo: scikit-learn digits, {DEMO_NOISE_RATE:.0%} of the training labels flipped at "
+        f"demo: scikit-learn digits, {DEMO_NOISE_RATE:.0%} of the labels flipped at "
         f"random, plus {DEMO_OPEN_SET_FRACTION:.0%} images of a held-out digit "
         f"({DEMO_OPEN_SET_CLASS}) labelled as other digits\n"
     )

@@ -76,6 +76,9 @@ class TableOptions:
         Column of image bytes or image paths; default: detected.
     image_root : path or None
         Folder that image paths are relative to; default: the table's folder.
+    split_column : str or None
+        Column of ``train``/``test`` values annotating each row (every row is audited either
+        way); default ``split`` when the table has one.
     """
 
     label_column: str = "label"
@@ -83,6 +86,7 @@ class TableOptions:
     feature_columns: Sequence[str] | None = None
     image_column: str | None = None
     image_root: Path | None = None
+    split_column: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,6 +105,7 @@ def load_source(
     test_size: float = 0.0,
     seed: int = 0,
     download: bool = False,
+    split_column: str | None = None,
 ) -> AuditDataset:
     """Load a data source into the canonical table.
 
@@ -121,13 +126,16 @@ def load_source(
         Folder that image paths are relative to (default: the table's folder); paths that leave
         it are refused.
     test_size : float
-        Fraction of each class put in the test split, in [0, 1); 0 puts everything in train.
-        Ignored when the source fixes the split (a ``split`` column, a train/test folder
-        layout, a torchvision dataset, a saved dataset file).
+        Fraction of each class marked ``test``, in [0, 1); 0 (the default) marks every row
+        ``train``. The audit covers every row either way; the split annotates its report.
+        Ignored when the source fixes the split (a split column, a train/test folder layout, a
+        torchvision dataset, a saved dataset file).
     seed : int
         Seed of the split.
     download : bool
         Let torchvision fetch a missing dataset.
+    split_column : str, optional
+        Table column of ``train``/``test`` values (default: ``split`` when present).
 
     Returns
     -------
@@ -152,6 +160,7 @@ def load_source(
         feature_columns=list(feature_columns) if feature_columns is not None else None,
         image_column=image_column,
         image_root=Path(image_root).expanduser() if image_root is not None else None,
+        split_column=split_column,
     )
     prefix, sep, rest = spec.partition(":")
     if sep and prefix.lower() in TORCHVISION_SOURCES:
@@ -190,6 +199,7 @@ def _refuse_table_options(options: TableOptions, spec: str) -> None:
             ("feature_columns", options.feature_columns, None),
             ("image_column", options.image_column, None),
             ("image_root", options.image_root, None),
+            ("split_column", options.split_column, None),
         )
         if value != default
     ]
@@ -245,14 +255,14 @@ def stratified_split(labels: Sequence[str] | np.ndarray, test_size: float, seed:
     return split
 
 
-def _read_split_column(column: pd.Series, ids: Sequence[str]) -> np.ndarray:
+def _read_split_column(column: pd.Series, ids: Sequence[str], name: str) -> np.ndarray:
     missing = column.isna().to_numpy()
     values = column.astype(str).str.strip().str.lower().to_numpy(dtype=object)
     bad = missing | ~np.isin(values, ["train", "test"])
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(
-            f"column {SPLIT_COLUMN!r} holds {column.iloc[row]!r} at row {row} "
+            f"column {name!r} holds {column.iloc[row]!r} at row {row} "
             f"(example_id {ids[row]!r}); allowed values are 'train' and 'test'"
         )
     return values
@@ -444,8 +454,13 @@ def table_to_dataset(
     labels = normalize_labels(frame[options.label_column], options.label_column)
     if types_inferred:
         _refuse_numbers_mixed_with_text(labels, options.label_column, source)
-    split = _read_split_column(frame[SPLIT_COLUMN], ids) if SPLIT_COLUMN in columns else None
-    reserved = {options.label_column, SPLIT_COLUMN} | ({id_column} if id_column else set())
+    split_column = options.split_column
+    if split_column is not None:
+        require_column(columns, split_column, "split column", source)
+    elif SPLIT_COLUMN in columns:
+        split_column = SPLIT_COLUMN
+    split = _read_split_column(frame[split_column], ids, split_column) if split_column else None
+    reserved = {options.label_column} | {c for c in (id_column, split_column) if c}
     inputs = _read_inputs(frame, options, reserved, ids, base_dir, source, types_inferred)
     return _finish(ids, labels, split, inputs, test_size=test_size, seed=seed, source=source)
 

@@ -52,6 +52,13 @@ class DatasetConfig(dg.Config):
     image_root: str | None = Field(
         default=None, description="Folder that image paths in a table are relative to."
     )
+    split_column: str | None = Field(
+        default=None,
+        description=(
+            "Column of train/test values for your own split (default: 'split' when present); "
+            "every row, the test rows too, is audited and the split kept in the report."
+        ),
+    )
     test_size: float = Field(
         default=0.0,
         description=(
@@ -84,6 +91,7 @@ class DatasetConfig(dg.Config):
             "feature_columns": self.feature_columns,
             "image_column": self.image_column,
             "image_root": self.image_root,
+            "split_column": self.split_column,
             "test_size": self.test_size,
             "seed": self.split_seed,
         }

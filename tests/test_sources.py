@@ -139,6 +139,18 @@ def test_csv_ids_stay_text_and_split_column_is_honoured(tmp_path):
     assert ds.classes == ["cat", "dog"]
 
 
+def test_a_named_split_column_is_honoured_and_not_a_feature(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("x,label,fold_set\n0.5,cat,train\n1.5,dog,test\n2.5,dog,train\n")
+    ds = load_source(str(path), split_column="fold_set")
+    assert ds.table["split"].tolist() == ["train", "test", "train"]
+    assert ds.features().tolist() == [[0.5], [1.5], [2.5]]
+    with pytest.raises(DataError, match="split column 'missing'"):
+        load_source(str(path), split_column="missing")
+    with pytest.raises(ConfigError, match="split_column"):
+        load_source("digits", split_column="fold_set")
+
+
 def test_tsv_is_read(tmp_path):
     path = tmp_path / "t.tsv"
     path.write_text("x\ty\tlabel\n1\t2\ta\n3\t4\tb\n")
