@@ -67,11 +67,32 @@ def _binary_raw() -> tuple[np.ndarray, np.ndarray]:
     return (x * scale + 10 * scale).astype(np.float32), y.astype(np.int64)
 
 
-DATASETS = {"digits": _digits, "imbalanced8": _imbalanced, "binary_raw": _binary_raw}
+def _tiny_wide() -> tuple[np.ndarray, np.ndarray]:
+    # 240 rows of 60 features: each cross-fitted half can memorise its 120 rows.
+    x, y = make_classification(
+        n_samples=240,
+        n_features=60,
+        n_informative=10,
+        n_redundant=12,
+        n_classes=3,
+        class_sep=1.5,
+        flip_y=0.0,
+        random_state=7,
+    )
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+DATASETS = {
+    "digits": _digits,
+    "imbalanced8": _imbalanced,
+    "binary_raw": _binary_raw,
+    "tiny_wide": _tiny_wide,
+}
 SETTINGS = {
     "digits": [("symmetric", 0.4), ("pair", 0.2), ("symmetric", 0.2), ("none", 0.0)],
     "imbalanced8": [("symmetric", 0.2), ("none", 0.0)],
     "binary_raw": [("symmetric", 0.2), ("none", 0.0)],
+    "tiny_wide": [("symmetric", 0.2), ("symmetric", 0.4), ("none", 0.0)],
 }
 QUICK = {"binary_raw": [("symmetric", 0.2)], "digits": [("pair", 0.2)]}
 
@@ -124,6 +145,9 @@ WEIGHTS = {
     "1:2:1": {"prediction": 1.0, "dynamics": 2.0, "knn": 1.0},
     "0:1:0": {"prediction": 0.0, "dynamics": 1.0, "knn": 0.0},
     "1:0:0": {"prediction": 1.0, "dynamics": 0.0, "knn": 0.0},
+    # The default: dynamics weighted 2 (1 - m), m the share of out-of-sample-doubted rows fitted
+    # in sample (`flags.dynamics_reliability`).
+    "1:2(1-m):1": None,
 }
 
 
@@ -155,6 +179,11 @@ def evaluate(quick: bool, seeds: list[int]) -> list[dict[str, object]]:
                 ev = evidence(name, kind, rate, seed)
                 noisy = ev["given"] != ev["truth"]
                 for wname, weights in WEIGHTS.items():
+                    if weights is None:
+                        reliability = flags.dynamics_reliability(
+                            ev["mean_p"], ev["probs"], ev["given"]
+                        )
+                        weights = {"prediction": 1.0, "dynamics": 2.0 * reliability, "knn": 1.0}
                     score = flags.label_issue_scores(
                         ev["probs"][np.arange(noisy.size), ev["given"]],
                         ev["probs"],

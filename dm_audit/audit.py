@@ -343,6 +343,7 @@ class Flags:
     noise_rate: float
     noise_estimate: estimate.NoiseEstimate
     knn_votes: np.ndarray
+    issue_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -863,7 +864,9 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     * **Score**: `flags.label_issue_scores` of the out-of-sample prediction (normalised margin),
       the in-sample training dynamics (mean p_i under DM, which learns clean examples early and
       mislabelled ones late or never) and the label agreement of the row's nearest neighbours
-      among its fold in the fold model's embedding space.
+      among its fold in the fold model's embedding space. The dynamics weigh as much as the
+      other two together, scaled down by `flags.dynamics_reliability` when the in-sample
+      models memorised the rows their out-of-sample twins doubt.
     * **How many**: confident learning's calibrated confident joint of the out-of-sample
       probabilities estimates, per given class, how many of its labels are wrong
       (`estimate.estimate_noise`); each class's most suspicious rows up to that count are
@@ -897,12 +900,18 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     if mean_p is not None:
         # A row no model trained on (a singleton class) has no trajectory: use its p_i.
         mean_p = np.where(np.isnan(mean_p), table["p_given"].to_numpy(), mean_p)
+    weights = dict(flags.DEFAULT_ISSUE_WEIGHTS)
+    reliability = 1.0
+    if mean_p is not None:
+        reliability = flags.dynamics_reliability(mean_p, scores.probs, labels)
+        weights["dynamics"] *= reliability
     issue_score = flags.label_issue_scores(
         table["p_given"].to_numpy(),
         scores.probs,
         labels,
         mean_p=mean_p,
         knn_agreement=agreement,
+        weights=weights,
     )
     noise = estimate.estimate_noise(scores.probs, labels)
     if config.top_k is not None:
@@ -970,6 +979,7 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         float(noise.rate),
         noise,
         votes,
+        weights,
     )
 
 
@@ -1282,6 +1292,7 @@ def build_report(
                 "retrain": _choice_dict(retrained.choice),
             },
         },
+        "label_issue_weights": flag_result.issue_weights,
         "thresholds": {
             "label_issue": flag_result.label_issue_threshold,
             "ood": flag_result.ood_threshold,
@@ -1404,7 +1415,7 @@ def run_audit(
     Parameters
     ----------
     dataset : AuditDataset
-        The dataset; its training split is audited, its test split measures the models.
+        The dataset; every row is audited (a ``split`` column only annotates the report).
     config : AuditConfig
     out_dir : path, optional
         Output folder; nothing is written when None.

@@ -44,6 +44,7 @@ __all__ = [
     "auto_ood_threshold",
     "auto_threshold",
     "conformal_ood_flags",
+    "dynamics_reliability",
     "flag_by_class_counts",
     "flag_label_issues",
     "flag_ood",
@@ -55,13 +56,12 @@ __all__ = [
     "select_trusted",
 ]
 
-# Half the weight on the in-sample DM trajectory (mean p_i under the model that trains on the
-# row: DM learns clean rows early and mislabelled ones late or never), half on out-of-sample
-# evidence (the prediction of the model that never saw the row, and its neighbours' labels).
-# Chosen on the development datasets of benchmarks/flag_rules.py (digits, an imbalanced 8-class
-# table, a raw-scale binary table; results/flag_rules.md): mean F1 per dataset 0.874 against
-# 0.870 for 1:6:1 and 0.872 for 1:1:0, and the best worst case among the weightings that use all
-# three components.
+# At most half the weight on the in-sample DM trajectory (mean p_i under the model that trains on
+# the row: DM learns clean rows early and mislabelled ones late or never), the rest on
+# out-of-sample evidence (the prediction of the model that never saw the row, and its
+# neighbours' labels). The audit scales the dynamics weight by `dynamics_reliability`: a model
+# that memorised its rows (a tiny, wide table) has no trajectory signal left. Chosen on the
+# development datasets of benchmarks/flag_rules.py (results/flag_rules.md).
 DEFAULT_ISSUE_WEIGHTS: dict[str, float] = {"prediction": 1.0, "dynamics": 2.0, "knn": 1.0}
 # Every component is 0.5 where its evidence is neutral (the model torn between the given label
 # and another, mean p_i = 0.5, half of the neighbours agreeing), so a weighted score at or
@@ -594,6 +594,38 @@ def flag_label_issues(
     return s > float(threshold)
 
 
+def dynamics_reliability(mean_p: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> float:
+    """How far the in-sample trajectory can be trusted: 1 - the share of doubted rows it fitted.
+
+    The rows whose out-of-sample prediction is another class than their given label are the
+    ones the trajectory should single out. When the model that trained on them fitted most of
+    them anyway (mean p_i of at least 0.5), it memorised its rows and its trajectory no longer
+    separates wrong labels from right ones; when it left them unfitted, as DM does with noise it
+    does not memorise, the trajectory carries the signal.
+
+    Parameters
+    ----------
+    mean_p : np.ndarray, shape (N,)
+        Mean p_i over the epochs under the model that trained on each row.
+    probs : np.ndarray, shape (N, C)
+        Out-of-sample class probabilities.
+    labels : np.ndarray, shape (N,)
+        Given labels as integer codes.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1 when no row is doubted.
+    """
+    p = validate_probs(probs)
+    y = validate_labels(labels, p.shape[0], p.shape[1])
+    mp = _unit_vector(mean_p, "mean_p", p.shape[0])
+    doubted = p.argmax(axis=1) != y
+    if not doubted.any():
+        return 1.0
+    return float(1.0 - np.mean(mp[doubted] >= 0.5))
+
+
 def issue_counts_per_class(noise: NoiseEstimate, labels: np.ndarray) -> np.ndarray:
     """How many rows of each given class carry a wrong label, by the calibrated confident joint.
 
@@ -889,7 +921,10 @@ def conformal_ood_flags(
     whose p-values are too small for the false discovery rate `fdr`. There is no quota: on
     in-distribution data the p-values are near uniform and, with probability about 1 - fdr,
     nothing is flagged; a cluster of inputs of no known class, scored above almost every
-    reference row, is flagged however large or small it is.
+    reference row, is flagged whatever share of the table it is, from about ``1 / fdr`` rows on
+    (a p-value cannot go below ``1 / (n_ref + 1)``, so with N rows Benjamini-Hochberg needs k
+    outliers with ``1 / (n_ref + 1) <= fdr * k / N``: 20 rows at 5 % when most rows are
+    references). A few isolated strangers are left to the review threshold.
 
     Parameters
     ----------

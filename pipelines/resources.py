@@ -118,8 +118,8 @@ class AuditSettings(dg.ConfigurableResource):
     max_accuracy_drop: float = Field(
         default=0.0,
         description=(
-            "Retrain check: the largest held-out accuracy drop of the retrained model against "
-            "the audit model that still publishes the export."
+            "Retrain check: the largest out-of-sample accuracy drop of the retrained models "
+            "against the audit models that still publishes the export."
         ),
     )
     retrain_check_alpha: float = Field(
@@ -128,7 +128,7 @@ class AuditSettings(dg.ConfigurableResource):
         le=1.0,
         description=(
             "Retrain check: a drop above max_accuracy_drop blocks the export only when the "
-            "one-sided exact McNemar test on the held-out examples that only one model gets "
+            "one-sided exact McNemar test on the rows that only one of the two gets "
             "right finds the retrained model worse at this level (p <= alpha); 1.0 blocks on "
             "any such drop."
         ),

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dm_audit.audit import SMALL_TRAINING_SET, AuditConfig, probe, run_audit
+from dm_audit.audit import SMALL_TRAINING_SET, AuditConfig, fold_assignment, probe, run_audit
 from dm_audit.cli import main
 from dm_audit.errors import ConfigError
 from dm_audit.noise import add_noise
@@ -192,3 +192,16 @@ def test_probe_warns_that_a_small_training_set_makes_the_estimate_unreliable(cap
         probe(small, AuditConfig(seed=0, epochs=8, probe_epochs=5, progress=False, device="cpu"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"only {len(small)} rows" in m and "uncertain" in m for m in warnings), warnings
+
+
+def test_folds_are_stratified_seeded_and_balanced() -> None:
+    labels = np.repeat(np.arange(4), [50, 31, 7, 1])
+    folds = fold_assignment(labels, 2, seed=3)
+    assert folds.tolist() == fold_assignment(labels, 2, seed=3).tolist()
+    assert folds.tolist() != fold_assignment(labels, 2, seed=4).tolist()
+    for cls in range(3):
+        counts = np.bincount(folds[labels == cls], minlength=2)
+        assert abs(counts[0] - counts[1]) <= 1, (cls, counts)  # every class in both folds
+    assert abs(int((folds == 0).sum()) - int((folds == 1).sum())) <= 1
+    with pytest.raises(ConfigError, match="2 folds"):
+        fold_assignment(labels, 1, seed=0)

@@ -18,8 +18,12 @@ from dm_audit.estimate import estimate_noise
 from dm_audit.flags import (
     auto_ood_threshold,
     auto_threshold,
+    conformal_ood_flags,
+    dynamics_reliability,
+    flag_by_class_counts,
     flag_label_issues,
     flag_ood,
+    issue_counts_per_class,
     knn_label_agreement,
     label_issue_scores,
     mixture_split,
@@ -393,3 +397,71 @@ def test_mixture_split_rejects_bad_bounds_and_handles_constant_scores() -> None:
         mixture_split(np.linspace(0, 1, 10), bounds=(0.6, 0.4))
     split = mixture_split(np.full(10, 0.2))
     assert split.threshold == 0.5 and split.noise_rate == 0.0
+
+
+# ----------------------------------------------------------------------------- flag counts
+
+
+def test_issue_counts_per_class_are_the_calibrated_off_diagonal_counts() -> None:
+    # Class 0: 6 rows, 2 of them confidently class 1; class 1: 4 rows, all confidently class 1.
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([[0.9, 0.1]] * 4 + [[0.1, 0.9]] * 2 + [[0.2, 0.8]] * 4)
+    noise = estimate_noise(probs, labels)
+    np.testing.assert_array_equal(issue_counts_per_class(noise, labels), [2, 0])
+
+
+def test_flag_by_class_counts_takes_each_class_top_scores() -> None:
+    scores = np.array([0.9, 0.1, 0.8, 0.7, 0.95, 0.2])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    flagged = flag_by_class_counts(scores, labels, np.array([2, 1]))
+    assert flagged.tolist() == [True, False, True, False, True, False]
+    # Asking for more than a class holds flags the whole class; zero flags nothing.
+    assert (
+        flag_by_class_counts(scores, labels, np.array([9, 0])).tolist() == [True] * 3 + [False] * 3
+    )
+    with pytest.raises(ConfigError, match="counts"):
+        flag_by_class_counts(scores, labels, np.array([-1, 0]))
+
+
+def test_dynamics_reliability_is_the_share_of_doubted_rows_left_unfitted() -> None:
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.2, 0.8], [0.9, 0.1], [0.7, 0.3], [0.1, 0.9]])  # rows 0, 2 doubted
+    assert dynamics_reliability(np.array([0.1, 0.9, 0.2, 0.9]), probs, labels) == 1.0
+    assert dynamics_reliability(np.array([0.9, 0.9, 0.2, 0.9]), probs, labels) == 0.5
+    assert dynamics_reliability(np.array([0.9, 0.9, 0.8, 0.9]), probs, labels) == 0.0
+    agree = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    assert dynamics_reliability(np.full(4, 0.9), agree, labels) == 1.0  # nothing doubted
+
+
+# ----------------------------------------------------------------------------- conformal OOD
+
+
+def test_conformal_ood_flags_nothing_on_in_distribution_scores() -> None:
+    rng = np.random.default_rng(0)
+    flagged_any = 0
+    for _ in range(40):
+        scores = rng.uniform(size=2_000)
+        flagged, threshold = conformal_ood_flags(scores, reference_mask=np.ones(2_000, bool))
+        flagged_any += bool(flagged.any())
+        assert (scores[flagged] > threshold).all() and (scores[~flagged] <= threshold).all()
+    # Benjamini-Hochberg under the global null: any flag at all with probability <= 5 %.
+    assert flagged_any <= 4
+
+
+def test_conformal_ood_flags_an_outlying_cluster_of_any_size() -> None:
+    rng = np.random.default_rng(1)
+    # From 1/fdr = 20 rows on, whatever the table's size: a p-value cannot go below
+    # 1/(n_ref + 1), so Benjamini-Hochberg needs k outliers with 1/(n_ref + 1) <= fdr k / N.
+    for n_out in (25, 200):
+        inliers = rng.uniform(0.0, 0.8, size=1_000)
+        outliers = rng.uniform(0.95, 1.0, size=n_out)
+        scores = np.concatenate([inliers, outliers])
+        reference = np.r_[np.ones(1_000, bool), np.zeros(n_out, bool)]
+        flagged, _ = conformal_ood_flags(scores, reference_mask=reference)
+        assert flagged[1_000:].all()
+        # False discoveries stay a small share of the flags (5 % in expectation).
+        assert flagged[:1_000].sum() <= 0.1 * flagged.sum()
+    with pytest.raises(ConfigError, match="fdr"):
+        conformal_ood_flags(scores, reference_mask=reference, fdr=0.0)
+    with pytest.raises(DataError, match="reference"):
+        conformal_ood_flags(scores, reference_mask=np.zeros(scores.size, bool))
