@@ -148,6 +148,10 @@ IMAGE_PER_CLASS = 80
 IMAGE_EPOCHS = 20
 
 
+# Every method trains on the 70 % training split; the 30 % test split measures its final model.
+TEST_SIZE = 0.3
+
+
 def dataset_specs(workdir: Path) -> dict[str, DatasetSpec]:
     """The benchmark datasets; files a user would have are written under `workdir` first."""
     all_noises = [n.name for n in NOISES]
@@ -156,7 +160,7 @@ def dataset_specs(workdir: Path) -> dict[str, DatasetSpec]:
     return {
         "digits": DatasetSpec(
             "digits",
-            lambda seed: load_source("digits", seed=seed),
+            lambda seed: load_source("digits", test_size=TEST_SIZE, seed=seed),
             epochs=60,  # the audit's own default for fewer than 5,000 examples
             model="MLP",
             noises=all_noises,
@@ -164,7 +168,9 @@ def dataset_specs(workdir: Path) -> dict[str, DatasetSpec]:
         ),
         "wine": DatasetSpec(
             "wine",
-            lambda seed: load_source(str(wine), label_column="label", seed=seed),
+            lambda seed: load_source(
+                str(wine), label_column="label", test_size=TEST_SIZE, seed=seed
+            ),
             epochs=60,
             model="MLP",
             noises=all_noises,
@@ -174,7 +180,7 @@ def dataset_specs(workdir: Path) -> dict[str, DatasetSpec]:
         ),
         "digits images": DatasetSpec(
             "digits images",
-            lambda seed: load_source(str(images), seed=seed),
+            lambda seed: load_source(str(images), test_size=TEST_SIZE, seed=seed),
             epochs=IMAGE_EPOCHS,
             model="ResNet-20",
             noises=["symmetric 40%"],

@@ -70,7 +70,9 @@ def _as_images(features: np.ndarray) -> np.ndarray:
 def run_one(
     loss: str, params: dict, seed: int, epochs: int, *, images: bool = False, augment: str = "auto"
 ) -> dict[str, float]:
-    dataset = add_noise(load_source("digits", seed=seed), kind="symmetric", rate=0.4, seed=seed)
+    dataset = add_noise(
+        load_source("digits", test_size=0.3, seed=seed), kind="symmetric", rate=0.4, seed=seed
+    )
     train, test = dataset.train(), dataset.test()
     x_train, x_test = train.inputs(), test.inputs()
     if images:
