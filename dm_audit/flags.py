@@ -915,23 +915,24 @@ def conformal_ood_flags(
 ) -> tuple[np.ndarray, float]:
     """Flag OOD examples by a conformal test against in-distribution references, at an FDR.
 
-    Each example's p-value is the share of reference scores at least as high as its own,
-    ``(1 + #{ref >= s}) / (n_ref + 1)``, valid when the reference rows are exchangeable with
-    in-distribution rows. The Benjamini-Hochberg procedure over all examples then flags those
-    whose p-values are too small for the false discovery rate `fdr`. There is no quota: on
-    in-distribution data the p-values are near uniform and, with probability about 1 - fdr,
-    nothing is flagged; a cluster of inputs of no known class, scored above almost every
-    reference row, is flagged whatever share of the table it is, from about ``1 / fdr`` rows on
-    (a p-value cannot go below ``1 / (n_ref + 1)``, so with N rows Benjamini-Hochberg needs k
-    outliers with ``1 / (n_ref + 1) <= fdr * k / N``: 20 rows at 5 % when most rows are
-    references). A few isolated strangers are left to the review threshold.
+    The reference rows calibrate; every other row is tested. A tested row's p-value is the
+    share of reference scores at least as high as its own, ``(1 + #{ref >= s}) / (n_ref + 1)``,
+    valid when the reference rows are exchangeable with in-distribution rows. The
+    Benjamini-Hochberg procedure over the m tested rows then flags those whose p-values are too
+    small for the false discovery rate `fdr`; reference rows are never flagged. There is no
+    quota: on in-distribution data the p-values are near uniform and, with probability about
+    1 - fdr, nothing is flagged; a cluster of inputs of no known class, scored above almost
+    every reference row, is flagged whatever share of the table it is, from about
+    ``m / (fdr * (n_ref + 1))`` rows on (the smallest possible p-value is ``1 / (n_ref + 1)``).
+    A few isolated strangers are left to the review threshold.
 
     Parameters
     ----------
     scores : np.ndarray, shape (N,)
         OOD scores in [0, 1] (`ood_scores`).
     reference_mask : np.ndarray, shape (N,), bool
-        In-distribution reference rows (e.g. those not flagged as label issues).
+        In-distribution reference rows (e.g. those not flagged as label issues); the others
+        are tested.
     fdr : float
         Target false discovery rate, in (0, 1).
 
@@ -947,16 +948,19 @@ def conformal_ood_flags(
     if not 0.0 < fdr < 1.0:
         raise ConfigError(f"fdr must be in (0, 1), got {fdr!r}")
     reference = np.sort(s[ref])
-    at_least = reference.size - np.searchsorted(reference, s, side="left")
-    p_values = (1.0 + at_least) / (reference.size + 1.0)
-    order = np.argsort(p_values, kind="stable")
-    m = s.size
-    passed = p_values[order] <= fdr * np.arange(1, m + 1) / m
-    flagged = np.zeros(m, dtype=bool)
-    if passed.any():
-        cutoff = p_values[order][np.flatnonzero(passed).max()]
-        flagged = p_values <= cutoff
-    threshold = float(s[~flagged].max()) if (~flagged).any() else 0.0
+    tested = np.flatnonzero(~ref)
+    flagged = np.zeros(s.size, dtype=bool)
+    if tested.size:
+        at_least = reference.size - np.searchsorted(reference, s[tested], side="left")
+        p_values = (1.0 + at_least) / (reference.size + 1.0)
+        m = tested.size
+        ordered = np.sort(p_values)
+        passed = ordered <= fdr * np.arange(1, m + 1) / m
+        if passed.any():
+            flagged[tested] = p_values <= ordered[np.flatnonzero(passed).max()]
+    # A reference row scoring as high as a flagged one stays unflagged: the threshold is the
+    # lowest flagged score (flags are ``scores > threshold`` for every tested row).
+    threshold = float(np.nextafter(s[flagged].min(), -np.inf)) if flagged.any() else 1.0
     return flagged, threshold
 
 

@@ -439,28 +439,32 @@ def test_dynamics_reliability_is_the_share_of_doubted_rows_left_unfitted() -> No
 def test_conformal_ood_flags_nothing_on_in_distribution_scores() -> None:
     rng = np.random.default_rng(0)
     flagged_any = 0
+    reference = np.r_[np.ones(2_000, bool), np.zeros(500, bool)]
     for _ in range(40):
-        scores = rng.uniform(size=2_000)
-        flagged, threshold = conformal_ood_flags(scores, reference_mask=np.ones(2_000, bool))
+        scores = rng.uniform(size=2_500)  # the tested rows come from the reference's law
+        flagged, threshold = conformal_ood_flags(scores, reference_mask=reference)
         flagged_any += bool(flagged.any())
-        assert (scores[flagged] > threshold).all() and (scores[~flagged] <= threshold).all()
+        assert not flagged[reference].any()  # reference rows calibrate, they are not tested
+        tested = scores[~reference]
+        assert (flagged[~reference] == (tested > threshold)).all()
     # Benjamini-Hochberg under the global null: any flag at all with probability <= 5 %.
     assert flagged_any <= 4
 
 
 def test_conformal_ood_flags_an_outlying_cluster_of_any_size() -> None:
     rng = np.random.default_rng(1)
-    # From 1/fdr = 20 rows on, whatever the table's size: a p-value cannot go below
-    # 1/(n_ref + 1), so Benjamini-Hochberg needs k outliers with 1/(n_ref + 1) <= fdr k / N.
+    # From m / (fdr (n_ref + 1)) rows on (m tested rows): a p-value cannot go below
+    # 1 / (n_ref + 1), so Benjamini-Hochberg needs k outliers with 1 / (n_ref + 1) <= fdr k / m.
     for n_out in (25, 200):
-        inliers = rng.uniform(0.0, 0.8, size=1_000)
+        # 1,000 reference rows, 300 tested in-distribution rows and n_out outliers.
+        inliers = rng.uniform(0.0, 0.8, size=1_300)
         outliers = rng.uniform(0.95, 1.0, size=n_out)
         scores = np.concatenate([inliers, outliers])
-        reference = np.r_[np.ones(1_000, bool), np.zeros(n_out, bool)]
+        reference = np.r_[np.ones(1_000, bool), np.zeros(300 + n_out, bool)]
         flagged, _ = conformal_ood_flags(scores, reference_mask=reference)
-        assert flagged[1_000:].all()
+        assert flagged[1_300:].all()
         # False discoveries stay a small share of the flags (5 % in expectation).
-        assert flagged[:1_000].sum() <= 0.1 * flagged.sum()
+        assert flagged[:1_300].sum() <= 0.1 * flagged.sum()
     with pytest.raises(ConfigError, match="fdr"):
         conformal_ood_flags(scores, reference_mask=reference, fdr=0.0)
     with pytest.raises(DataError, match="reference"):
