@@ -1008,7 +1008,10 @@ def merge_results(paths: Sequence[Path], out: Path) -> None:
     documents = [json.loads(Path(p).read_text()) for p in paths]
     first = documents[0]
     provenance = {
-        "command": " ; ".join(d["command"] for d in documents),
+        # The runs (in parallel, into their own folders), then this merge.
+        "command": " & ".join(d["command"] for d in documents)
+        + " ; then uv run --group bench python benchmarks/generality.py --merge "
+        + " ".join(str(p) for p in paths),
         "seeds": sorted({s for d in documents for s in d["seeds"]}),
         "threads": first["threads"],
         "machine": first["machine"],

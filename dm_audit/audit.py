@@ -100,8 +100,8 @@ class AuditConfig:
     lam, beta : float or None
         DM emphasis mode and spread. None (the default) chooses them from the estimated noise rate.
     label_issue_threshold : float or None
-        Flag examples whose ``label_issue_score`` is at least this; None ties the threshold to the
-        estimated noise rate.
+        Flag examples whose ``label_issue_score`` is at least this; None flags, per given class,
+        the confident joint's count of wrong labels among the rows scoring at least 0.5.
     top_k : int or None
         Flag exactly the k most suspicious examples instead of thresholding.
     ood_threshold : float or None
@@ -490,7 +490,8 @@ def fold_assignment(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """Stratified cross-fitting folds: each class's rows dealt to the folds in a seeded order.
 
     Every class with at least `n_folds` rows appears in every fold, so each model trains on
-    every such class. The fold sizes differ by at most the number of classes.
+    every such class. Each class continues where the previous one stopped, so the fold sizes
+    differ by at most one.
 
     Parameters
     ----------
@@ -605,7 +606,8 @@ def probe(
     give every row an out-of-sample probability vector, and confident learning's calibrated
     confident joint (`estimate.estimate_noise`) turns them into the noise rate and the noise
     matrix: no threshold of ours is involved, and the two halves cost one training on all rows.
-    The rate chooses λ and β (`estimate.choose_emphasis`, the seeds' anchors).
+    The rate chooses λ and β (`estimate.choose_emphasis`: the published picks of DM and GR at
+    known noise rates).
 
     `checkpoint_dir`, `resume` and `on_epoch_end` go to `dm_audit.training.fit` (one
     sub-folder per fold).
@@ -632,7 +634,7 @@ def probe(
         on_epoch_end=on_epoch_end,
     )
     probs = _out_of_sample_probs(models, data, config.device)
-    noise = estimate.estimate_noise(probs, labels)
+    noise = estimate.estimate_noise(probs, labels, min_class_rows=CROSSFIT_FOLDS)
     noise_rate = float(noise.rate)
     if len(labels) < SMALL_TRAINING_SET:
         log.warning(
@@ -789,8 +791,6 @@ def score_examples(
     labels = data.label_codes()
     inputs = data.inputs()
     models = audit_fit.models
-    choice = audit_fit.effective_choice
-    weighting = create_weighting("dm", lam=choice.lam, beta=choice.beta)
     stream = chunk_rows is not None or scores_path is not None or len(labels) > STREAM_THRESHOLD
     n, c = len(labels), data.n_classes
     probs = np.zeros((n, c), dtype=np.float32)
@@ -801,6 +801,10 @@ def score_examples(
     )
     for k, f in enumerate(models.fits):
         rows = np.flatnonzero(models.folds == k)
+        # Fold k's rows get the emphasis weight of model k's own curve (the collapse guard may
+        # have softened one fold's emphasis and not the other's).
+        choice = _effective_choice(audit_fit.choice, CrossFit([f], models.folds))
+        weighting = create_weighting("dm", lam=choice.lam, beta=choice.beta)
         path = None
         if scores_path is not None:
             base = Path(scores_path)
@@ -913,7 +917,7 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         knn_agreement=agreement,
         weights=weights,
     )
-    noise = estimate.estimate_noise(scores.probs, labels)
+    noise = estimate.estimate_noise(scores.probs, labels, min_class_rows=CROSSFIT_FOLDS)
     if config.top_k is not None:
         is_issue = flags.flag_label_issues(issue_score, top_k=config.top_k)
         threshold = float(np.min(issue_score[is_issue])) if is_issue.any() else 1.0
@@ -1073,7 +1077,9 @@ def retrain(
         raise ConfigError("fewer than two examples are left to retrain on after the corrections")
     corrected = corrections.table["corrected"].to_numpy()
     labels = np.where(keep, corrected, scores.table["given"].to_numpy())
-    residual = estimate.estimate_noise(scores.probs[keep], labels[keep])
+    residual = estimate.estimate_noise(
+        scores.probs[keep], labels[keep], min_class_rows=CROSSFIT_FOLDS
+    )
     if config.lam is not None:
         choice = estimate.EmphasisChoice(float(config.lam), float(config.beta), "fixed by the user")
     else:

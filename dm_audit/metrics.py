@@ -1,5 +1,5 @@
-"""Accuracy, entropy and confidence, the six noisy-label metrics of METHOD.md §4, and a paired
-test of two models' accuracies.
+"""Accuracy, entropy and confidence, the six noisy-label metrics (clean and noisy-subset fit,
+correction, test accuracy, entropies), and a paired test of two models' accuracies.
 
 Arrays in, numbers out. ``probs`` is a float array ``(N, C)`` whose rows sum to 1; labels are
 int codes ``0..C-1``; true labels use ``-1`` for open-set examples (inputs of no known class).

@@ -208,3 +208,19 @@ def test_noise_concentration_reads_symmetric_as_0_and_pair_as_1() -> None:
     assert noise_concentration(np.eye(c)) == 0.0
     half = 0.8 * np.eye(c) + 0.1 * np.roll(np.eye(c), 1, axis=1) + 0.1 * np.roll(np.eye(c), 2, 1)
     assert 0.0 < noise_concentration(half) < 1.0
+
+
+def test_a_class_no_model_saw_is_no_candidate_true_class() -> None:
+    # Out-of-sample probabilities of cross-fitted models: the single row of class 2 was scored
+    # by a model that never saw the class, so the class's threshold would be ~0.
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.repeat([0, 1], 500), 2]
+    probs = np.zeros((1_001, 3))
+    probs[np.arange(1_001), np.minimum(labels, 1)] = rng.uniform(0.6, 0.99, size=1_001)
+    probs[:, :2] += (1.0 - probs[:, :2].sum(axis=1, keepdims=True)) * np.array([0.5, 0.5])
+    probs[:, 2] = 1e-6
+    probs /= probs.sum(axis=1, keepdims=True)
+    inflated = estimate_noise(probs, labels)
+    guarded = estimate_noise(probs, labels, min_class_rows=2)
+    assert inflated.rate > 0.3  # every row passes class 2's threshold
+    assert guarded.rate < 0.01
