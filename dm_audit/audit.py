@@ -531,8 +531,9 @@ def _fold_checkpoint(checkpoint_dir: str | Path | None, k: int) -> Path | None:
 
 def _crossfit(
     dataset: AuditDataset,
+    inputs: np.ndarray,
     folds: np.ndarray,
-    make_config: Callable[[int, int], TrainConfig],
+    make_config: Callable[[int], TrainConfig],
     *,
     labels: np.ndarray | None = None,
     keep: np.ndarray | None = None,
@@ -543,11 +544,11 @@ def _crossfit(
 ) -> CrossFit:
     """Train one model per fold on the rows outside it (and inside `keep`).
 
-    `make_config(k, n_train)` gives fold k's training options. With `evaluate`, each model
-    is evaluated after every epoch on its own fold (kept rows, given or corrected `labels`):
-    the ``eval_acc`` of its history is out of sample.
+    `inputs` are the dataset's decoded inputs (decoded once per stage: images are costly);
+    `make_config(k)` gives fold k's training options. With `evaluate`, each model is evaluated
+    after every epoch on its own fold (kept rows, given or corrected `labels`): the
+    ``eval_acc`` of its history is out of sample.
     """
-    inputs = dataset.inputs()
     y = dataset.label_codes() if labels is None else np.asarray(labels)
     keep = np.ones(y.size, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     truth = _truth(dataset)
@@ -564,7 +565,7 @@ def _crossfit(
             fit(
                 inputs[train_rows],
                 y[train_rows],
-                make_config(k, int(train_rows.size)),
+                make_config(k),
                 num_classes=dataset.n_classes,
                 eval_inputs=inputs[held_out] if evaluate and held_out.size else None,
                 eval_labels=y[held_out] if evaluate and held_out.size else None,
@@ -577,10 +578,11 @@ def _crossfit(
     return CrossFit(fits, folds)
 
 
-def _out_of_sample_probs(models: CrossFit, dataset: AuditDataset, device: str) -> np.ndarray:
+def _out_of_sample_probs(
+    models: CrossFit, inputs: np.ndarray, n_classes: int, device: str
+) -> np.ndarray:
     """Class probabilities of every row under the model that did not train on its fold."""
-    inputs = dataset.inputs()
-    probs = np.zeros((len(dataset), dataset.n_classes), dtype=np.float32)
+    probs = np.zeros((len(inputs), n_classes), dtype=np.float32)
     for k, f in enumerate(models.fits):
         rows = np.flatnonzero(models.folds == k)
         if rows.size:
@@ -617,10 +619,12 @@ def probe(
     labels = data.label_codes()
     folds = _folds_for(data, config)
     epochs = _probe_epochs(config, len(labels))
+    inputs = data.inputs()
     models = _crossfit(
         data,
+        inputs,
         folds,
-        lambda k, n: _train_config(
+        lambda k: _train_config(
             config,
             loss="dm",
             loss_params=dict(PROBE_EMPHASIS),
@@ -633,7 +637,7 @@ def probe(
         resume=resume,
         on_epoch_end=on_epoch_end,
     )
-    probs = _out_of_sample_probs(models, data, config.device)
+    probs = _out_of_sample_probs(models, inputs, data.n_classes, config.device)
     noise = estimate.estimate_noise(probs, labels, min_class_rows=CROSSFIT_FOLDS)
     noise_rate = float(noise.rate)
     if len(labels) < SMALL_TRAINING_SET:
@@ -692,8 +696,9 @@ def train_audit_model(
     epochs = _epochs(config, len(data))
     models = _crossfit(
         data,
+        data.inputs(),
         folds,
-        lambda k, n: _train_config(
+        lambda k: _train_config(
             config,
             loss=loss,
             loss_params=params,
@@ -1085,10 +1090,12 @@ def retrain(
     else:
         choice = estimate.choose_emphasis(residual.rate, dataset.n_classes)
     epochs = _epochs(config, int(keep.sum()))
+    inputs = data.inputs()
     models = _crossfit(
         data,
+        inputs,
         scores.folds,
-        lambda k, n: _train_config(
+        lambda k: _train_config(
             config,
             loss="dm",
             loss_params=_dm_params(choice),
@@ -1102,7 +1109,7 @@ def retrain(
         resume=resume,
         on_epoch_end=on_epoch_end,
     )
-    probs = _out_of_sample_probs(models, data, config.device)
+    probs = _out_of_sample_probs(models, inputs, data.n_classes, config.device)
     return Retrained(models, choice, residual, time.perf_counter() - start, probs)
 
 
