@@ -18,6 +18,7 @@ sibling folder ``<out>-2``, ``<out>-3``, ... (``"version"``).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "atomic_write_text",
     "prepare_output_dir",
     "previous_run_files",
+    "replaced_run_files",
     "resolve_output_dir",
     "staged_output_dir",
     "to_jsonable",
@@ -233,7 +235,11 @@ def previous_run_files(out_dir: str | os.PathLike[str], names: Iterable[str] = (
 
 
 def prepare_output_dir(
-    out_dir: str | os.PathLike[str], *, if_exists: IfExists = "error", names: Iterable[str] = ()
+    out_dir: str | os.PathLike[str],
+    *,
+    if_exists: IfExists = "error",
+    names: Iterable[str] = (),
+    owned: Iterable[str] | None = None,
 ) -> Path:
     """Create an output folder, deciding what to do if it already holds a run.
 
@@ -250,19 +256,26 @@ def prepare_output_dir(
         ``<out>-2``, ``<out>-3``, ... that holds no run.
     names : iterable of str
         Report names that count as a previous run (see `previous_run_files`).
+    owned : iterable of str, optional
+        Glob patterns (relative to `out_dir`) of the files a run writes (default: `names`);
+        see `resolve_output_dir`.
 
     Returns
     -------
     Path
         The folder to write into (created).
     """
-    out = resolve_output_dir(out_dir, if_exists=if_exists, names=names)
+    out = resolve_output_dir(out_dir, if_exists=if_exists, names=names, owned=owned)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def resolve_output_dir(
-    out_dir: str | os.PathLike[str], *, if_exists: IfExists = "error", names: Iterable[str] = ()
+    out_dir: str | os.PathLike[str],
+    *,
+    if_exists: IfExists = "error",
+    names: Iterable[str] = (),
+    owned: Iterable[str] | None = None,
 ) -> Path:
     """The folder `prepare_output_dir` would write into, without creating anything.
 
@@ -274,6 +287,10 @@ def resolve_output_dir(
         See `prepare_output_dir`.
     names : iterable of str
         Report names that count as a previous run (see `previous_run_files`).
+    owned : iterable of str, optional
+        Glob patterns (relative to `out_dir`) of the files a run writes (default: `names`).
+        Replacing a run removes the files its marker lists; a marker that lists anything else
+        (a path outside the folder, a file no run writes) is refused before any work starts.
 
     Returns
     -------
@@ -284,7 +301,8 @@ def resolve_output_dir(
     Raises
     ------
     ConfigError
-        When the path is a file, or holds a previous run and `if_exists` is ``"error"``.
+        When the path is a file, holds a previous run and `if_exists` is ``"error"``, or its
+        run marker lists a file that is not the run's own.
     """
     if if_exists not in _IF_EXISTS:
         raise ConfigError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
@@ -293,6 +311,8 @@ def resolve_output_dir(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a folder")
     found = previous_run_files(out, names)
+    if found and if_exists == "overwrite":
+        replaced_run_files(out, names if owned is None else owned)
     if found and if_exists == "error":
         listed = ", ".join(p.name for p in found[:5])
         raise ConfigError(
@@ -307,6 +327,48 @@ def resolve_output_dir(
     return out
 
 
+def replaced_run_files(out_dir: str | os.PathLike[str], owned: Iterable[str]) -> list[str]:
+    """The files a previous run's marker lists, after checking each is that run's own.
+
+    A replaced run's files are removed, so the marker decides what gets deleted: anyone who can
+    write into the folder could otherwise list any file the user can delete. A listed name must
+    be a plain relative path (no ``..``, no absolute path, no symbolic link on the way) inside
+    `out_dir` that matches one of the `owned` patterns.
+
+    Raises
+    ------
+    ConfigError
+        Naming the marker and the first file that is not a run's own.
+    """
+    out = Path(out_dir)
+    files = _read_marker(out).get("files", [])
+    patterns = tuple(owned)
+    if not isinstance(files, list):
+        raise ConfigError(f"{out / RUN_MARKER}: 'files' is not a list; remove the marker")
+    for name in files:
+        if not _is_owned_file(out, name, patterns):
+            raise ConfigError(
+                f"{out / RUN_MARKER} lists {name!r}, which is not a report file inside {out}; "
+                "refusing to replace that folder's run (remove the marker if the folder is "
+                "yours, or choose another output folder)"
+            )
+    return list(files)
+
+
+def _is_owned_file(out: Path, name: object, patterns: tuple[str, ...]) -> bool:
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        return False
+    path = PurePosixPath(name)
+    if path.is_absolute() or path.as_posix() != name or ".." in path.parts:
+        return False
+    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+        return False
+    # A symbolic link on the way (e.g. plots -> /elsewhere) would lead the removal outside.
+    real_out = os.path.realpath(out)
+    real_parent = os.path.realpath(out / path.parent)
+    return real_parent == real_out or real_parent.startswith(real_out + os.sep)
+
+
 @dataclass
 class StagedOutput:
     """A hidden staging folder whose files are moved into `final_dir` on `commit`.
@@ -319,11 +381,15 @@ class StagedOutput:
         The staging folder (``<final_dir>/.staging-<id>``); write every file under it.
     run_id : str
         Identifier of this run, recorded in the run marker.
+    owned : tuple of str
+        Glob patterns of the files a run writes: the previous run's files that `commit` may
+        remove (see `replaced_run_files`).
     """
 
     final_dir: Path
     path: Path
     run_id: str
+    owned: tuple[str, ...] = ()
     committed: list[Path] = field(default_factory=list)
     done: bool = False
 
@@ -351,7 +417,8 @@ class StagedOutput:
             key=lambda p: (p.name == "summary.json", p.as_posix()),
         )
         relative = [p.relative_to(self.path) for p in staged]
-        old = _read_marker(self.final_dir)
+        # Checked before anything moves: a refused marker leaves the folder as it was.
+        old_files = replaced_run_files(self.final_dir, self.owned)
         # The marker goes first: once it is removed the old run is no longer announced as
         # complete while its files are being replaced.
         with contextlib.suppress(FileNotFoundError):
@@ -364,7 +431,7 @@ class StagedOutput:
             final.append(dst)
             kill_point("report:commit")
         new_names = {r.as_posix() for r in relative}
-        for name in old.get("files", []):
+        for name in old_files:
             if name not in new_names:
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     (self.final_dir / name).unlink()
@@ -409,6 +476,7 @@ def staged_output_dir(
     *,
     if_exists: IfExists = "error",
     names: Iterable[str] = (),
+    owned: Iterable[str] | None = None,
     run_id: str | None = None,
 ) -> Iterator[StagedOutput]:
     """Stage a run's files and move them into the output folder only if all were written.
@@ -421,6 +489,9 @@ def staged_output_dir(
         What to do when `out_dir` already holds a run.
     names : iterable of str
         Report names that count as a previous run.
+    owned : iterable of str, optional
+        Glob patterns of the files a run writes (default: `names`); only these, listed in the
+        previous run's marker, are removed when it is replaced.
     run_id : str, optional
         Identifier recorded in the run marker (default: a random hex string).
 
@@ -436,11 +507,13 @@ def staged_output_dir(
     >>> with staged_output_dir(tmp_path / "run") as stage:  # doctest: +SKIP
     ...     atomic_write_json(stage.path / "summary.json", {"rate": 0.2})
     """
-    final = prepare_output_dir(out_dir, if_exists=if_exists, names=names)
+    names = tuple(names)
+    patterns = names if owned is None else tuple(owned)
+    final = prepare_output_dir(out_dir, if_exists=if_exists, names=names, owned=patterns)
     rid = run_id or uuid.uuid4().hex[:12]
     staging = final / f"{STAGING_PREFIX}{rid}-{uuid.uuid4().hex[:6]}"
     staging.mkdir()
-    stage = StagedOutput(final_dir=final, path=staging, run_id=rid)
+    stage = StagedOutput(final_dir=final, path=staging, run_id=rid, owned=patterns)
     try:
         yield stage
     except BaseException:

@@ -1455,7 +1455,12 @@ def run_audit(
     if out_dir is None:
         return _run_stages(dataset, config, None, reviews_path)
     # Fail before hours of training, not after, when the folder holds a previous run.
-    target = resolve_output_dir(out_dir, if_exists=if_exists, names=reports.REPORT_FILES)
+    target = resolve_output_dir(
+        out_dir,
+        if_exists=if_exists,
+        names=reports.REPORT_FILES,
+        owned=reports.REPORT_OWNED_FILES,
+    )
     if restart:
         discard_work(target)
     created = not target.exists()

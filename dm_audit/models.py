@@ -88,6 +88,9 @@ class AuditModel(nn.Module):
         The classifier on top of the embedding.
     model_name : str
         Registry name the model was built under (set by :func:`create_model`).
+    model_options : dict
+        The architecture options it was built with (set by :func:`create_model`), so that a
+        stored model can be rebuilt before its weights are loaded.
     input_mean, input_std : torch.Tensor
         Buffers of shape ``(D,)`` (features) or ``(C,)`` (image channels, on the [0, 1] scale)
         used by the data pipeline to standardise inputs.
@@ -96,11 +99,13 @@ class AuditModel(nn.Module):
     embedding_dim: int
     head: nn.Linear
     model_name: str = ""
+    model_options: dict[str, object]
 
     def __init__(self, input_kind: str, input_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.input_kind = input_kind
         self.input_shape = tuple(int(s) for s in input_shape)
+        self.model_options = {}
         width = self.input_shape[0] if input_kind == "features" else self.input_shape[-1]
         self.register_buffer("input_mean", torch.zeros(width))
         self.register_buffer("input_std", torch.ones(width))
@@ -505,6 +510,7 @@ def create_model(
     except TypeError as exc:
         raise ConfigError(f"bad options for model {key!r}: {exc}") from exc
     model.model_name = key
+    model.model_options = dict(options)
     return model
 
 

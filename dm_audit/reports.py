@@ -44,6 +44,7 @@ __all__ = [
     "LABEL_ISSUES_SCHEMA",
     "METRICS_SCHEMA",
     "REPORT_FILES",
+    "REPORT_OWNED_FILES",
     "SCHEMAS",
     "SCHEMA_VERSION",
     "ReportPaths",
@@ -140,6 +141,8 @@ REPORT_FILES = (
     "metrics.parquet",
     "summary.json",
 )
+#: Every file a report writes (glob patterns): the only files replacing a report may remove.
+REPORT_OWNED_FILES = (*REPORT_FILES, "plots/*.png")
 _UNIT_COLUMNS = (
     "p_given",
     "mean_p",
@@ -442,7 +445,9 @@ def write_reports(
             raise DataError(f"plot {name!r} must be a matplotlib Figure or a PNG path")
         plot_items.append((stem, fig))
 
-    with staged_output_dir(out_dir, if_exists=if_exists, names=REPORT_FILES) as stage:
+    with staged_output_dir(
+        out_dir, if_exists=if_exists, names=REPORT_FILES, owned=REPORT_OWNED_FILES
+    ) as stage:
         root = stage.path
         atomic_write_parquet(root / "examples.parquet", examples)
         kill_point("report")

@@ -7,8 +7,9 @@ An audit with an output folder keeps its unfinished state in ``<out>/.dm-audit-w
   its identity is the same; otherwise it refuses and names what differs.
 * ``<training>/checkpoint.pt``: the checkpoint of each training (probe, audit, retrain), rewritten
   atomically after every epoch by `dm_audit.training.fit`.
-* ``<stage>.pkl``: the result of each finished stage (probe, scores, flags, corrections), written
-  atomically once the stage is done.
+* ``<stage>/``: the result of each finished stage (probe, scores, flags, corrections), written
+  once the stage is done, as data (`dm_audit.stage_store`: JSON, ``.npy``, Parquet and
+  weights-only tensors), never as pickles.
 * ``lock.json``: the process writing the folder; a second run into the same folder is refused
   while that process lives.
 
@@ -17,8 +18,9 @@ continues the interrupted training from its last epoch; on CPU the report is the
 of an uninterrupted run. The work folder is removed once the report is in place, and after an
 input or option error (`DMAuditError`, which a resume would only repeat).
 
-The stage files are pickles: they are private to the run, written and read by the same dm-audit
-version (the identity records it), never an exchange format.
+Anyone who can write into the output folder can write into the work folder, so nothing read
+back from it runs code: stage results load with `dm_audit.stage_store` (an allowlist of types,
+no pickle) and checkpoints with ``torch.load(weights_only=True)``.
 
 `kill_point` (from `dm_audit.faults`) is the testing hook that stops a run at a named point.
 """
@@ -29,7 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import socket
 from collections.abc import Callable
@@ -44,11 +45,11 @@ import pandas as pd
 from dm_audit.atomic import (
     STAGING_PREFIX,
     UNFINISHED_RUN_DIR,
-    atomic_write,
     atomic_write_json,
     to_jsonable,
 )
 from dm_audit.errors import ConfigError
+from dm_audit.stage_store import is_stored, load_stage_folder, save_stage_folder
 
 __all__ = [
     "WORK_DIR_NAME",
@@ -231,13 +232,11 @@ class WorkDir:
 
     def stage(self, name: str, compute: Callable[[], T]) -> T:
         """The result of stage `name`: loaded when finished before, else computed and saved."""
-        file = self.path / f"{name}.pkl"
-        if file.is_file():
-            with open(file, "rb") as f:
-                # Our own run's file (see the module docstring), not an exchange format.
-                return pickle.load(f)
+        folder = self.path / name
+        if is_stored(folder):
+            return load_stage_folder(folder)
         result = compute()
-        atomic_write(file, lambda f: pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL))
+        save_stage_folder(result, folder)
         return result
 
     def remove(self) -> None:

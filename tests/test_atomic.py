@@ -151,7 +151,7 @@ def test_crash_inside_staging_leaves_output_untouched(tmp_path: Path) -> None:
     with staged_output_dir(out) as stage:
         atomic_write_text(stage.path / "a.txt", "first run")
     with pytest.raises(RuntimeError, match="training diverged"):
-        with staged_output_dir(out, if_exists="overwrite") as stage:
+        with staged_output_dir(out, if_exists="overwrite", owned=["*.txt"]) as stage:
             atomic_write_text(stage.path / "a.txt", "second run, half done")
             raise RuntimeError("training diverged")
     assert (out / "a.txt").read_text() == "first run"
@@ -167,7 +167,7 @@ def test_previous_run_is_refused_replaced_or_versioned(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already holds a previous run"):
         with staged_output_dir(out) as stage:
             pass
-    with staged_output_dir(out, if_exists="overwrite") as stage:
+    with staged_output_dir(out, if_exists="overwrite", owned=["*.txt"]) as stage:
         atomic_write_text(stage.path / "a.txt", "2")
     assert (out / "a.txt").read_text() == "2"
     assert not (out / "old_plot.txt").exists()  # the replaced run leaves nothing stale

@@ -149,22 +149,22 @@ def test_killed_in_training_scoring_and_report_writing_resumes_to_the_same_repor
     assert run_forked(source, out, kill_at="probe:epoch:2") == -signal.SIGKILL
     assert visible_reports(out) == []
     probe_checkpoint = work / "probe" / "fold0" / "checkpoint.pt"
-    assert probe_checkpoint.is_file() and not (work / "probe.pkl").exists()
+    assert probe_checkpoint.is_file() and not (work / "probe" / "stage.json").exists()
     assert run_forked(source, out, kill_at="audit:epoch:2") == -signal.SIGKILL
     assert visible_reports(out) == []
-    assert (work / "probe.pkl").is_file()
+    assert (work / "probe" / "stage.json").is_file()
     assert (work / "audit" / "fold0" / "checkpoint.pt").is_file()
-    assert not (work / "scores.pkl").exists()
+    assert not (work / "scores" / "stage.json").exists()
 
     # During scoring: the audit training is finished, the scores are not saved.
     assert run_forked(source, out, kill_at="scoring") == -signal.SIGKILL
     assert visible_reports(out) == []
-    assert not (work / "scores.pkl").exists()
+    assert not (work / "scores" / "stage.json").exists()
 
     # During the retrain, then during report writing: the first report file is written, but
     # only into the hidden staging folder.
     assert run_forked(source, out, kill_at="retrain:epoch:1") == -signal.SIGKILL
-    assert (work / "corrections.pkl").is_file()
+    assert (work / "corrections" / "stage.json").is_file()
     assert run_forked(source, out, kill_at="report") == -signal.SIGKILL
     assert visible_reports(out) == []
     assert len(list(out.glob(f"{STAGING_PREFIX}*/examples.parquet"))) == 1
@@ -312,7 +312,7 @@ def test_streamed_scores_live_in_the_work_folder_so_a_resume_can_read_them(
         audit_module.run_audit(data, config, tmp_path / "run")
     work = tmp_path / "run" / WORK_DIR_NAME
     assert (work / "scores_fold0.parquet").is_file() and (work / "scores_fold1.parquet").is_file()
-    assert (work / "scores.pkl").is_file()
+    assert (work / "scores" / "stage.json").is_file()
 
     monkeypatch.setattr(audit_module, "retrain", real_retrain)
     resumed = audit_module.run_audit(data, config, tmp_path / "run")

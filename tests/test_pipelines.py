@@ -224,13 +224,17 @@ def test_metadata_shows_counts_noise_rate_detection_and_plots(audit_run: Audit) 
     assert all(reports[k].startswith("![") and "base64," in reports[k] for k in plots)
 
 
-def test_stage_results_are_stored_per_run_with_weights_only_models(audit_run: Audit) -> None:
+def test_stage_results_are_stored_per_run_as_data(audit_run: Audit) -> None:
     import torch
 
     stages = audit_run.root / audit_run.result.run_id / "stages"
-    assert (stages / "dataset" / "dataset.parquet").is_file()
-    state = torch.load(stages / "audit_model" / "model-0.pt", weights_only=True)
-    assert any(key.endswith("weight") for key in state)
+    assert (stages / "dataset" / "stage.json").is_file()
+    assert (stages / "dataset" / "blob-0.parquet").is_file()
+    models = [p for p in (stages / "audit_model").glob("blob-*.pt")]
+    states = [torch.load(p, weights_only=True) for p in models]
+    assert any(key.endswith("weight") for state in states for key in state)
+    suffixes = {p.suffix for p in stages.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".npy", ".parquet", ".pt"}, suffixes  # no pickles
 
 
 # ------------------------------------------------------------------------------ blocking checks

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +13,11 @@ from dm_audit.models import create_model
 from pipelines.storage import load_stage, save_stage
 
 
-@dataclass
-class _Result:
-    model: torch.nn.Module
-    same_model: torch.nn.Module
-    dynamics: TrainingDynamics
-    table: dict[str, np.ndarray]
-
-
 def test_dataset_is_stored_as_canonical_parquet(
     tmp_path: Path, blobs_dataset: AuditDataset
 ) -> None:
     folder = save_stage(blobs_dataset, tmp_path / "dataset")
-    assert [p.name for p in folder.iterdir()] == ["dataset.parquet"]
+    assert sorted(p.name for p in folder.iterdir()) == ["blob-0.parquet", "stage.json"]
     loaded = load_stage(folder)
     assert loaded.classes == ["a", "b", "c"]
     assert loaded.table["example_id"].tolist() == blobs_dataset.table["example_id"].tolist()
@@ -43,20 +34,25 @@ def test_networks_go_to_weights_only_state_dicts(tmp_path: Path) -> None:
     dynamics = TrainingDynamics(5, 3)
     dynamics.record(0, np.arange(5), np.linspace(0.1, 0.9, 5), np.array([1, 0, 1, 0, 1], bool))
     dynamics.end_epoch(0)
-    result = _Result(model, model, dynamics, {"p": np.array([0.25, 0.5])})
+    result = {"model": model, "same": model, "dynamics": dynamics, "p": np.array([0.25, 0.5])}
 
     folder = save_stage(result, tmp_path / "audit_model")
 
-    assert sorted(p.name for p in folder.iterdir()) == ["dynamics-1.pt", "model-0.pt", "result.pkl"]
-    state = torch.load(folder / "model-0.pt", weights_only=True)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "blob-0.pt",
+        "blob-1.pt",
+        "blob-2.npy",
+        "stage.json",
+    ]
+    state = torch.load(folder / "blob-0.pt", weights_only=True)
     assert set(state) == set(model.state_dict())
     loaded = load_stage(folder)
-    assert loaded.model is loaded.same_model  # one network, stored once
-    assert not loaded.model.training
+    assert loaded["model"] is loaded["same"]  # one network, stored once
+    assert not loaded["model"].training
     x = torch.randn(6, 4)
-    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
-    np.testing.assert_array_equal(loaded.dynamics.p_matrix(), dynamics.p_matrix())
-    np.testing.assert_array_equal(loaded.table["p"], [0.25, 0.5])
+    torch.testing.assert_close(loaded["model"](x), model(x), rtol=0, atol=0)
+    np.testing.assert_array_equal(loaded["dynamics"].p_matrix(), dynamics.p_matrix())
+    np.testing.assert_array_equal(loaded["p"], [0.25, 0.5])
 
 
 def test_saving_again_replaces_the_stored_result(tmp_path: Path) -> None:

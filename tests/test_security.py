@@ -1,0 +1,206 @@
+"""Security properties: nothing outside the output folder is touched, and nothing read back from
+it runs code.
+
+The output folder may be writable by other people (a shared drive, a scheduled job's folder), so
+its run marker and its work folder are untrusted input: the marker may only lead to the removal
+of report files inside the folder, and stage results load without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dm_audit import estimate
+from dm_audit.atomic import RUN_MARKER, replaced_run_files
+from dm_audit.audit import ProbeResult
+from dm_audit.cli import EXIT_BAD_INPUT, main
+from dm_audit.errors import ConfigError
+from dm_audit.reports import REPORT_OWNED_FILES
+from dm_audit.stage_store import STAGE_FILE, load_stage_folder, save_stage_folder
+from dm_audit.workdir import WorkDir
+from tests.test_bad_input import audit_args, blobs, snapshot
+
+
+class _Payload:
+    """Unpickling this creates a folder: the proof that a load ran code."""
+
+    def __init__(self, proof: Path) -> None:
+        self.proof = proof
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.mkdir, (str(self.proof),)
+
+
+def _write_marker(out: Path, files: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).write_text(json.dumps({"run_id": "x", "files": files}))
+
+
+# ------------------------------------------------------------------ the run marker decides nothing
+
+
+def test_overwrite_never_removes_a_file_outside_the_output_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "t.csv"
+    blobs().to_csv(source, index=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "o"
+    _write_marker(out, [str(victim)])
+    before = snapshot(tmp_path)
+
+    code = main(audit_args(source, out, "--overwrite"))
+
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    assert err.startswith("dm-audit: error: ") and err.count("\n") == 1, err
+    assert str(victim) in err and RUN_MARKER in err
+    assert victim.read_text() == "precious"
+    assert snapshot(tmp_path) == before  # refused before any work: nothing written anywhere
+
+
+@pytest.mark.parametrize(
+    "listed",
+    [
+        "../victim.txt",
+        "plots/../../victim.txt",
+        "./summary.json/../../victim.txt",
+        "/etc/passwd",
+        "data.csv",  # inside the folder, but no report writes it
+        "plots/notes.txt",
+        "",
+        "summary.json\\..\\..\\victim.txt",
+    ],
+)
+def test_a_marker_listing_anything_but_report_files_is_refused(tmp_path: Path, listed: str) -> None:
+    out = tmp_path / "o"
+    _write_marker(out, ["summary.json", listed])
+    with pytest.raises(ConfigError, match="not a report file"):
+        replaced_run_files(out, REPORT_OWNED_FILES)
+
+
+def test_a_marker_cannot_reach_outside_through_a_linked_folder(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "p.png").write_bytes(b"not yours")
+    out = tmp_path / "o"
+    _write_marker(out, ["plots/p.png"])
+    (out / "plots").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ConfigError, match="plots/p.png"):
+        replaced_run_files(out, REPORT_OWNED_FILES)
+    assert (elsewhere / "p.png").exists()
+
+
+def test_a_marker_listing_report_files_is_accepted(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    _write_marker(out, ["examples.parquet", "plots/p_curves.png", "summary.json"])
+    assert replaced_run_files(out, REPORT_OWNED_FILES) == [
+        "examples.parquet",
+        "plots/p_curves.png",
+        "summary.json",
+    ]
+
+
+# ------------------------------------------------------------- the work folder is data, not code
+
+
+def test_a_planted_pickle_in_the_work_folder_is_never_loaded(tmp_path: Path) -> None:
+    work = WorkDir.open(tmp_path / "o", {"format": "test"})
+    proof = tmp_path / "code-ran"
+    (work.path / "probe.pkl").write_bytes(pickle.dumps(_Payload(proof)))
+    assert work.stage("probe", lambda: "computed") == "computed"
+    assert not proof.exists()
+    assert work.stage("probe", lambda: "computed again") == "computed"  # the stored result
+
+
+def test_a_stage_file_naming_a_foreign_type_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    document = {
+        "format": "dm_audit.stage",
+        "version": 1,
+        "root": {"$id": 0, "$dataclass": "os.system", "fields": {"command": "touch x"}},
+    }
+    (folder / STAGE_FILE).write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match="'os.system' is not a stage type"):
+        load_stage_folder(folder)
+
+
+def test_a_stage_file_cannot_point_outside_its_folder(tmp_path: Path) -> None:
+    np.save(tmp_path / "outside.npy", np.arange(3))
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    document = {
+        "format": "dm_audit.stage",
+        "version": 1,
+        "root": {"$id": 0, "$ndarray": "../outside.npy"},
+    }
+    (folder / STAGE_FILE).write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match="bad blob name"):
+        load_stage_folder(folder)
+
+
+def test_a_pickled_array_in_a_stage_folder_is_refused(tmp_path: Path) -> None:
+    proof = tmp_path / "code-ran"
+    folder = save_stage_folder({"probs": np.arange(4.0)}, tmp_path / "scores")
+    # Replace the array by an object array, whose .npy form is a pickle.
+    np.save(folder / "blob-0.npy", np.array([_Payload(proof)], dtype=object), allow_pickle=True)
+    with pytest.raises(ConfigError, match="damaged"):
+        load_stage_folder(folder)
+    assert not proof.exists()
+
+
+def test_stage_results_round_trip_as_data(tmp_path: Path) -> None:
+    est = estimate.NoiseEstimate(
+        rate=0.25,
+        matrix=np.eye(2),
+        joint=np.full((2, 2), 0.25),
+        per_class_rate=np.array([0.1, float("nan")]),
+        n_examples=8,
+        thresholds=np.array([0.5, 0.6], dtype=np.float32),
+        confident_joint=np.array([[3, 1], [1, 3]], dtype=np.int64),
+    )
+    probe = ProbeResult(
+        noise_rate=float("inf"),
+        estimate=est,
+        choice=estimate.EmphasisChoice(0.5, 8.0, "test"),
+        adaptive=True,
+        seconds=np.float64(1.5),
+        folds=np.array([0, 1, 0, 1]),
+    )
+    table = pd.DataFrame({"example_id": ["a", "b"], "p": [0.1, 0.9], "flag": [True, False]})
+    stored = {
+        1: probe,
+        "table": table,
+        "pair": (probe, "x"),
+        "labels": np.array(["a", "b"], dtype=object),
+    }
+
+    loaded = load_stage_folder(save_stage_folder(stored, tmp_path / "stage"))
+
+    assert loaded["pair"][0] is loaded[1]  # shared objects stay shared
+    got = loaded[1]
+    assert got.noise_rate == float("inf") and got.choice == probe.choice
+    assert isinstance(got.seconds, np.float64)
+    np.testing.assert_array_equal(got.estimate.per_class_rate, est.per_class_rate)
+    assert got.estimate.confident_joint.dtype == np.int64
+    pd.testing.assert_frame_equal(loaded["table"], table)
+    assert loaded["labels"].dtype == object and loaded["labels"].tolist() == ["a", "b"]
+    assert all(
+        p.suffix in {".json", ".npy", ".parquet", ".pt"} for p in (tmp_path / "stage").iterdir()
+    )
+
+
+def test_an_unknown_type_is_refused_when_saving(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="cannot be stored"):
+        save_stage_folder({"payload": _Payload(tmp_path / "x")}, tmp_path / "stage")
+    assert not (tmp_path / "stage").exists()
+    assert list(tmp_path.iterdir()) == []  # no staging folder left behind
