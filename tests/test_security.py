@@ -94,7 +94,7 @@ def test_a_marker_cannot_reach_outside_through_a_linked_folder(tmp_path: Path) -
     out = tmp_path / "o"
     _write_marker(out, ["plots/p.png"])
     (out / "plots").symlink_to(elsewhere, target_is_directory=True)
-    with pytest.raises(ConfigError, match="plots/p.png"):
+    with pytest.raises(ConfigError, match=r"plots/p\.png"):
         replaced_run_files(out, REPORT_OWNED_FILES)
     assert (elsewhere / "p.png").exists()
 
@@ -130,7 +130,7 @@ def test_a_stage_file_naming_a_foreign_type_is_refused(tmp_path: Path) -> None:
         "root": {"$id": 0, "$dataclass": "os.system", "fields": {"command": "touch x"}},
     }
     (folder / STAGE_FILE).write_text(json.dumps(document))
-    with pytest.raises(ConfigError, match="'os.system' is not a stage type"):
+    with pytest.raises(ConfigError, match=r"'os\.system' is not a stage type"):
         load_stage_folder(folder)
 
 
