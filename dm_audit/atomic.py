@@ -53,6 +53,8 @@ __all__ = [
     "atomic_write_parquet",
     "atomic_write_png",
     "atomic_write_text",
+    "check_output_location",
+    "make_output_dir",
     "prepare_output_dir",
     "previous_run_files",
     "replaced_run_files",
@@ -234,6 +236,58 @@ def previous_run_files(out_dir: str | os.PathLike[str], names: Iterable[str] = (
     return [out / n for n in names if (out / n).exists()]
 
 
+def check_output_location(
+    out_dir: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> None:
+    """Refuse, before any work and without creating anything, an output folder that cannot be
+    written or that lies inside an input folder.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        The wanted output folder (need not exist).
+    inputs : iterable of path-like
+        Input paths; the folders among them may not hold the output: reports written into an
+        image folder become part of its data (the next audit reads ``plots`` as a class).
+
+    Raises
+    ------
+    ConfigError
+        Naming the output folder and what is wrong with it.
+    """
+    out = Path(out_dir)
+    real_out = Path(os.path.realpath(out))
+    for source in inputs:
+        folder = Path(source)
+        if not folder.is_dir():
+            continue
+        real_in = Path(os.path.realpath(folder))
+        if real_out == real_in or real_in in real_out.parents:
+            raise ConfigError(
+                f"output folder {out} is inside the input folder {folder}: the reports would "
+                "become part of the input; choose an output folder outside it"
+            )
+    existing = real_out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create the output folder {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create the output folder {out}: {existing} is not writable")
+
+
+def make_output_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create an output folder (and its parents), turning a failure into a one-line error."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the output folder {out}: {error.strerror or error}"
+        ) from None
+    return out
+
+
 def prepare_output_dir(
     out_dir: str | os.PathLike[str],
     *,
@@ -266,8 +320,7 @@ def prepare_output_dir(
         The folder to write into (created).
     """
     out = resolve_output_dir(out_dir, if_exists=if_exists, names=names, owned=owned)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return make_output_dir(out)
 
 
 def resolve_output_dir(
@@ -317,7 +370,8 @@ def resolve_output_dir(
         listed = ", ".join(p.name for p in found[:5])
         raise ConfigError(
             f"output folder {out} already holds a previous run ({listed}); choose another folder, "
-            "or pass overwrite to replace it, or version to write next to it"
+            "or pass --overwrite to replace it, or --new-version to write next to it "
+            "(if_exists='overwrite' or 'version' from Python)"
         )
     if found and if_exists == "version":
         n = 2

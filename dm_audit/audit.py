@@ -35,13 +35,13 @@ import torch
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from dm_audit import correction, estimate, flags, neighbours, plots, reports
-from dm_audit.atomic import resolve_output_dir
+from dm_audit.atomic import check_output_location, resolve_output_dir
 from dm_audit.dataset import AuditDataset
 from dm_audit.emphasis import create_weighting, plot_weighting_curves
 from dm_audit.errors import ConfigError, DMAuditError
 from dm_audit.faults import kill_point
 from dm_audit.losses import create_loss
-from dm_audit.metrics import accuracy
+from dm_audit.metrics import accuracy, mcnemar_worse_p
 from dm_audit.reviews import read_reviews
 from dm_audit.scoring import (
     SCORES_SCHEMA,
@@ -73,6 +73,10 @@ OOD_FDR = 0.05
 # A flagged example whose OOD score exceeds that of 75 % of the unflagged examples is sent to
 # review instead of being corrected automatically.
 OOD_REVIEW_FPR = 0.25
+# The retrained models count as worse than the audit models when the one-sided exact McNemar
+# test on the rows only one of them gets right says so at this conventional level (the
+# Dagster check `retrain_not_worse` uses the same default); the CLI then exits with status 3.
+RETRAIN_WORSE_ALPHA = 0.05
 # Below this many rows the noise estimate is uncertain: each half-model learns from a few
 # dozen examples per class, so out-of-sample errors of a weak model read as noise.
 SMALL_TRAINING_SET = 500
@@ -165,6 +169,20 @@ class AuditConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+
+    def check_against(self, n_rows: int) -> None:
+        """Refuse options that the data cannot satisfy, before any training.
+
+        Raises
+        ------
+        ConfigError
+            Naming the option and the data size.
+        """
+        if self.top_k is not None and self.top_k > n_rows:
+            raise ConfigError(
+                f"top_k {self.top_k} is more than the dataset's {n_rows} rows; flag at most "
+                f"{n_rows}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a JSON-ready dict (recorded in ``summary.json``)."""
@@ -348,11 +366,16 @@ class Flags:
 
 @dataclass
 class Corrections:
-    """Suggested and decided labels, with provenance, of every row."""
+    """Suggested and decided labels, with provenance, of every row.
+
+    ``gate`` says whether suggestions could be applied automatically
+    (`correction.automatic_correction_gate`).
+    """
 
     table: pd.DataFrame
     plan: correction.CorrectionPlan
     review_report: Any | None = None
+    gate: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -1025,6 +1048,10 @@ def correct_labels(
         )
         review_report = reviews.report
         review_positions = reviews.to_positions(data.example_ids, dataset.classes)
+    allowed, gate = correction.automatic_correction_gate(
+        labels, scores.probs, scores.folds, dataset.classes
+    )
+    _warn_about_gate(gate, int((~allowed).sum()))
     plan = correction.decide_corrections(
         labels,
         suggested,
@@ -1036,6 +1063,7 @@ def correct_labels(
         ood_scores=flag_result.table["ood_score"].to_numpy(),
         max_ood_score=flag_result.ood_review_threshold,
         n_classes=dataset.n_classes,
+        allowed=allowed,
     )
     classes = np.asarray(dataset.classes, dtype=object)
     corrected_names = np.where(plan.corrected >= 0, classes[np.maximum(plan.corrected, 0)], None)
@@ -1051,7 +1079,25 @@ def correct_labels(
             "include_in_retrain": plan.include_in_retrain,
         }
     )
-    return Corrections(table, plan, review_report)
+    return Corrections(table, plan, review_report, gate)
+
+
+def _warn_about_gate(gate: dict[str, Any], n_held: int) -> None:
+    if not gate["model_better_than_chance"]:
+        log.warning(
+            "the audit model is no better than chance on the given labels (balanced accuracy "
+            "%.3f, chance up to %.3f): no label is corrected automatically, every suggestion "
+            "goes to review",
+            gate["balanced_accuracy"],
+            gate["chance_limit"],
+        )
+    elif gate["unlearnable_classes"]:
+        log.warning(
+            "classes %s have too few rows for the model that scores them to have seen them: "
+            "their %d row(s) are never corrected automatically (suggestions go to review)",
+            gate["unlearnable_classes"],
+            n_held,
+        )
 
 
 def retrain(
@@ -1141,15 +1187,21 @@ def compare_before_after(
         else None,
         "accuracy_after": None,
         "paired": None,
+        "retrain_worse": False,
     }
     if after_probs is not None and kept.any():
         after_right = after_probs.argmax(axis=1)[kept] == given[kept]
         out["accuracy_after"] = float(after_right.mean())
+        before_only = int((before_right & ~after_right).sum())
+        after_only = int((after_right & ~before_right).sum())
+        p_worse = mcnemar_worse_p(before_only, after_only)
         out["paired"] = {
             "n": int(kept.sum()),
-            "before_only": int((before_right & ~after_right).sum()),
-            "after_only": int((after_right & ~before_right).sum()),
+            "before_only": before_only,
+            "after_only": after_only,
+            "p_worse": p_worse,
         }
+        out["retrain_worse"] = bool(p_worse <= RETRAIN_WORSE_ALPHA)
     return out
 
 
@@ -1279,6 +1331,7 @@ def build_report(
     audit_choice, retrain_choice = audit_fit.effective_choice, retrained.effective_choice
     summary: dict[str, Any] = {
         "source": dataset.source,
+        "input": dataset.notes,
         "n_examples": len(data),
         "n_audited": len(examples),
         "cross_fitting": {
@@ -1318,6 +1371,7 @@ def build_report(
             **{name: int(source.get(name, 0)) for name in correction.CORRECTION_SOURCES},
         },
         "quality": quality,
+        "automatic_corrections": corrections.gate,
         "training_events": {
             "audit": audit_fit.models.events,
             "retrain": [] if retrained.models is None else retrained.models.events,
@@ -1449,12 +1503,14 @@ def run_audit(
         Bad data, reviews or options; no report is written and the work folder is removed.
     """
     data = _audited(dataset)
+    config.check_against(len(data))
     if reviews_path is not None:
         # A bad reviews file fails now, not after hours of training.
         read_reviews(reviews_path, known_ids=data.example_ids, classes=dataset.classes, strict=True)
     if out_dir is None:
         return _run_stages(dataset, config, None, reviews_path)
     # Fail before hours of training, not after, when the folder holds a previous run.
+    check_output_location(out_dir, inputs=[dataset.source])
     target = resolve_output_dir(
         out_dir,
         if_exists=if_exists,
@@ -1463,7 +1519,9 @@ def run_audit(
     )
     if restart:
         discard_work(target)
-    created = not target.exists()
+    # The folders this run creates (the output folder and any missing parents), deepest first:
+    # removed again when the input turns out bad, so a refused run leaves nothing behind.
+    created = [p for p in (target, *target.parents) if not p.exists()]
     identity = run_identity(config.to_dict(), dataset, reviews_path)
     work = WorkDir.open(target, identity)
     if work.resumed:
@@ -1476,9 +1534,9 @@ def run_audit(
     except DMAuditError:
         # Bad input or options: a resume would fail the same way, so leave nothing behind.
         work.remove()
-        if created:
+        for folder in created:
             with contextlib.suppress(OSError):
-                target.rmdir()
+                folder.rmdir()
         raise
     except BaseException:
         work.release()  # e.g. Ctrl-C: the next run resumes it

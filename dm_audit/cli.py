@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from dm_audit.errors import ConfigError, DataError, DMAuditError
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
+# The audit finished and wrote its reports, but its retrained model is worse than the audit
+# model (summary.json ``quality.retrain_worse``): the corrections need a person's look.
+EXIT_RETRAIN_WORSE = 3
 
 TRAIN_FILES = ("model.pt", "history.parquet", "train_summary.json")
 DEMO_NOISE_RATE = 0.4
@@ -113,11 +117,20 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--epochs", type=int, default=None, help="training epochs (default: from the data size)"
     )
-    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="examples per training step (default 128); larger is faster on a GPU",
+    )
     group.add_argument("--lr", type=float, default=None, help="learning rate")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     group.add_argument("--seed", type=int, default=0, help="the same seed gives the same report")
-    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (a bar on a terminal, else a line every 30 s)",
+    )
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,9 +320,13 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from dm_audit.atomic import check_output_location
     from dm_audit.audit import run_audit
 
     config = _audit_config(args)
+    # Before reading any data: a bad output folder is refused at once.
+    if args.out is not None:
+        check_output_location(args.out, inputs=[args.input])
     dataset = _load(args)
     report = run_audit(
         dataset,
@@ -320,7 +337,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
         restart=args.restart,
     )
     _print_audit(report, args.out)
-    return EXIT_OK
+    return _audit_status(report.summary)
+
+
+def _audit_status(summary: dict[str, Any]) -> int:
+    """EXIT_OK, or EXIT_RETRAIN_WORSE with a one-line warning when the retrain lost."""
+    quality = summary.get("quality", {})
+    if not quality.get("retrain_worse"):
+        return EXIT_OK
+    paired = quality["paired"]
+    print(
+        f"dm-audit: warning: the retrained model is worse than the audit model "
+        f"({quality['accuracy_before']:.3f} -> {quality['accuracy_after']:.3f} on "
+        f"{quality['n_compared']} kept rows, McNemar p = {paired['p_worse']:.3g}); review the "
+        "corrections before using them",
+        file=sys.stderr,
+    )
+    return EXIT_RETRAIN_WORSE
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -345,7 +378,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = AuditConfig(seed=args.seed, device=args.device, progress=not args.quiet, **DEMO_CONFIG)
     report = run_audit(dataset, config, args.out, if_exists=_if_exists(args), restart=args.restart)
     _print_audit(report, args.out)
-    return EXIT_OK
+    return _audit_status(report.summary)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -498,13 +531,26 @@ def cmd_score(args: argparse.Namespace) -> int:
 # entry point
 
 
+_EXIT_CODES = f"""exit status:
+  {EXIT_OK}  the reports are written
+  {EXIT_ERROR}  an unexpected failure (a bug, or out of memory); the message says where
+  {EXIT_BAD_INPUT}  bad input or options: one line names the file, column, row or label;
+     nothing is written
+  {EXIT_RETRAIN_WORSE}  the reports are written, but the retrained model is worse than the
+     audit model: review the corrections before using them"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dm-audit`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="dm-audit",
-        description="Find and fix bad labels: a derivative-manipulation (DM) training scores "
-        "every example, flags mislabelled and out-of-distribution ones, corrects labels, "
-        "retrains and writes Parquet reports.",
+        description=textwrap.fill(
+            "Find and fix bad labels: a derivative-manipulation (DM) training scores every "
+            "example, flags mislabelled and out-of-distribution ones, corrects labels, "
+            "retrains and writes Parquet reports."
+        ),
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -512,11 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser(
         "audit",
         help="audit a dataset: flags, corrections, retrain, reports",
-        description="Audit a dataset end to end and write examples.parquet, "
-        "label_issues.parquet, corrected_labels.parquet, metrics.parquet, summary.json and "
-        "plots into --out. An interrupted run (crash, kill) resumes when the same command is "
-        "run again. Example: dm-audit audit --input data.csv --label-column label "
-        "--out runs/first",
+        description=textwrap.fill(
+            "Audit every row of a dataset (a split column only annotates the report) and "
+            "write examples.parquet (one row per input row), label_issues.parquet, "
+            "corrected_labels.parquet, metrics.parquet, summary.json and plots into --out. "
+            "Each row is scored by a model that never trained on it (2-fold cross-fitting). "
+            "The input files are only read. An interrupted run (crash, kill) resumes when the "
+            "same command is run again."
+        )
+        + "\n\nexample:\n  dm-audit audit --input data.csv --label-column label --out runs/first",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_source_arguments(audit)
     _add_training_arguments(audit)

@@ -17,17 +17,20 @@ provenance per example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.estimate import validate_labels, validate_mask, validate_probs
+from dm_audit.metrics import balanced_accuracy_vs_chance
 
 __all__ = [
     "CORRECTION_SOURCES",
     "CorrectionPlan",
+    "automatic_correction_gate",
     "decide_corrections",
     "suggest_labels",
 ]
@@ -138,6 +141,67 @@ class CorrectionPlan:
         return np.flatnonzero(self.include_in_retrain)
 
 
+def automatic_correction_gate(
+    given: np.ndarray,
+    probs: np.ndarray,
+    folds: np.ndarray,
+    classes: Sequence[str],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Which rows' suggested labels may be applied without a person looking at them.
+
+    A suggestion is evidence only when the model that made it could have agreed with the given
+    label. Two cases where it could not, whose suggestions go to review instead:
+
+    * the audit model is no better than chance on the given labels: the balanced accuracy of
+      its out-of-sample predictions does not exceed what a predictor ignoring its input reaches
+      (`dm_audit.metrics.balanced_accuracy_vs_chance`). Its confident suggestions are noise.
+    * a row's given class had no row in the training data of the fold model that scored it
+      (a class of one row, or all of whose rows fell in one fold): that model can never
+      predict the class, so it "corrects" every such row away.
+
+    Parameters
+    ----------
+    given : array (N,) int
+        Given class codes.
+    probs : array (N, C)
+        Out-of-sample class probabilities.
+    folds : array (N,) int
+        The cross-fitting fold of every row (its scoring model trained on the other folds).
+    classes : sequence of str, length C
+        Class names, for the report.
+
+    Returns
+    -------
+    (allowed, report)
+        ``allowed`` (N,) bool; ``report`` with ``model_better_than_chance``,
+        ``balanced_accuracy``, ``chance_limit`` and ``unlearnable_classes`` (names).
+    """
+    y = np.asarray(given, dtype=np.int64)
+    n, c = len(y), len(classes)
+    predicted = np.asarray(probs).argmax(axis=1)
+    counts = np.bincount(y, minlength=c)
+    hits = np.bincount(y[predicted == y], minlength=c)
+    share = np.bincount(predicted, minlength=c) / max(n, 1)
+    balanced, chance = balanced_accuracy_vs_chance(hits, counts, share)
+    better = balanced is None or chance is None or balanced > chance
+    allowed = np.full(n, better, dtype=bool)
+    fold = np.asarray(folds, dtype=np.int64)
+    unlearnable: set[int] = set()
+    for k in np.unique(fold):
+        in_fold = fold == k
+        trained_on = counts - np.bincount(y[in_fold], minlength=c)
+        blind = in_fold & (trained_on[y] == 0)
+        allowed &= ~blind
+        unlearnable |= {int(v) for v in np.unique(y[blind])}
+    report = {
+        "model_better_than_chance": bool(better),
+        "balanced_accuracy": None if balanced is None else float(balanced),
+        "chance_limit": None if chance is None else float(chance),
+        "unlearnable_classes": [str(classes[j]) for j in sorted(unlearnable)],
+    }
+    return allowed, report
+
+
 def decide_corrections(
     given: np.ndarray,
     suggested: np.ndarray,
@@ -150,6 +214,7 @@ def decide_corrections(
     ood_scores: np.ndarray | None = None,
     max_ood_score: float | None = None,
     n_classes: int | None = None,
+    allowed: np.ndarray | None = None,
 ) -> CorrectionPlan:
     """Decide each example's label and provenance (see the module docstring for the rules).
 
@@ -178,6 +243,9 @@ def decide_corrections(
         See `ood_scores`.
     n_classes : int, optional
         Number of classes, to validate codes (default: inferred from the codes).
+    allowed : np.ndarray, shape (N,), bool, optional
+        Rows that may be decided automatically (`automatic_correction_gate`); a flagged row
+        outside it, label issue or OOD, goes to review whatever its confidence.
 
     Returns
     -------
@@ -213,12 +281,17 @@ def decide_corrections(
         if o.shape != (n,):
             raise DataError(f"ood_scores must have shape ({n},), got {o.shape}")
         confident &= o <= max_ood_score
+    gate = np.ones(n, dtype=bool) if allowed is None else validate_mask(allowed, "allowed", n)
+    confident &= gate
     auto = issue & confident
     corrected[auto] = s[auto]
     source[auto] = "auto_corrected"
     source[issue & ~confident] = "needs_review"
-    corrected[ood] = -1
-    source[ood] = "ood_set_aside"
+    corrected[ood & gate] = -1
+    source[ood & gate] = "ood_set_aside"
+    # Outside the gate nothing is decided automatically, setting aside included.
+    corrected[ood & ~gate] = y[ood & ~gate]
+    source[ood & ~gate] = "needs_review"
     for row, code in (reviews or {}).items():
         if not 0 <= int(row) < n:
             raise DataError(f"review for row {row} is outside the {n} examples")

@@ -37,11 +37,12 @@ import logging
 import os
 import re
 import tempfile
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -135,16 +136,63 @@ def _number_to_name(value: object, column: str, row: int, what: str) -> str:
     return str(int(number))
 
 
+def canonical_label(name: str) -> str:
+    """The spelling a class name is kept under: surrounding spaces removed, Unicode NFC.
+
+    ``" cat"``, ``"cat "`` and ``"cat"`` (or ``"café"`` typed as ``e`` + combining accent and as
+    one ``é``) look the same to a person and are one class; reviews are read the same way, so
+    every class can be reviewed.
+    """
+    return unicodedata.normalize("NFC", name.strip())
+
+
+def label_spellings(names: np.ndarray) -> list[dict[str, Any]]:
+    """Classes that were written several ways in `names` (see `canonical_label`).
+
+    Returns
+    -------
+    list of dict
+        ``{"class": canonical name, "spellings": {spelling: rows}}`` for every class written in
+        more than one way, in class order.
+    """
+    counts = pd.Series(names, dtype=object).value_counts(sort=False)
+    by_class: dict[str, dict[str, int]] = {}
+    for spelling, n in counts.items():
+        by_class.setdefault(canonical_label(str(spelling)), {})[str(spelling)] = int(n)
+    return [
+        {"class": name, "spellings": dict(sorted(spellings.items()))}
+        for name, spellings in sorted(by_class.items())
+        if len(spellings) > 1 or next(iter(spellings)) != name
+    ]
+
+
+def numeric_label_spellings(names: Sequence[str]) -> list[list[str]]:
+    """Groups of distinct class names that are the same number (``"03"`` and ``"3"``)."""
+    groups: dict[float, set[str]] = {}
+    for name in set(names):
+        try:
+            number = float(name)
+        except ValueError:
+            continue
+        if np.isfinite(number):
+            groups.setdefault(number, set()).add(name)
+    return [sorted(g, key=_natural_key) for _, g in sorted(groups.items()) if len(g) > 1]
+
+
 def normalize_labels(
     values: pd.Series | Sequence[object] | np.ndarray,
     column: str = "label",
     *,
     what: str = "label",
+    record: dict[str, Any] | None = None,
+    source: str = "",
+    ids: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Turn a column of labels (or ids) into class-name strings.
 
-    Strings are kept verbatim; integers become their decimal text; integral floats become the
-    integer's text (``3.0 -> "3"``); booleans become ``"True"``/``"False"``.
+    Strings are kept verbatim (labels: in their `canonical_label` spelling, with a warning
+    naming the spellings merged); integers become their decimal text; integral floats become
+    the integer's text (``3.0 -> "3"``); booleans become ``"True"``/``"False"``.
 
     Parameters
     ----------
@@ -154,6 +202,14 @@ def normalize_labels(
         Column name, used in error messages.
     what : str
         What the values are ("label" or "id"), used in error messages.
+    record : dict, optional
+        Receives ``label_spellings`` (classes written several ways, merged) and
+        ``numeric_label_spellings`` (classes that are the same number, kept apart), for the
+        report's summary.
+    source : str
+        The file the values come from, for messages.
+    ids : sequence of str, optional
+        Example ids, for messages naming a row.
 
     Returns
     -------
@@ -168,11 +224,12 @@ def normalize_labels(
     """
     series = pd.Series(values).reset_index(drop=True)
     missing = series.isna().to_numpy()
+    of = f" of {source}" if source else ""
     if missing.any():
         row = int(np.flatnonzero(missing)[0])
         raise DataError(
-            f"{what} column {column!r} has {int(missing.sum())} missing value(s), "
-            f"the first at row {row}"
+            f"{what} column {column!r}{of} has {int(missing.sum())} missing value(s), "
+            f"the first at {_describe_row(row, ids)}"
         )
     dtype = series.dtype
     if pd.api.types.is_bool_dtype(dtype):
@@ -188,7 +245,36 @@ def normalize_labels(
     blank = pd.Series(names, dtype=object).str.strip().eq("").to_numpy()
     if blank.any():
         row = int(np.flatnonzero(blank)[0])
-        raise DataError(f"{what} column {column!r} has a blank value at row {row}")
+        raise DataError(
+            f"{what} column {column!r}{of} has a blank value at {_describe_row(row, ids)}"
+        )
+    if what == "label":
+        names = _canonical_spelling(names, column, {} if record is None else record)
+    return names
+
+
+def _canonical_spelling(names: np.ndarray, column: str, record: dict[str, Any]) -> np.ndarray:
+    merged = label_spellings(names)
+    for entry in merged:
+        shown = ", ".join(f"{s!r} ({n} rows)" for s, n in entry["spellings"].items())
+        log.warning(
+            "label column %r: %s are read as the one class %r (surrounding spaces and Unicode "
+            "form are not part of a class name)",
+            column,
+            shown,
+            entry["class"],
+        )
+    if merged:
+        names = np.array([canonical_label(n) for n in names], dtype=object)
+    numeric = numeric_label_spellings(names)
+    record.update(label_spellings=merged, numeric_label_spellings=numeric)
+    for group in numeric:
+        log.warning(
+            "label column %r: the classes %s are the same number written differently; they are "
+            "kept apart (fix the labels if they are one class)",
+            column,
+            " and ".join(repr(g) for g in group),
+        )
     return names
 
 
@@ -299,13 +385,12 @@ def to_png(data: bytes, where: str) -> bytes:
             buffer = io.BytesIO()
             _png_compatible(image).save(buffer, format="PNG")
             return buffer.getvalue()
-    except (
-        UnidentifiedImageError,
-        Image.DecompressionBombError,
-        OSError,
-        ValueError,
-        SyntaxError,
-    ) as exc:
+    except UnidentifiedImageError:
+        # Pillow's message names its in-memory buffer, not the file.
+        raise DataError(
+            f"cannot decode the image at {where}: not an image in a format Pillow reads"
+        ) from None
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot decode the image at {where}: {exc}") from exc
 
 
@@ -445,12 +530,17 @@ class AuditDataset:
         Which input column the table holds.
     source : str
         Human-readable description of where the data came from.
+    notes : dict
+        What loading decided, for the report's summary: the input columns used and how each
+        was encoded (``inputs``), columns left out and why (``ignored_columns``), class names
+        written several ways (``label_spellings``). JSON values only.
     """
 
     table: pd.DataFrame
     classes: list[str]
     input_kind: InputKind
     source: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
     # Where the table was built from one (rows, D) float32 matrix whose rows the "features"
     # cells are views of: the matrix and the rows of it this table holds (a slice, or positions
     # after a scattered subset). `features` then slices it instead of stacking N small arrays,
@@ -656,6 +746,7 @@ class AuditDataset:
             classes=list(self.classes),
             input_kind=self.input_kind,
             source=self.source,
+            notes=dict(self.notes),
         )
         if self._matrix is not None and self.input_kind == "features":
             matrix, rows = self._matrix
@@ -776,6 +867,7 @@ class AuditDataset:
             classes=json.loads(meta[_META_PREFIX + "classes"]),
             input_kind=input_kind,
             source=meta.get(_META_PREFIX + "source", str(path)),
+            notes=json.loads(meta.get(_META_PREFIX + "notes", "{}")),
         )
         if matrix is not None:
             dataset._with_matrix(matrix, slice(0, len(matrix)))
@@ -854,16 +946,21 @@ class AuditDataset:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_ids(ids: pd.Series) -> None:
+def _check_ids(ids: pd.Series, source: str) -> None:
+    where = f" in {source}" if source else ""
     if ids.isna().any():
         row = int(np.flatnonzero(ids.isna().to_numpy())[0])
-        raise DataError(f"example_id is missing at row {row}")
-    duplicated = ids[ids.duplicated(keep=False)]
-    if len(duplicated):
-        names = sort_classes(duplicated.astype(str).unique())
-        shown = ", ".join(repr(n) for n in names[:10])
+        raise DataError(f"example_id is missing at row {row}{where}")
+    duplicated = ids.duplicated(keep=False).to_numpy()
+    if duplicated.any():
+        text = ids.astype(str).to_numpy(dtype=object)
+        rows_of: dict[str, list[int]] = {}
+        for row in np.flatnonzero(duplicated):
+            rows_of.setdefault(text[row], []).append(int(row))
+        names = sort_classes(rows_of)
+        shown = ", ".join(f"{n!r} (rows {', '.join(map(str, rows_of[n][:5]))})" for n in names[:10])
         more = f" and {len(names) - 10} more" if len(names) > 10 else ""
-        raise DataError(f"duplicate example ids: {shown}{more}")
+        raise DataError(f"duplicate example ids{where}, column example_id: {shown}{more}")
 
 
 def _check_values(column: pd.Series, allowed: Sequence[str], name: str, ids: np.ndarray) -> None:
@@ -981,7 +1078,7 @@ def validate(dataset: AuditDataset) -> None:
         )
     if len(set(dataset.classes)) != len(dataset.classes):
         raise DataError(f"the class list has duplicates: {dataset.classes}")
-    _check_ids(table["example_id"])
+    _check_ids(table["example_id"], dataset.source)
     ids = table["example_id"].astype(str).to_numpy(dtype=object)
     _check_values(table["label"], dataset.classes, "label", ids)
     _check_values(table["split"], SPLITS, "split", ids)
@@ -1030,6 +1127,7 @@ def _to_arrow(dataset: AuditDataset) -> pa.Table:
         _META_PREFIX + "classes": json.dumps(dataset.classes),
         _META_PREFIX + "input_kind": dataset.input_kind,
         _META_PREFIX + "source": dataset.source,
+        _META_PREFIX + "notes": json.dumps(dataset.notes),
     }
     return pa.Table.from_pydict(arrays).replace_schema_metadata(metadata)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 __all__ = [
     "accuracy",
+    "balanced_accuracy_vs_chance",
     "confidence",
     "given_probability",
     "margin",
@@ -26,6 +27,10 @@ __all__ = [
 # Up to this many discordant pairs the binomial tail is summed exactly in integers; above it,
 # in log space (float rounding only, and linear rather than quadratic cost in the count).
 _EXACT_TAIL_LIMIT = 10_000
+# A balanced accuracy counts as chance up to 1/C plus the larger of this slack and _CHANCE_Z
+# standard errors of a predictor that ignores its input (see balanced_accuracy_vs_chance).
+_CHANCE_SLACK = 0.02
+_CHANCE_Z = 3.0
 
 
 def _probs(probs: np.ndarray) -> np.ndarray:
@@ -287,3 +292,51 @@ def paired_accuracy_test(
         "accuracy_after": float(after.mean()) if n else float("nan"),
         "p_worse": mcnemar_worse_p(before_only, after_only),
     }
+
+
+def balanced_accuracy_vs_chance(
+    class_hits: np.ndarray, class_counts: np.ndarray, pred_share: np.ndarray
+) -> tuple[float | None, float | None]:
+    """Balanced accuracy of an epoch's predictions and the highest value that is still chance.
+
+    Parameters
+    ----------
+    class_hits : array (C,) int
+        Examples of each given class predicted as that class.
+    class_counts : array (C,) int
+        Examples of each given class.
+    pred_share : array (C,) float
+        Share of the predictions that went to each class.
+
+    Returns
+    -------
+    (balanced, chance) : tuple of float, or (None, None) with fewer than two classes present
+        ``balanced`` is the mean recall over the K classes present in the labels; the epoch is
+        no better than chance when ``balanced <= chance``.
+
+    Notes
+    -----
+    Plain accuracy cannot tell chance from learning under imbalance: with 98% of the labels in
+    one class, always answering that class scores 0.98, and a model that also learns the rare
+    classes scores at most 1.0, so "accuracy <= majority share + 0.02" fires on healthy runs.
+    Balanced accuracy has the same chance level 1/K for every predictor that ignores its input:
+    if it answers class k with probability q_k whatever the input, the recall of class k is q_k
+    in expectation and the mean over classes is sum(q_k) / K <= 1/K (exactly 1/K for a
+    one-class predictor). Its standard error under that null, with q_k the observed prediction
+    shares and n_k the class counts, is sqrt(sum_k q_k (1 - q_k) / n_k) / K (recalls treated as
+    independent binomial proportions). The epoch counts as chance up to 1/K plus the larger of
+    ``_CHANCE_SLACK`` (on balanced labels, where balanced accuracy is accuracy, the limit is
+    then 1/K + 0.02 as for plain accuracy) and ``_CHANCE_Z`` standard errors, capped at half
+    the way from 1/K to 1: classes of a handful of examples make the error large, and a perfect
+    fit must never look like chance.
+    """
+    present = class_counts > 0
+    k = int(present.sum())
+    if k < 2:
+        return None, None
+    n = class_counts[present].astype(np.float64)
+    balanced = float(np.mean(class_hits[present] / n))
+    q = pred_share[present].astype(np.float64)
+    se = math.sqrt(float(np.sum(q * (1.0 - q) / n))) / k
+    margin = min(max(_CHANCE_SLACK, _CHANCE_Z * se), 0.5 * (1.0 - 1.0 / k))
+    return balanced, 1.0 / k + margin

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from dm_audit.errors import ConfigError, DataError
+from dm_audit.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ def search(
     done = 0  # queries answered so far
     pending: list[np.ndarray] = []
     n_pending = 0
-    bar = tqdm(
+    bar = progress_bar(
         total=n,
         desc=progress,
         unit="query",

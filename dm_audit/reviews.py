@@ -23,6 +23,7 @@ from typing import Literal
 
 import pandas as pd
 
+from dm_audit.dataset import canonical_label
 from dm_audit.errors import ConfigError, DataError
 
 __all__ = ["REVIEW_COLUMNS", "ReviewProblem", "ReviewReport", "Reviews", "read_reviews"]
@@ -270,7 +271,8 @@ def read_reviews(
                 f"{_suggest(col, columns)}"
             )
     ids = _as_text(df["example_id"])
-    labels = _as_text(df["label"])
+    # Labels in the dataset's spelling: spaces around and the Unicode form are no part of a name.
+    labels = [canonical_label(v) for v in _as_text(df["label"])]
     known = {str(i) for i in known_ids}
     class_set = {str(c) for c in classes}
 

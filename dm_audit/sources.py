@@ -4,10 +4,12 @@ Supported sources (``spec`` of `load_source`):
 
 * ``"digits"``: scikit-learn's 8x8 digits (1,797 examples, 64 features scaled to [0, 1]), the
   built-in default.
-* a ``.parquet``, ``.csv`` or ``.tsv`` table with a label column and an input: numeric feature
-  columns, one list/embedding column (in CSV a text like ``"[0.1, 0.2]"``), an image-bytes
-  column (raw bytes, or ``{"bytes": ...}`` structs as Hugging Face datasets write them), or an
-  image-path column (paths relative to ``image_root``, else to the table's folder).
+* a ``.parquet``, ``.csv`` or ``.tsv`` table (CSV/TSV also compressed: ``.gz``, ``.bz2``,
+  ``.xz``, ``.zip``; a CSV's delimiter is detected) with a label column and an input: tabular
+  columns (numbers, booleans, categories or text with repeated values, ISO dates; encoded by
+  `encode_tabular`), one list/embedding column (in CSV a text like ``"[0.1, 0.2]"``), an
+  image-bytes column (raw bytes, or ``{"bytes": ...}`` structs as Hugging Face datasets write
+  them), or an image-path column (paths relative to ``image_root``, else to the table's folder).
   A Parquet file written by `AuditDataset.to_parquet` is read back as is.
 * an image folder: one sub-folder per class (``root/<class>/<file>``), or ``root/train/<class>``
   and ``root/test/<class>`` to fix the split.
@@ -22,11 +24,13 @@ Source files are only ever read. Tables and folders without a split get a strati
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +47,8 @@ from dm_audit.dataset import (
 )
 from dm_audit.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
+
 #: File suffixes read as images (image folders, and sniffing image-path columns).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -53,6 +59,13 @@ TABLE_SUFFIXES: dict[str, str] = {
     ".csv": "csv",
     ".tsv": "tsv",
 }
+#: Compressions a CSV or TSV may have (pandas decompresses them while reading).
+COMPRESSION_SUFFIXES: frozenset[str] = frozenset({".gz", ".bz2", ".xz", ".zip"})
+# Delimiters a CSV is sniffed for, most common first.
+_DELIMITERS = ",;\t|"
+# Columns of the canonical table that a user's table may carry (e.g. exported from a report):
+# never inputs, since the truth read as a feature would make every audit perfect.
+_CANONICAL_NON_INPUTS = frozenset({"true_label", "noise"})
 SPLIT_COLUMN = "split"
 ID_COLUMN = "example_id"
 # How many values are inspected to guess what a column holds.
@@ -186,7 +199,7 @@ def load_source(
         test_size=test_size,
         seed=seed,
         source=str(path),
-        types_inferred=TABLE_SUFFIXES.get(path.suffix.lower()) != "parquet",
+        types_inferred=table_kind(path) != "parquet",
     )
 
 
@@ -278,6 +291,7 @@ def _finish(
     seed: int,
     source: str,
     classes: Sequence[str] | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> AuditDataset:
     """Assemble, split and validate a canonical dataset."""
     if len(labels) == 0:
@@ -292,6 +306,7 @@ def _finish(
         classes=list(classes) if classes is not None else sort_classes(labels),
         input_kind=kind,
         source=source,
+        notes=dict(notes or {}),
     ).validate()
     if not (table["split"] == "train").any():
         raise DataError(f"data source {source!r} has no example in the train split")
@@ -368,36 +383,68 @@ def require_column(columns: Sequence[str], name: str, what: str, where: str) -> 
         )
 
 
+def table_kind(path: Path) -> str | None:
+    """``"parquet"``, ``"csv"`` or ``"tsv"`` from a file name (``t.csv.gz`` is a CSV); None if
+    the name is not a table's."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSION_SUFFIXES:
+        kind = TABLE_SUFFIXES.get(suffixes[-2])
+        return kind if kind in ("csv", "tsv") else None
+    return TABLE_SUFFIXES.get(suffixes[-1]) if suffixes else None
+
+
+def _sniff_delimiter(path: Path) -> str:
+    """The delimiter of a CSV: the one of ``, ; tab |`` that splits its header line into the most
+    columns and every sampled line into as many (a ``;``-separated CSV read with ``,`` would
+    show one column, and the label column would seem missing)."""
+    sample = pd.read_csv(path, sep="\x1f", header=None, nrows=20, dtype=str, engine="python")
+    lines = [str(v) for v in sample.iloc[:, 0].tolist() if isinstance(v, str)]
+    if not lines:
+        return ","
+    best, best_width = ",", 1
+    for delimiter in _DELIMITERS:
+        widths = {len(line.split(delimiter)) for line in lines}
+        if len(widths) == 1 and (width := widths.pop()) > best_width:
+            best, best_width = delimiter, width
+    return best
+
+
 def read_table(path: Path, options: TableOptions) -> pd.DataFrame:
-    """Read a Parquet, CSV or TSV file, ids as text.
+    """Read a Parquet, CSV or TSV file (CSV/TSV possibly compressed), ids and labels as text.
 
     Parameters
     ----------
     path : pathlib.Path
         The file.
     options : TableOptions
-        Used to read the id column of a CSV as text (``"007"`` stays ``"007"``).
+        Used to read the id and label columns of a CSV as text (``"007"`` stays ``"007"``, as
+        in a Parquet file of strings).
 
     Returns
     -------
     pandas.DataFrame
     """
-    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    kind = table_kind(path)
     if kind is None:
         raise DataError(
-            f"cannot read {path}: unknown table format {path.suffix!r} "
-            f"(use one of {sorted(TABLE_SUFFIXES)}, or an image folder)"
+            f"cannot read {path}: unknown table format {''.join(path.suffixes[-2:])!r} "
+            f"(use one of {sorted(TABLE_SUFFIXES)}, CSV/TSV compressed with "
+            f"{sorted(COMPRESSION_SUFFIXES)}, or an image folder)"
         )
     try:
         if kind == "parquet":
             frame = pd.read_parquet(path)
         else:
-            sep = "\t" if kind == "tsv" else ","
+            sep = "\t" if kind == "tsv" else _sniff_delimiter(path)
             header = pd.read_csv(path, sep=sep, nrows=0).columns
-            id_column = options.id_column or ID_COLUMN
-            dtype = {id_column: str} if id_column in header else None
-            frame = pd.read_csv(path, sep=sep, dtype=dtype)
-    except (OSError, ValueError, ImportError) as exc:
+            text = [options.id_column or ID_COLUMN, options.label_column]
+            frame = pd.read_csv(path, sep=sep, dtype={c: str for c in text if c in header})
+            if len(frame.columns) == 1 and any(d in str(frame.columns[0]) for d in ";|\t"):
+                raise DataError(
+                    f"{path} reads as one column {str(frame.columns[0])[:80]!r}: no delimiter "
+                    f"among {[*_DELIMITERS]!r} splits its lines into the same number of fields"
+                )
+    except (OSError, ValueError, ImportError, EOFError) as exc:
         raise DataError(f"cannot read the table {path}: {exc}") from exc
     frame.columns = [str(c) for c in frame.columns]
     return frame
@@ -447,11 +494,17 @@ def table_to_dataset(
     elif ID_COLUMN in columns:
         id_column = ID_COLUMN
     ids = (
-        list(normalize_labels(frame[id_column], id_column, what="id"))
+        list(normalize_labels(frame[id_column], id_column, what="id", source=source))
         if id_column is not None
         else default_ids(len(frame))
     )
-    labels = normalize_labels(frame[options.label_column], options.label_column)
+    raw_labels = frame[options.label_column]
+    if types_inferred:
+        raw_labels = _numbers_from_text(raw_labels)
+    notes: dict[str, Any] = {}
+    labels = normalize_labels(
+        raw_labels, options.label_column, record=notes, source=source, ids=ids
+    )
     if types_inferred:
         _refuse_numbers_mixed_with_text(labels, options.label_column, source)
     split_column = options.split_column
@@ -460,9 +513,29 @@ def table_to_dataset(
     elif SPLIT_COLUMN in columns:
         split_column = SPLIT_COLUMN
     split = _read_split_column(frame[split_column], ids, split_column) if split_column else None
-    reserved = {options.label_column} | {c for c in (id_column, split_column) if c}
-    inputs = _read_inputs(frame, options, reserved, ids, base_dir, source, types_inferred)
-    return _finish(ids, labels, split, inputs, test_size=test_size, seed=seed, source=source)
+    roles = {options.label_column: "the label column"}
+    roles |= {id_column: "the id column"} if id_column else {}
+    roles |= {split_column: "the split column"} if split_column else {}
+    inputs = _read_inputs(frame, options, roles, ids, base_dir, source, types_inferred, notes)
+    return _finish(
+        ids, labels, split, inputs, test_size=test_size, seed=seed, source=source, notes=notes
+    )
+
+
+def _numbers_from_text(labels: pd.Series) -> pd.Series:
+    """A text file's label column of numbers written as floats (``3.0``) read as those numbers,
+    so that integral ones name the same classes as in a Parquet file of numbers (``"3"``).
+
+    Other texts stay as written: ``"03"`` is the class ``"03"``, as a Parquet string would be.
+    """
+    text = labels.astype(str).str.strip()
+    if (
+        labels.isna().any()
+        or not text.str.fullmatch(r"[+-]?(\d+\.\d*|\.\d+|\d+[eE][+-]?\d+)").any()
+    ):
+        return labels
+    numbers = pd.to_numeric(text, errors="coerce")
+    return numbers if numbers.notna().all() else labels
 
 
 def _refuse_numbers_mixed_with_text(labels: np.ndarray, column: str, source: str) -> None:
@@ -542,16 +615,29 @@ def _check_text_numbers(frame: pd.DataFrame, names: Sequence[str], source: str) 
             )
 
 
+def _refuse_role(name: str, roles: dict[str, str], what: str) -> None:
+    if name in roles:
+        raise ConfigError(
+            f"{what} {name!r} is {roles[name]}: it cannot also be an input (a label read as a "
+            "feature makes every prediction trivially right)"
+        )
+
+
 def _read_inputs(
     frame: pd.DataFrame,
     options: TableOptions,
-    reserved: set[str],
+    roles: dict[str, str],
     ids: Sequence[str],
     base_dir: Path | None,
     source: str,
     types_inferred: bool,
+    notes: dict[str, Any],
 ) -> tuple[str, list]:
-    """Pick and read the input column(s): ("features", vectors) or ("image", PNG bytes)."""
+    """Pick and read the input column(s): ("features", vectors) or ("image", PNG bytes).
+
+    `roles` maps the label, id and split columns to what they are: never inputs. What was
+    chosen, and how each column was encoded, goes into `notes`.
+    """
     columns = list(frame.columns)
     if options.feature_columns is not None and options.image_column is not None:
         raise ConfigError("give feature_columns or image_column, not both")
@@ -561,60 +647,102 @@ def _read_inputs(
             raise ConfigError("feature_columns is empty")
         for name in names:
             require_column(columns, name, "feature column", source)
-        if len(names) == 1 and not _is_numeric(frame[names[0]]):
+            _refuse_role(name, roles, "feature column")
+        if len(names) == 1 and _sniff(frame[names[0]]) == "list":
+            notes["inputs"] = [{"column": names[0], "encoding": "vector"}]
             return "features", _read_vector_column(frame[names[0]], names[0], ids)
-        return "features", _read_numeric_columns(frame, names, ids)
+        return "features", _read_tabular(frame, names, ids, source, notes, strict=True)
     if options.image_column is not None:
         require_column(columns, options.image_column, "image column", source)
+        _refuse_role(options.image_column, roles, "image column")
         kind = _sniff(frame[options.image_column])
         if kind not in ("bytes", "path"):
             raise DataError(
                 f"image column {options.image_column!r} of {source} holds neither image bytes "
                 "nor image file paths"
             )
+        notes["inputs"] = [{"column": options.image_column, "encoding": f"image {kind}"}]
         return _read_image_column(frame, options.image_column, kind, options, ids, base_dir)
 
-    candidates = [c for c in columns if c not in reserved]
+    candidates = [c for c in columns if c not in roles and c not in _CANONICAL_NON_INPUTS]
+    ignored = [
+        {"column": c, "reason": "a dm-audit truth column, never an input"}
+        for c in columns
+        if c in _CANONICAL_NON_INPUTS and c not in roles
+    ]
     numeric = [c for c in candidates if _is_numeric(frame[c])]
     if types_inferred:
         _check_text_numbers(frame, [c for c in candidates if c not in numeric], source)
     sniffed = {c: _sniff(frame[c]) for c in candidates if c not in numeric}
     found = [(kind, c) for c, kind in sniffed.items() if kind is not None]
-    choices = ([("numeric", numeric)] if numeric else []) + found
+    tabular = [c for c in candidates if c in numeric or sniffed.get(c) is None]
+    if found and not numeric:
+        # Text, boolean or date columns next to an embedding or image column are metadata
+        # (notes, file names, dates taken), as before tables had categorical inputs.
+        ignored += [
+            {"column": c, "reason": f"metadata next to the {found[0][0]} column {found[0][1]!r}"}
+            for c in tabular
+        ]
+        tabular = []
+    choices = ([("tabular", tabular)] if tabular else []) + found
     if len(choices) != 1:
-        described = [f"numeric columns {numeric}"] if numeric else []
+        described = [f"tabular columns {tabular}"] if tabular else []
         described += [f"{kind} column {c!r}" for kind, c in found]
         problem = (
             f"several possible inputs ({'; '.join(described)})"
             if choices
-            else "no input column (numeric features, a list/embedding column, image bytes or "
-            "image paths)"
+            else "no input column (numeric or categorical features, a list/embedding column, "
+            "image bytes or image paths)"
         )
         raise DataError(
             f"{source} has {problem}; choose with feature_columns or image_column "
             f"(columns: {columns})"
         )
     kind, chosen = choices[0]
-    if kind == "numeric":
-        return "features", _read_numeric_columns(frame, chosen, ids)  # type: ignore[arg-type]
+    if ignored:
+        notes["ignored_columns"] = ignored
+    if kind == "tabular":
+        return "features", _read_tabular(frame, chosen, ids, source, notes, strict=False)  # type: ignore[arg-type]
+    notes["inputs"] = [
+        {"column": chosen, "encoding": "vector" if kind == "list" else f"image {kind}"}
+    ]
     if kind == "list":
         return "features", _read_vector_column(frame[chosen], chosen, ids)  # type: ignore[arg-type]
     return _read_image_column(frame, chosen, kind, options, ids, base_dir)  # type: ignore[arg-type]
 
 
-def _read_numeric_columns(frame: pd.DataFrame, names: Sequence[str], ids: Sequence[str]) -> list:
-    for name in names:
-        column = frame[name]
-        if _is_numeric(column) or pd.api.types.is_bool_dtype(column):
-            continue
-        parsed = pd.to_numeric(column, errors="coerce")
-        bad = (parsed.isna() & column.notna()).to_numpy()
-        row = int(np.flatnonzero(bad)[0]) if bad.any() else 0
+def _read_tabular(
+    frame: pd.DataFrame,
+    names: Sequence[str],
+    ids: Sequence[str],
+    source: str,
+    notes: dict[str, Any],
+    *,
+    strict: bool,
+) -> list:
+    """Encode tabular columns (see `encode_tabular`) into one float32 vector per row.
+
+    With `strict` (columns the user named) a column that cannot be encoded is refused; in
+    auto-detection it is left out, with a warning and a record in `notes`.
+    """
+    from dm_audit.tabular import encode_tabular
+
+    encoded = encode_tabular(frame, names, ids, source, strict=strict)
+    notes["inputs"] = encoded.inputs
+    if encoded.ignored:
+        notes.setdefault("ignored_columns", []).extend(encoded.ignored)
+        for entry in encoded.ignored:
+            log.warning("%s: column %r left out: %s", source, entry["column"], entry["reason"])
+    if encoded.matrix.shape[1] == 0:
         raise DataError(
-            f"feature column {name!r} is not numeric: row {row} (example_id {ids[row]!r}) holds "
-            f"{column.iloc[row]!r}"
+            f"{source} has no usable input column: "
+            + "; ".join(f"{e['column']!r} {e['reason']}" for e in encoded.ignored)
         )
-    matrix = frame[list(names)].to_numpy(dtype=np.float64, na_value=np.nan)
+    return _finite_rows(encoded.matrix, encoded.column_of_feature, ids)
+
+
+def _finite_rows(matrix: np.ndarray, column_of_feature: Sequence[str], ids: Sequence[str]) -> list:
+    """One float32 vector per row, refusing a missing or non-finite value by column and row."""
     with np.errstate(over="ignore"):
         matrix32 = matrix.astype(np.float32)
     finite = np.isfinite(matrix32)
@@ -622,9 +750,9 @@ def _read_numeric_columns(frame: pd.DataFrame, names: Sequence[str], ids: Sequen
         row, col = (int(x) for x in np.argwhere(~finite)[0])
         n_bad = int((~finite[:, col]).sum())
         raise DataError(
-            f"feature column {names[col]!r} has {n_bad} missing or non-finite value(s) "
-            f"(NaN, inf, or beyond float32); the first is {matrix[row, col]} at row {row} "
-            f"(example_id {ids[row]!r})"
+            f"feature column {column_of_feature[col]!r} has {n_bad} missing or non-finite "
+            f"value(s) (NaN, inf, or beyond float32); the first is {matrix[row, col]} at row "
+            f"{row} (example_id {ids[row]!r})"
         )
     return list(matrix32)
 
@@ -733,13 +861,33 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+def _inside(path: Path, root: Path) -> Path:
+    """`path`, refused when it is a link that leads outside the image folder `root`.
+
+    An image-path column refuses paths that leave its root; a folder gets the same rule, so a
+    link planted in a shared folder cannot make the audit read (and copy into its reports)
+    files from elsewhere.
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real != real_root and not real.startswith(real_root + os.sep):
+        raise DataError(
+            f"the image folder {root} holds {path.relative_to(root).as_posix()!r}, a link to "
+            f"{real} outside the folder; copy the file in, or remove the link"
+        )
+    return path
+
+
+def _class_dirs(root: Path, top: Path | None = None) -> list[Path]:
+    top = root if top is None else top
+    return [
+        _inside(p, top) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
+    ]
 
 
 def _image_files(class_dir: Path, root: Path) -> list[Path]:
     return [
-        p
+        _inside(p, root)
         for p in sorted(class_dir.rglob("*"))
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and _visible(p, root)
     ]
@@ -774,7 +922,7 @@ def load_image_folder(
     groups = [(p.name, p) for p in top] if layout else [(None, root)]
     ids, labels, splits, images = [], [], [], []
     for split_name, group_dir in groups:
-        for class_dir in _class_dirs(group_dir):
+        for class_dir in _class_dirs(group_dir, root):
             for file in _image_files(class_dir, root):
                 try:
                     data = file.read_bytes()

@@ -19,12 +19,13 @@ Three things are specific to training with an emphasis (DM) loss:
   up on (it almost never predicts them and gives their examples less than half the uniform
   probability), or a balanced accuracy (mean per-class recall on the given labels) no better
   than chance, which is 1/C for any predictor that ignores its input, however imbalanced the
-  labels (see :func:`_balanced_accuracy`). A symptom that persists for two consecutive epochs
-  is a collapse (divergence counts at once). With ``collapse_guard`` the run then rolls back to
-  the last epoch that passed every check (the initial weights if none did), halves the emphasis
-  parameters (lambda, beta, T; the learning rate for a loss without any), doubles the ramp (at
-  least 0.25) and goes on, at most ``collapse_retries`` times. Every detection is recorded in
-  ``FitResult.events`` and in the history (``collapsed`` / ``discarded`` flags).
+  labels (see :func:`dm_audit.metrics.balanced_accuracy_vs_chance`). A symptom that persists
+  for two consecutive epochs is a collapse (divergence counts at once). With ``collapse_guard``
+  the run then rolls back to the last epoch that passed every check (the initial weights if none
+  did), halves the emphasis parameters (lambda, beta, T; the learning rate for a loss without
+  any), doubles the ramp (at least 0.25) and goes on, at most ``collapse_retries`` times. Every
+  detection is recorded in ``FitResult.events`` and in the history (``collapsed`` /
+  ``discarded`` flags).
 * **Dynamics.** Every example's p_i at every epoch is stored (see :mod:`dm_audit.dynamics`).
 
 Data pipeline: feature tables and un-augmented images are batched from in-memory tensors
@@ -71,14 +72,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from dm_audit import distributed
 from dm_audit.atomic import atomic_write
 from dm_audit.dynamics import TrainingDynamics
 from dm_audit.errors import ConfigError, DataError
-from dm_audit.metrics import six_metrics
+from dm_audit.metrics import balanced_accuracy_vs_chance, six_metrics
 from dm_audit.models import MLP, AuditModel, CifarResNet, create_model, list_models
+from dm_audit.progress import progress_bar
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -111,10 +112,6 @@ _DEVICE_DATA_LIMIT = 1 << 30
 _STATS_SAMPLE = 20000
 # A collapse: classes the network (almost) never predicts hold at least this share of the labels.
 _DEAD_CLASS_SHARE = 0.2
-# A balanced training accuracy counts as chance up to 1/C plus the larger of this slack and
-# _CHANCE_Z standard errors of a predictor that ignores its input (see _balanced_accuracy).
-_CHANCE_SLACK = 0.02
-_CHANCE_Z = 3.0
 
 
 # ============================================================================================
@@ -192,7 +189,7 @@ class TrainConfig:
     eval_batch_size : int
         Batch size of evaluation passes.
     progress : bool
-        Show a tqdm progress bar (loss, accuracy, examples/s, ETA).
+        Show progress: a bar on a terminal, else a plain line every 30 s (`dm_audit.progress`).
     progress_label : str
         The progress bar's label (default: "train <loss>").
     """
@@ -963,54 +960,6 @@ def predict_proba(
 # the trainer
 
 
-def _balanced_accuracy(
-    class_hits: np.ndarray, class_counts: np.ndarray, pred_share: np.ndarray
-) -> tuple[float | None, float | None]:
-    """Balanced accuracy of an epoch's predictions and the highest value that is still chance.
-
-    Parameters
-    ----------
-    class_hits : array (C,) int
-        Examples of each given class predicted as that class.
-    class_counts : array (C,) int
-        Examples of each given class.
-    pred_share : array (C,) float
-        Share of the predictions that went to each class.
-
-    Returns
-    -------
-    (balanced, chance) : tuple of float, or (None, None) with fewer than two classes present
-        ``balanced`` is the mean recall over the K classes present in the labels; the epoch is
-        no better than chance when ``balanced <= chance``.
-
-    Notes
-    -----
-    Plain accuracy cannot tell chance from learning under imbalance: with 98% of the labels in
-    one class, always answering that class scores 0.98, and a model that also learns the rare
-    classes scores at most 1.0, so "accuracy <= majority share + 0.02" fires on healthy runs.
-    Balanced accuracy has the same chance level 1/K for every predictor that ignores its input:
-    if it answers class k with probability q_k whatever the input, the recall of class k is q_k
-    in expectation and the mean over classes is sum(q_k) / K <= 1/K (exactly 1/K for a
-    one-class predictor). Its standard error under that null, with q_k the observed prediction
-    shares and n_k the class counts, is sqrt(sum_k q_k (1 - q_k) / n_k) / K (recalls treated as
-    independent binomial proportions). The epoch counts as chance up to 1/K plus the larger of
-    ``_CHANCE_SLACK`` (on balanced labels, where balanced accuracy is accuracy, the limit is
-    then 1/K + 0.02 as for plain accuracy) and ``_CHANCE_Z`` standard errors, capped at half
-    the way from 1/K to 1: classes of a handful of examples make the error large, and a perfect
-    fit must never look like chance.
-    """
-    present = class_counts > 0
-    k = int(present.sum())
-    if k < 2:
-        return None, None
-    n = class_counts[present].astype(np.float64)
-    balanced = float(np.mean(class_hits[present] / n))
-    q = pred_share[present].astype(np.float64)
-    se = math.sqrt(float(np.sum(q * (1.0 - q) / n))) / k
-    margin = min(max(_CHANCE_SLACK, _CHANCE_Z * se), 0.5 * (1.0 - 1.0 / k))
-    return balanced, 1.0 / k + margin
-
-
 class _Trainer:
     """State and steps of one :func:`fit` call."""
 
@@ -1250,7 +1199,7 @@ class _Trainer:
 
     # ---------------------------------------------------------------- one epoch
 
-    def train_epoch(self, bar: tqdm) -> dict[str, Any]:
+    def train_epoch(self, bar: Any) -> dict[str, Any]:
         model, device = self.model, self.device
         model.train()
         c = self.num_classes
@@ -1345,7 +1294,7 @@ class _Trainer:
         # predicts them and gives their examples less than half the uniform probability. A
         # class merely not learned yet (early epochs, many classes) sits near 1/C instead.
         dead = (counts < 0.1 * self.label_freq) & (mean_p < 0.5 / self.num_classes)
-        balanced, chance = _balanced_accuracy(
+        balanced, chance = balanced_accuracy_vs_chance(
             class_hits.cpu().numpy(), class_seen.cpu().numpy(), counts
         )
         return {
@@ -1442,7 +1391,8 @@ class _Trainer:
             return "diverged"
         # Balanced accuracy rather than accuracy: under imbalance, answering the majority class
         # for everything scores the majority share, and a model that learns every class cannot
-        # score much more (see _balanced_accuracy). None: fewer than two classes in the labels.
+        # score much more (see metrics.balanced_accuracy_vs_chance). None: fewer than two classes
+        # in the labels.
         balanced = entry.get("balanced_acc")
         at_chance = balanced is not None and balanced <= entry["balanced_acc_chance"]
         # Predictions far more concentrated than the labels are a collapse only if they carry
@@ -1539,7 +1489,7 @@ class _Trainer:
         retries = self.config.collapse_retries
         if guard_on and self.snapshot is None and self.epoch == 0:
             self._take_snapshot()  # the initial weights: the rollback target of last resort
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_iters,
             initial=self.global_iter,
             disable=not self.config.progress or not distributed.is_main(),

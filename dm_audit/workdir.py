@@ -46,6 +46,7 @@ from dm_audit.atomic import (
     STAGING_PREFIX,
     UNFINISHED_RUN_DIR,
     atomic_write_json,
+    make_output_dir,
     to_jsonable,
 )
 from dm_audit.errors import ConfigError
@@ -215,7 +216,7 @@ class WorkDir:
             _remove_staging(out)  # the interrupted run's report writing
             work = cls(path, resumed=True)
         else:
-            path.mkdir(parents=True, exist_ok=True)
+            make_output_dir(path)
             atomic_write_json(marker, identity)
             work = cls(path, resumed=False)
         atomic_write_json(path / _LOCK, {"pid": os.getpid(), "host": socket.gethostname()})

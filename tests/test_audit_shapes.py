@@ -103,3 +103,24 @@ def test_image_dataset(make_colour_images) -> None:
     # A short budget keeps the test quick; the colours are learnt within a few epochs.
     _, flagged, _ = _audit(images, given, truth, epochs=12, probe_epochs=4)
     assert _f1(noisy, flagged) >= 0.85
+
+
+def test_a_model_at_chance_corrects_nothing_automatically() -> None:
+    # Labels unrelated to the inputs: whatever the model "suggests" is noise.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    given = rng.integers(0, 3, 300)
+    report, flagged, _ = _audit(x, given, given)
+    gate = report.summary["automatic_corrections"]
+    assert gate["model_better_than_chance"] is False
+    assert report.summary["counts"]["auto_corrected"] == 0
+    sources = set(report.examples.loc[flagged, "correction_source"])
+    assert sources <= {"needs_review", "ood_set_aside"}
+
+
+def test_a_singleton_class_is_not_corrected_away() -> None:
+    x, truth = _blobs([100, 100, 1], dim=4, seed=2)
+    report, _, _ = _audit(x, truth, truth)
+    last = report.examples.iloc[-1]
+    assert last["correction_source"] in {"kept", "needs_review"}
+    assert report.summary["automatic_corrections"]["unlearnable_classes"] == ["c2"]

@@ -96,7 +96,7 @@ TABLE_CASES: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], list[str], 
     "duplicate ids": (
         lambda f: _set(f, 5, "example_id", "ex-1"),
         [],
-        ["duplicate example ids: 'ex-1'"],
+        ["duplicate example ids in", "column example_id: 'ex-1' (rows 1, 5)"],
     ),
     "NaN feature": (
         lambda f: _set(f, 3, "f2", float("nan")),
@@ -288,3 +288,29 @@ def test_images_of_different_sizes_and_modes_are_converted_with_a_warning(
     assert "resized 1 of 12 images to 8x8 (the most common size)" in text
     assert "(10x6)" in text
     assert "converted images of mode(s) L, RGBA to RGB" in text
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (lambda tmp: tmp / "data.csv" / "sub", "data.csv is a file"),
+        (lambda tmp: Path("/proc/dm-audit-out"), "cannot create the output folder /proc"),
+    ],
+    ids=["below-a-file", "proc"],
+)
+def test_an_unwritable_output_folder_is_one_line_and_exit_2(
+    out, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "data.csv"
+    blobs().to_csv(source, index=False)
+    assert_refused(tmp_path, capsys, audit_args(source, out(tmp_path)), message)
+
+
+def test_top_k_beyond_the_data_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    source = tmp_path / "data.csv"
+    blobs().to_csv(source, index=False)
+    argv = audit_args(source, tmp_path / "out", "--top-k", "61")
+    assert_refused(tmp_path, capsys, argv, "top_k 61 is more than the dataset's 60 rows")
+    assert "epoch" not in caplog.text

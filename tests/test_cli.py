@@ -125,3 +125,54 @@ def test_help_lists_every_subcommand() -> None:
     text = parser.format_help()
     for command in ("audit", "demo", "train", "score"):
         assert command in text
+
+
+def test_help_names_exit_codes_and_every_training_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    text = capsys.readouterr().out
+    assert "exit status:" in text and "3  the reports are written, but the retrained" in text
+    assert "examples per training step" in text  # --batch-size
+    assert "Audit every row" in text
+
+
+def test_a_worse_retrain_exits_3_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    from dm_audit.cli import EXIT_OK, EXIT_RETRAIN_WORSE, _audit_status
+
+    quality = {
+        "accuracy_before": 0.9,
+        "accuracy_after": 0.8,
+        "n_compared": 100,
+        "paired": {"n": 100, "before_only": 12, "after_only": 2, "p_worse": 0.006},
+        "retrain_worse": True,
+    }
+    assert _audit_status({"quality": quality}) == EXIT_RETRAIN_WORSE
+    assert "retrained model is worse" in capsys.readouterr().err
+    assert _audit_status({"quality": {**quality, "retrain_worse": False}}) == EXIT_OK
+
+
+def test_summary_records_how_the_inputs_were_read(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    codes = np.arange(90) % 3
+    frame = pd.DataFrame(
+        {
+            "x": rng.normal(size=90) + codes,
+            "colour": np.array(["red", "green", "blue"])[codes],
+            "note": [f"row {i}" for i in range(90)],
+            "label": np.array([" ant", "bee", "cat"])[codes],
+        }
+    )
+    source = tmp_path / "t.csv"
+    frame.to_csv(source, index=False)
+    out = tmp_path / "out"
+    assert (
+        main(["audit", "--input", str(source), "--out", str(out), "--epochs", "2", "--quiet"]) == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    recorded = summary["input"]
+    assert [e["column"] for e in recorded["inputs"]] == ["x", "colour"]
+    assert recorded["ignored_columns"][0]["column"] == "note"
+    assert recorded["label_spellings"] == [{"class": "ant", "spellings": {" ant": 30}}]
+    assert summary["classes"] == ["ant", "bee", "cat"]

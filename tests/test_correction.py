@@ -7,6 +7,7 @@ import pytest
 
 from dm_audit.correction import (
     CORRECTION_SOURCES,
+    automatic_correction_gate,
     decide_corrections,
     suggest_labels,
 )
@@ -138,3 +139,61 @@ def test_decide_validates() -> None:
         decide_corrections(ok, ok, np.ones(2), flags, flags, min_confidence=2)
     with pytest.raises(ConfigError, match="needs ood_scores"):
         decide_corrections(ok, ok, np.ones(2), flags, flags, max_ood_score=0.5)
+
+
+# ------------------------------------------------------------- when corrections need a person
+
+
+def _one_hot_probs(predicted: np.ndarray, c: int) -> np.ndarray:
+    probs = np.full((len(predicted), c), 0.02)
+    probs[np.arange(len(predicted)), predicted] = 1.0 - 0.02 * (c - 1)
+    return probs
+
+
+def test_a_model_at_chance_may_correct_nothing() -> None:
+    rng = np.random.default_rng(0)
+    given = np.arange(300) % 3
+    predicted = rng.integers(0, 3, 300)  # ignores the input
+    allowed, report = automatic_correction_gate(
+        given, _one_hot_probs(predicted, 3), np.arange(300) % 2, ["a", "b", "c"]
+    )
+    assert not allowed.any()
+    assert report["model_better_than_chance"] is False
+    assert report["balanced_accuracy"] <= report["chance_limit"]
+
+
+def test_a_majority_answer_is_chance_however_imbalanced() -> None:
+    given = np.array([0] * 95 + [1] * 5)
+    allowed, report = automatic_correction_gate(
+        given, _one_hot_probs(np.zeros(100, int), 2), np.arange(100) % 2, ["a", "b"]
+    )
+    assert not report["model_better_than_chance"] and not allowed.any()
+
+
+def test_a_class_its_scoring_model_never_saw_is_not_corrected_away() -> None:
+    given = np.array([0, 1] * 50 + [2])  # class "c" has one row, in fold 0
+    folds = (np.arange(101) // 2) % 2  # both folds hold both big classes
+    predicted = given.copy()
+    predicted[-1] = 0  # fold 0's model never saw "c": it cannot predict it
+    allowed, report = automatic_correction_gate(
+        given, _one_hot_probs(predicted, 3), folds, ["a", "b", "c"]
+    )
+    assert report["model_better_than_chance"]
+    assert report["unlearnable_classes"] == ["c"]
+    assert allowed[:-1].all() and not allowed[-1]
+
+
+def test_rows_outside_the_gate_go_to_review() -> None:
+    given = np.array([0, 0, 1, 1])
+    suggested = np.array([1, 1, 1, 0])
+    plan = decide_corrections(
+        given,
+        suggested,
+        np.full(4, 0.99),
+        np.array([True, True, False, True]),
+        np.zeros(4, bool),
+        min_confidence=0.8,
+        allowed=np.array([True, False, True, True]),
+    )
+    assert plan.source.tolist() == ["auto_corrected", "needs_review", "kept", "auto_corrected"]
+    assert plan.include_in_retrain.tolist() == [True, False, True, True]

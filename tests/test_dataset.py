@@ -34,7 +34,7 @@ def test_sort_classes_is_numeric_aware():
 def test_normalize_labels_turns_numbers_into_names():
     assert list(normalize_labels(pd.Series([3, 10, 0]))) == ["3", "10", "0"]
     assert list(normalize_labels(pd.Series([3.0, -1.0]))) == ["3", "-1"]
-    assert list(normalize_labels(pd.Series(["cat", " dog"]))) == ["cat", " dog"]
+    assert list(normalize_labels(pd.Series(["cat", " dog"]))) == ["cat", "dog"]
     assert list(normalize_labels(pd.Series([True, False]))) == ["True", "False"]
     assert list(normalize_labels(np.array([1, 2.0], dtype=object))) == ["1", "2"]
 
@@ -218,7 +218,10 @@ def _features_table(n: int = 4) -> pd.DataFrame:
     [
         (lambda t: t.head(0), "is empty"),
         (lambda t: t.assign(label="a"), None),
-        (lambda t: t.assign(example_id=["x", "y", "x", "y"]), "duplicate example ids: 'x', 'y'"),
+        (
+            lambda t: t.assign(example_id=["x", "y", "x", "y"]),
+            "column example_id: 'x' (rows 0, 2), 'y' (rows 1, 3)",
+        ),
         (lambda t: t.assign(label=["a", "b", "q", "a"]), "'q' at row 2"),
         (lambda t: t.assign(split=["train", "val", "test", "train"]), "'val' at row 1"),
         (

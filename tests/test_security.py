@@ -204,3 +204,58 @@ def test_an_unknown_type_is_refused_when_saving(tmp_path: Path) -> None:
         save_stage_folder({"payload": _Payload(tmp_path / "x")}, tmp_path / "stage")
     assert not (tmp_path / "stage").exists()
     assert list(tmp_path.iterdir()) == []  # no staging folder left behind
+
+
+# ------------------------------------------------------------------- the input stays the input
+
+
+def _image_folder(root: Path, n_per_class: int = 4) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("ant", "bee"):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("where", [".", "report", "ant/report"])
+def test_an_output_folder_inside_the_input_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    from tests.test_bad_input import assert_refused
+
+    images = _image_folder(tmp_path / "images")
+    out = images / where
+    assert_refused(
+        tmp_path, capsys, audit_args(images, out), f"is inside the input folder {images}"
+    )
+
+
+@pytest.mark.parametrize("link", ["file", "class folder"])
+def test_an_image_folder_link_leading_outside_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], link: str
+) -> None:
+    from tests.test_bad_input import assert_refused
+
+    images = _image_folder(tmp_path / "images")
+    elsewhere = _image_folder(tmp_path / "elsewhere")
+    if link == "file":
+        (images / "ant" / "planted.png").symlink_to(elsewhere / "bee" / "0.png")
+        shown = "'ant/planted.png'"
+    else:
+        (images / "cat").symlink_to(elsewhere / "bee", target_is_directory=True)
+        shown = "'cat'"
+    assert_refused(
+        tmp_path, capsys, audit_args(images, tmp_path / "out"), shown, "outside the folder"
+    )
+
+
+def test_links_inside_an_image_folder_are_followed(tmp_path: Path) -> None:
+    from dm_audit.sources import load_image_folder
+
+    images = _image_folder(tmp_path / "images")
+    (images / "ant" / "alias.png").symlink_to(images / "bee" / "0.png")
+    assert len(load_image_folder(images)) == 9

@@ -494,7 +494,7 @@ def test_csv_text_in_a_numeric_column_is_reported(tmp_path):
         (
             pd.DataFrame({"id": ["p", "q", "p"], "label": ["a", "b", "a"], "x": [1, 2, 3]}),
             TableOptions(id_column="id"),
-            "duplicate example ids: 'p'",
+            "column example_id: 'p' (rows",
         ),
         (
             pd.DataFrame({"label": [1.0, 2.5], "x": [1, 2]}),
@@ -509,12 +509,12 @@ def test_csv_text_in_a_numeric_column_is_reported(tmp_path):
         (
             pd.DataFrame({"label": ["a", "b"], "name": ["x", "y"]}),
             TableOptions(),
-            "no input column",
+            "no usable input column: 'name' 2 distinct values in 2 rows: an identifier",
         ),
         (
             pd.DataFrame({"label": ["a", "b"], "x": [1, 2], "p": ["a.png", "b.png"]}),
             TableOptions(),
-            "several possible inputs (numeric columns ['x']; path column 'p')",
+            "several possible inputs (tabular columns ['x']; path column 'p')",
         ),
         (
             pd.DataFrame({"label": ["a", "b"], "x": [1, 2], "split": ["train", "dev"]}),

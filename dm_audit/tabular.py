@@ -1,0 +1,212 @@
+"""Tabular columns as model inputs: numbers, booleans, categories and dates, encoded.
+
+Users' tables mix column types. Each input column becomes one or more float features:
+
+* numbers: as they are (the trainer standardises every feature by its own spread);
+* booleans: 0 / 1;
+* dates (a datetime column, or text that is all ISO-8601 dates): days since 1970-01-01;
+* categories (text, categorical or mixed columns whose values repeat): one-hot with
+  scikit-learn's `OneHotEncoder`; missing values are a category of their own.
+
+Two limits keep categorical columns useful rather than harmful:
+
+* a column whose values are mostly distinct (more than half the rows) is an identifier or free
+  text, not a category: no value repeats enough for a model to learn from it, and a one-hot of
+  it would be as wide as the table. In auto-detection it is left out with a warning; named
+  explicitly, it is refused.
+* a category needs `_MIN_CATEGORY_ROWS` rows to get a column of its own, and a column keeps at
+  most `_MAX_CATEGORIES` (the rarest are grouped as "infrequent"): a value seen once can only
+  be memorised, and the width stays within a small multiple of the table's column count, so
+  memory at a million rows stays bounded.
+
+What each column became is returned for the report (summary.json ``input.inputs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dm_audit.errors import DataError
+
+__all__ = ["EncodedColumns", "encode_tabular"]
+
+# A category seen in fewer rows than this goes to the shared "infrequent" column: with one row
+# it can only be memorised, and under 2-fold cross-fitting it would sit in one fold only.
+_MIN_CATEGORY_ROWS = 2
+# At most this many one-hot columns per categorical column (the infrequent ones share one):
+# 32 separates the values of typical categorical fields (states, product types, weekdays) while
+# keeping a 1M-row table's one-hot block within 128 MB of float32 per column.
+_MAX_CATEGORIES = 32
+# A column whose distinct values exceed this share of its rows is an identifier or free text.
+_ID_LIKE_SHARE = 0.5
+_MISSING = "<missing>"
+
+
+@dataclass
+class EncodedColumns:
+    """The encoded feature matrix and what each column became.
+
+    Attributes
+    ----------
+    matrix : ndarray (N, D) float64
+    column_of_feature : list of str, length D
+        The table column each feature came from (for messages naming a column).
+    inputs : list of dict
+        Per used column: ``column``, ``encoding`` and, for one-hot, ``categories``.
+    ignored : list of dict
+        Per column left out: ``column`` and ``reason``.
+    """
+
+    matrix: np.ndarray
+    column_of_feature: list[str]
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    ignored: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _is_bool(column: pd.Series) -> bool:
+    if pd.api.types.is_bool_dtype(column) and not column.isna().any():
+        return True
+    if column.dtype == object:
+        values = column.dropna()
+        return len(values) == len(column) and all(isinstance(v, bool | np.bool_) for v in values)
+    return False
+
+
+def _as_dates(column: pd.Series) -> pd.Series | None:
+    """The column as datetimes when it is one, or text that is all ISO-8601 dates."""
+    if pd.api.types.is_datetime64_any_dtype(column):
+        return column
+    if column.dtype != object and not pd.api.types.is_string_dtype(column):
+        return None
+    values = column.dropna()
+    if values.empty or not all(isinstance(v, str) for v in values.head(50)):
+        return None
+    sample = values.head(50).astype(str)
+    # Dates start with a 4-digit year; this keeps codes such as "2" or "10-3" from parsing.
+    if not sample.str.fullmatch(r"\d{4}-\d{2}-\d{2}([ T][\d:.]+)?(Z|[+-]\d{2}:?\d{2})?").all():
+        return None
+    parsed = pd.to_datetime(column, format="ISO8601", errors="coerce", utc=True)
+    return parsed if parsed.notna().sum() == column.notna().sum() else None
+
+
+def _text_numbers_share(column: pd.Series) -> float:
+    present = column.dropna()
+    if present.empty:
+        return 0.0
+    return float(pd.to_numeric(present, errors="coerce").notna().mean())
+
+
+def encode_tabular(
+    frame: pd.DataFrame,
+    names: Sequence[str],
+    ids: Sequence[str],
+    source: str,
+    *,
+    strict: bool,
+) -> EncodedColumns:
+    """Encode the tabular columns `names` of `frame` into float features.
+
+    Parameters
+    ----------
+    frame : DataFrame, N rows
+    names : sequence of str
+        Columns to encode, in order.
+    ids : sequence of str
+        Example ids, for messages naming a row.
+    source : str
+        The table's name, for messages.
+    strict : bool
+        The user named these columns: a column that cannot be encoded is refused rather than
+        left out.
+
+    Raises
+    ------
+    DataError
+        A named column that is an identifier or free text, or a column of numbers with a text
+        value among them (the message names the column, row and example id).
+    """
+    blocks: list[np.ndarray] = []
+    origin: list[str] = []
+    out = EncodedColumns(np.empty((len(frame), 0)), [])
+    for name in names:
+        column = frame[name]
+        entry: dict[str, Any] = {"column": name}
+        if _is_bool(column):
+            block = column.astype(bool).to_numpy(dtype=np.float64)[:, None]
+            entry["encoding"] = "boolean (0/1)"
+        elif pd.api.types.is_numeric_dtype(column):
+            block = column.to_numpy(dtype=np.float64, na_value=np.nan)[:, None]
+            entry["encoding"] = "numeric"
+        elif (dates := _as_dates(column)) is not None:
+            if dates.isna().any():
+                row = int(np.flatnonzero(dates.isna().to_numpy())[0])
+                raise DataError(
+                    f"date column {name!r} of {source} has a missing value at row {row} "
+                    f"(example_id {ids[row]!r})"
+                )
+            days = (dates - pd.Timestamp(0, tz=dates.dt.tz)).dt.total_seconds() / 86400.0
+            block = days.to_numpy(dtype=np.float64)[:, None]
+            entry["encoding"] = "date (days since 1970-01-01)"
+        else:
+            if strict and _text_numbers_share(column) >= 0.5:
+                parsed = pd.to_numeric(column, errors="coerce")
+                bad = (parsed.isna() & column.notna()).to_numpy()
+                row = int(np.flatnonzero(bad)[0]) if bad.any() else 0
+                raise DataError(
+                    f"feature column {name!r} is not numeric: row {row} (example_id "
+                    f"{ids[row]!r}) holds {column.iloc[row]!r}"
+                )
+            encoded = _one_hot(column, name, source, strict=strict)
+            if encoded is None:
+                n_distinct = int(column.nunique(dropna=False))
+                out.ignored.append(
+                    {
+                        "column": name,
+                        "reason": f"{n_distinct} distinct values in {len(column)} rows: an "
+                        "identifier or free text, not a category",
+                    }
+                )
+                continue
+            block, categories = encoded
+            entry["encoding"] = "one-hot"
+            entry["categories"] = categories
+        blocks.append(block)
+        origin += [name] * block.shape[1]
+        out.inputs.append(entry)
+    if blocks:
+        out.matrix = np.hstack(blocks)
+    out.column_of_feature = origin
+    return out
+
+
+def _one_hot(
+    column: pd.Series, name: str, source: str, *, strict: bool
+) -> tuple[np.ndarray, list[str]] | None:
+    from sklearn.preprocessing import OneHotEncoder
+
+    text = column.astype(object).where(column.notna(), _MISSING).astype(str).to_numpy()
+    n_distinct = len(set(text))
+    if n_distinct > _ID_LIKE_SHARE * len(text):
+        if strict:
+            raise DataError(
+                f"feature column {name!r} of {source} has {n_distinct} distinct values in "
+                f"{len(text)} rows: an identifier or free text, not a category; leave it out"
+            )
+        return None
+    encoder = OneHotEncoder(
+        handle_unknown="infrequent_if_exist",
+        min_frequency=_MIN_CATEGORY_ROWS,
+        max_categories=_MAX_CATEGORIES,
+        sparse_output=False,
+        dtype=np.float64,
+    )
+    block = encoder.fit_transform(text[:, None])
+    categories = [str(c) for c in encoder.get_feature_names_out([name])]
+    # Feature names read "<column>_<value>"; the report lists the values.
+    values = [c[len(name) + 1 :] for c in categories]
+    return block, values
