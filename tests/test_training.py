@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from dm_audit.errors import ConfigError, DataError
+from dm_audit.metrics import balanced_accuracy_vs_chance
 from dm_audit.noise import inject_symmetric
 from dm_audit.training import (
     CHECKPOINT_NAME,
@@ -21,7 +22,6 @@ from dm_audit.training import (
     FitResult,
     TrainConfig,
     _augmentation,
-    _balanced_accuracy,
     _Trainer,
     fit,
     predict_proba,
@@ -426,27 +426,35 @@ def test_balanced_accuracy_and_its_chance_limit():
     counts = np.array([980, 10, 10])
     # Answering the majority class for everything: accuracy 0.98, balanced accuracy 1/3, and
     # with every prediction in one class the null has no spread: the limit is 1/3 + 0.02.
-    balanced, chance = _balanced_accuracy(np.array([980, 0, 0]), counts, np.array([1.0, 0, 0]))
+    balanced, chance = balanced_accuracy_vs_chance(
+        np.array([980, 0, 0]), counts, np.array([1.0, 0, 0])
+    )
     assert balanced == pytest.approx(1 / 3) and chance == pytest.approx(1 / 3 + 0.02)
     assert balanced <= chance
     # Every class learnt: 1.0, far above 1/3 + 3 standard errors.
     q = np.array([0.98, 0.01, 0.01])
-    balanced, chance = _balanced_accuracy(np.array([980, 10, 10]), counts, q)
+    balanced, chance = balanced_accuracy_vs_chance(np.array([980, 10, 10]), counts, q)
     se = np.sqrt(0.98 * 0.02 / 980 + 2 * 0.01 * 0.99 / 10) / 3
     assert balanced == 1.0 and chance == pytest.approx(1 / 3 + 3 * se)
     assert chance < 0.4
     # Balanced labels: balanced accuracy is accuracy, the limit 1/C + 0.02 as for accuracy.
-    balanced, chance = _balanced_accuracy(np.full(10, 12), np.full(10, 1000), np.full(10, 0.1))
+    balanced, chance = balanced_accuracy_vs_chance(
+        np.full(10, 12), np.full(10, 1000), np.full(10, 0.1)
+    )
     assert balanced == pytest.approx(0.012) and chance == pytest.approx(0.12)
     # One example per class: the limit stops halfway to a perfect score (3 SE would pass 1).
-    balanced, chance = _balanced_accuracy(np.array([1, 1]), np.array([1, 1]), np.array([0.5, 0.5]))
+    balanced, chance = balanced_accuracy_vs_chance(
+        np.array([1, 1]), np.array([1, 1]), np.array([0.5, 0.5])
+    )
     assert balanced == 1.0 and chance == pytest.approx(0.75)
     # Classes without labels are left out; one class alone has no chance level.
-    balanced, chance = _balanced_accuracy(
+    balanced, chance = balanced_accuracy_vs_chance(
         np.array([4, 1, 0]), np.array([5, 5, 0]), np.array([0.7, 0.3, 0.0])
     )
     assert balanced == pytest.approx(0.5) and chance > 0.5
-    assert _balanced_accuracy(np.array([5, 0]), np.array([5, 0]), np.array([1.0, 0.0])) == (
+    assert balanced_accuracy_vs_chance(
+        np.array([5, 0]), np.array([5, 0]), np.array([1.0, 0.0])
+    ) == (
         None,
         None,
     )
@@ -495,12 +503,12 @@ def test_one_class_predictions_are_a_collapse_only_at_chance():
     counts = np.array([568, 216, 216])
     share = np.array([0.92, 0.04, 0.04])
     hits = np.round(np.array([0.97, 0.11, 0.11]) * counts).astype(int)
-    balanced, chance = _balanced_accuracy(hits, counts, share)
+    balanced, chance = balanced_accuracy_vs_chance(hits, counts, share)
     healthy = {"pred_share": 0.92, "balanced_acc": balanced, "balanced_acc_chance": chance}
     assert _diagnose(0.568, **healthy) is None
     # The same prediction shares with no information about the labels: a collapse.
     hits = np.round(share * counts).astype(int)
-    balanced, chance = _balanced_accuracy(hits, counts, share)
+    balanced, chance = balanced_accuracy_vs_chance(hits, counts, share)
     collapsed = {"pred_share": 0.92, "balanced_acc": balanced, "balanced_acc_chance": chance}
     assert _diagnose(0.568, **collapsed) == "one_class"
 
