@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from dm_audit import audit
-from dm_audit.atomic import atomic_write_bytes
+from dm_audit.atomic import atomic_write_bytes, check_output_location
 from dm_audit.dataset import AuditDataset
 from dm_audit.noise import add_noise
 from dm_audit.reports import ReportPaths, read_report
@@ -88,8 +88,10 @@ def _fit_metadata(models: audit.CrossFit, seconds: float) -> dict[str, Any]:
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"})
-def dataset(config: DatasetConfig) -> dg.Output[AuditDataset]:
+def dataset(config: DatasetConfig, runtime: AuditRuntime) -> dg.Output[AuditDataset]:
     """The canonical dataset table, with synthetic noise injected when configured."""
+    # Reports written into an image folder would become part of its data.
+    check_output_location(runtime.output_root, inputs=[config.source])
     data = load_source(config.source, **config.load_options())
     if config.noise_kind != "none":
         data = add_noise(data, **config.noise_options())
@@ -105,6 +107,12 @@ def dataset(config: DatasetConfig) -> dg.Output[AuditDataset]:
     }
     if data.has_truth:
         meta["injected_noise"] = table["noise"].value_counts().to_dict()
+    read_as = data.notes.get("inputs", [])
+    if read_as:
+        meta["inputs"] = ", ".join(f"{e['column']} ({e['encoding']})" for e in read_as)
+    ignored = data.notes.get("ignored_columns", [])
+    if ignored:
+        meta["ignored_columns"] = ", ".join(f"{e['column']}: {e['reason']}" for e in ignored)
     return dg.Output(
         data,
         metadata={

@@ -314,3 +314,20 @@ def test_top_k_beyond_the_data_is_refused_before_training(
     argv = audit_args(source, tmp_path / "out", "--top-k", "61")
     assert_refused(tmp_path, capsys, argv, "top_k 61 is more than the dataset's 60 rows")
     assert "epoch" not in caplog.text
+
+
+def test_an_undecodable_image_is_named_by_its_path_not_a_buffer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "images"
+    (root / "ant").mkdir(parents=True)
+    (root / "bee").mkdir()
+    for name in ("ant", "bee"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / name / "0.png")
+    (root / "bee" / "1.png").write_bytes(b"plain text, not an image")
+    before = snapshot(tmp_path)
+    assert main(audit_args(root, tmp_path / "out")) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "bee/1.png" in err and "not an image in a format Pillow reads" in err
+    assert "BytesIO" not in err
+    assert snapshot(tmp_path) == before
