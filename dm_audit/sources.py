@@ -23,6 +23,7 @@ Source files are only ever read. Tables and folders without a split get a strati
 
 from __future__ import annotations
 
+import csv
 import difflib
 import logging
 import os
@@ -397,13 +398,23 @@ def _sniff_delimiter(path: Path) -> str:
     """The delimiter of a CSV: the one of ``, ; tab |`` that splits its header line into the most
     columns and every sampled line into as many (a ``;``-separated CSV read with ``,`` would
     show one column, and the label column would seem missing)."""
-    sample = pd.read_csv(path, sep="\x1f", header=None, nrows=20, dtype=str, engine="python")
-    lines = [str(v) for v in sample.iloc[:, 0].tolist() if isinstance(v, str)]
+    raw = pd.read_csv(
+        path,
+        sep="\x1f",
+        header=None,
+        nrows=20,
+        dtype=str,
+        engine="python",
+        quoting=csv.QUOTE_NONE,
+        skip_blank_lines=True,
+    )
+    lines = [str(v) for v in raw.iloc[:, 0].tolist() if isinstance(v, str)]
     if not lines:
         return ","
     best, best_width = ",", 1
     for delimiter in _DELIMITERS:
-        widths = {len(line.split(delimiter)) for line in lines}
+        # csv.reader honours quotes: "a, b" is one field whatever the delimiter.
+        widths = {len(row) for row in csv.reader(lines, delimiter=delimiter)}
         if len(widths) == 1 and (width := widths.pop()) > best_width:
             best, best_width = delimiter, width
     return best

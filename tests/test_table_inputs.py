@@ -212,3 +212,12 @@ def test_an_unsplittable_csv_names_what_was_seen(
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT
     assert "reads as one column 'label;f0;f1'" in err
+
+
+def test_quoted_fields_holding_delimiters_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    frame = blobs().assign(note=[f"seen {i}; checked, ok" for i in range(60)])
+    frame.to_csv(path, index=False)
+    dataset = load_source(str(path))
+    assert len(dataset) == 60 and dataset.features().shape[1] == 4
+    assert [e["column"] for e in dataset.notes["ignored_columns"]] == ["note"]
