@@ -57,6 +57,7 @@ __all__ = [
     "make_output_dir",
     "prepare_output_dir",
     "previous_run_files",
+    "refuse_links_inside",
     "replaced_run_files",
     "resolve_output_dir",
     "staged_output_dir",
@@ -69,6 +70,11 @@ UNFINISHED_RUN_DIR = ".dm-audit-work"
 STAGING_PREFIX = ".staging-"
 IfExists = Literal["error", "overwrite", "version"]
 _IF_EXISTS = ("error", "overwrite", "version")
+# Longest file-name component POSIX file systems accept, in bytes.
+_NAME_MAX = 255
+# Names inside an output folder that a run writes through (as folders): a symbolic link there
+# would send the run's files, or the removal of its old ones, outside the folder.
+_WRITTEN_THROUGH = ("plots", UNFINISHED_RUN_DIR)
 # Staging folders older than this, left by a crashed run, are removed on the next commit.
 _STALE_STAGING_S = 3600.0
 
@@ -255,8 +261,12 @@ def check_output_location(
     ConfigError
         Naming the output folder and what is wrong with it.
     """
+    if not str(out_dir).strip():
+        raise ConfigError("the output folder is an empty path; name a folder")
     out = Path(out_dir)
     real_out = Path(os.path.realpath(out))
+    if real_out == Path(real_out.anchor):
+        raise ConfigError(f"output folder {out} is the file system's root; name a folder")
     for source in inputs:
         folder = Path(source)
         if not folder.is_dir():
@@ -363,6 +373,7 @@ def resolve_output_dir(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a folder")
+    refuse_links_inside(out)
     found = previous_run_files(out, names)
     if found and if_exists == "overwrite":
         replaced_run_files(out, names if owned is None else owned)
@@ -379,6 +390,28 @@ def resolve_output_dir(
             n += 1
         out = out.with_name(f"{out.name}-{n}")
     return out
+
+
+def refuse_links_inside(out_dir: str | os.PathLike[str]) -> None:
+    """Refuse an output folder whose ``plots`` or work folder is a link or not a folder.
+
+    A run writes its plots and its unfinished state through these names; a symbolic link
+    planted there would make it write (and replace, and delete) files elsewhere.
+
+    Raises
+    ------
+    ConfigError
+        Naming the entry.
+    """
+    out = Path(out_dir)
+    for name in _WRITTEN_THROUGH:
+        entry = out / name
+        if entry.is_symlink() or (entry.exists() and not entry.is_dir()):
+            what = "a link" if entry.is_symlink() else "not a folder"
+            raise ConfigError(
+                f"{entry} is {what}: a run writes its own files there; remove it or choose "
+                "another output folder"
+            )
 
 
 def replaced_run_files(out_dir: str | os.PathLike[str], owned: Iterable[str]) -> list[str]:
@@ -409,13 +442,24 @@ def replaced_run_files(out_dir: str | os.PathLike[str], owned: Iterable[str]) ->
     return list(files)
 
 
+def _matches(parts: tuple[str, ...], pattern: str) -> bool:
+    """Glob match part by part: ``plots/*.png`` matches ``plots/a.png``, not ``plots/a.png/b.png``
+    (`fnmatch` alone lets ``*`` cross a ``/``)."""
+    wanted = PurePosixPath(pattern).parts
+    return len(parts) == len(wanted) and all(
+        fnmatch.fnmatchcase(part, glob) for part, glob in zip(parts, wanted, strict=True)
+    )
+
+
 def _is_owned_file(out: Path, name: object, patterns: tuple[str, ...]) -> bool:
     if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
         return False
     path = PurePosixPath(name)
     if path.is_absolute() or path.as_posix() != name or ".." in path.parts:
         return False
-    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+    if any(len(part.encode()) > _NAME_MAX for part in path.parts):
+        return False
+    if not any(_matches(path.parts, pattern) for pattern in patterns):
         return False
     # A symbolic link on the way (e.g. plots -> /elsewhere) would lead the removal outside.
     real_out = os.path.realpath(out)
@@ -473,6 +517,7 @@ class StagedOutput:
         relative = [p.relative_to(self.path) for p in staged]
         # Checked before anything moves: a refused marker leaves the folder as it was.
         old_files = replaced_run_files(self.final_dir, self.owned)
+        refuse_links_inside(self.final_dir)
         # The marker goes first: once it is removed the old run is no longer announced as
         # complete while its files are being replaced.
         with contextlib.suppress(FileNotFoundError):
@@ -487,7 +532,8 @@ class StagedOutput:
         new_names = {r.as_posix() for r in relative}
         for name in old_files:
             if name not in new_names:
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                # Best effort: the new run is in place, a stale file that cannot go stays.
+                with contextlib.suppress(OSError):
                     (self.final_dir / name).unlink()
         _fsync_dir(self.final_dir)
         marker = {

@@ -178,10 +178,12 @@ class AuditConfig:
         ConfigError
             Naming the option and the data size.
         """
-        if self.top_k is not None and self.top_k > n_rows:
+        # The unflagged rows calibrate the OOD test and carry the retrain: they must remain
+        # the majority, so at most half of the rows can be flagged.
+        if self.top_k is not None and self.top_k > n_rows // 2:
             raise ConfigError(
-                f"top_k {self.top_k} is more than the dataset's {n_rows} rows; flag at most "
-                f"{n_rows}"
+                f"top_k {self.top_k} flags more than half of the dataset's {n_rows} rows; the "
+                f"unflagged rows are the reference of the audit: flag at most {n_rows // 2}"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -133,9 +133,16 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _folder_path(text: str) -> Path:
+    """An --out value: a non-empty path (an empty one, e.g. an unset variable, would be ".")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output folder is an empty path; name a folder")
+    return Path(text)
+
+
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--out", required=True, type=Path, help="output folder")
+    group.add_argument("--out", required=True, type=_folder_path, help="output folder")
     exists = group.add_mutually_exclusive_group()
     exists.add_argument(
         "--overwrite", action="store_true", help="replace a previous run in the output folder"

@@ -137,13 +137,25 @@ def _number_to_name(value: object, column: str, row: int, what: str) -> str:
 
 
 def canonical_label(name: str) -> str:
-    """The spelling a class name is kept under: surrounding spaces removed, Unicode NFC.
+    """The spelling a class name is kept under: surrounding spaces and invisible characters
+    removed, Unicode NFC.
 
     ``" cat"``, ``"cat "`` and ``"cat"`` (or ``"café"`` typed as ``e`` + combining accent and as
     one ``é``) look the same to a person and are one class; reviews are read the same way, so
     every class can be reviewed.
     """
-    return unicodedata.normalize("NFC", name.strip())
+    return _strip_invisible(unicodedata.normalize("NFC", name))
+
+
+def _strip_invisible(text: str) -> str:
+    """Remove whitespace and invisible format characters (zero-width space, BOM, ...) at both
+    ends: they make two names look the same on screen."""
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or unicodedata.category(text[start]) == "Cf"):
+        start += 1
+    while end > start and (text[end - 1].isspace() or unicodedata.category(text[end - 1]) == "Cf"):
+        end -= 1
+    return text[start:end]
 
 
 def label_spellings(names: np.ndarray) -> list[dict[str, Any]]:
@@ -256,10 +268,11 @@ def normalize_labels(
 def _canonical_spelling(names: np.ndarray, column: str, record: dict[str, Any]) -> np.ndarray:
     merged = label_spellings(names)
     for entry in merged:
-        shown = ", ".join(f"{s!r} ({n} rows)" for s, n in entry["spellings"].items())
+        # ascii(): spellings that differ only in invisible ways (NFD vs NFC) print differently.
+        shown = ", ".join(f"{s!a} ({n} rows)" for s, n in entry["spellings"].items())
         log.warning(
-            "label column %r: %s are read as the one class %r (surrounding spaces and Unicode "
-            "form are not part of a class name)",
+            "label column %r: %s are read as the one class %r (surrounding spaces, invisible "
+            "characters and Unicode form are not part of a class name)",
             column,
             shown,
             entry["class"],

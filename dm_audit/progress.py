@@ -80,7 +80,9 @@ class LogProgress:
             self._last = now
             self._write(now)
 
-    def set_postfix(self, ordered_dict: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def set_postfix(
+        self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True, **kwargs: Any
+    ) -> None:
         items = {**(ordered_dict or {}), **kwargs}
         self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 

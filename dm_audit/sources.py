@@ -420,6 +420,27 @@ def _sniff_delimiter(path: Path) -> str:
     return best
 
 
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+(,\d+)?")
+
+
+def _decimal_commas(frame: pd.DataFrame, text_columns: Sequence[str]) -> bool:
+    """Whether some text column holds only numbers written with a decimal comma."""
+    for name in frame.columns:
+        column = frame[name]
+        if name in text_columns or not (
+            column.dtype == object or pd.api.types.is_string_dtype(column)
+        ):
+            continue
+        values = frame[name].dropna().astype(str).str.strip()
+        if (
+            len(values)
+            and values.str.contains(",", regex=False).any()
+            and values.str.fullmatch(_DECIMAL_COMMA.pattern).all()
+        ):
+            return True
+    return False
+
+
 def read_table(path: Path, options: TableOptions) -> pd.DataFrame:
     """Read a Parquet, CSV or TSV file (CSV/TSV possibly compressed), ids and labels as text.
 
@@ -450,6 +471,11 @@ def read_table(path: Path, options: TableOptions) -> pd.DataFrame:
             header = pd.read_csv(path, sep=sep, nrows=0).columns
             text = [options.id_column or ID_COLUMN, options.label_column]
             frame = pd.read_csv(path, sep=sep, dtype={c: str for c in text if c in header})
+            if sep != "," and _decimal_commas(frame, text):
+                # "1,5" under a ";" or tab delimiter: the decimal comma of many locales.
+                frame = pd.read_csv(
+                    path, sep=sep, decimal=",", dtype={c: str for c in text if c in header}
+                )
             if len(frame.columns) == 1 and any(d in str(frame.columns[0]) for d in ";|\t"):
                 raise DataError(
                     f"{path} reads as one column {str(frame.columns[0])[:80]!r}: no delimiter "
@@ -622,16 +648,19 @@ def _check_text_numbers(frame: pd.DataFrame, names: Sequence[str], source: str) 
             row = int(np.flatnonzero(present & ~parsed)[0])
             raise DataError(
                 f"column {name!r} of {source} looks numeric but row {row} holds "
-                f"{column.iloc[row]!r}; fix the value, or choose the inputs with feature_columns"
+                f"{column.iloc[row]!r}; fix the value, or choose the inputs with --features "
+                "(feature_columns from Python)"
             )
 
 
 def _refuse_role(name: str, roles: dict[str, str], what: str) -> None:
     if name in roles:
-        raise ConfigError(
-            f"{what} {name!r} is {roles[name]}: it cannot also be an input (a label read as a "
-            "feature makes every prediction trivially right)"
+        why = (
+            "a label read as a feature makes every prediction trivially right"
+            if roles[name] == "the label column"
+            else "it names or assigns rows, it does not describe them"
         )
+        raise ConfigError(f"{what} {name!r} is {roles[name]}: it cannot also be an input ({why})")
 
 
 def _read_inputs(
@@ -656,6 +685,9 @@ def _read_inputs(
         names = list(options.feature_columns)
         if not names:
             raise ConfigError("feature_columns is empty")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"feature column(s) {repeated} named more than once")
         for name in names:
             require_column(columns, name, "feature column", source)
             _refuse_role(name, roles, "feature column")
@@ -706,8 +738,8 @@ def _read_inputs(
             "image bytes or image paths)"
         )
         raise DataError(
-            f"{source} has {problem}; choose with feature_columns or image_column "
-            f"(columns: {columns})"
+            f"{source} has {problem}; choose with --features or --image-column "
+            f"(feature_columns or image_column from Python; columns: {columns})"
         )
     kind, chosen = choices[0]
     if ignored:

@@ -325,7 +325,7 @@ def load_stage_folder(folder: str | os.PathLike[str]) -> Any:
         raise FileNotFoundError(f"no stored stage result in {root}")
     try:
         document = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise ConfigError(f"cannot read {file}: {error}") from None
     if not isinstance(document, dict) or (document.get("format"), document.get("version")) != (
         _FORMAT,
@@ -335,5 +335,11 @@ def load_stage_folder(folder: str | os.PathLike[str]) -> Any:
     reader = _Reader(root)
     try:
         return reader.decode(document["root"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"{file} is damaged: {error}") from None
+    except ConfigError:
+        raise
+    except Exception as error:  # any damage (bad values, foreign blobs, deep nesting)
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            f"{file} is damaged ({type(error).__name__}: {reason}); pass --restart to discard "
+            "the unfinished run"
+        ) from None

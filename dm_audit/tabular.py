@@ -136,10 +136,15 @@ def encode_tabular(
     for name in names:
         column = frame[name]
         entry: dict[str, Any] = {"column": name}
+        if column.isna().all():
+            if strict:
+                raise DataError(f"feature column {name!r} of {source} holds no value at all")
+            out.ignored.append({"column": name, "reason": "empty (no value in any row)"})
+            continue
         if _is_bool(column):
             block = column.astype(bool).to_numpy(dtype=np.float64)[:, None]
             entry["encoding"] = "boolean (0/1)"
-        elif pd.api.types.is_numeric_dtype(column):
+        elif pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
             block = column.to_numpy(dtype=np.float64, na_value=np.nan)[:, None]
             entry["encoding"] = "numeric"
         elif (dates := _as_dates(column)) is not None:

@@ -1152,7 +1152,12 @@ class _Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ConfigError(f"cannot read checkpoint {path}: {exc}") from exc
+            # torch's own message spans lines (and explains weights_only): keep one line.
+            reason = " ".join(str(exc).split())[:200]
+            raise ConfigError(
+                f"cannot read checkpoint {path} ({type(exc).__name__}: {reason}); delete it "
+                "to start afresh"
+            ) from None
         if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
             raise ConfigError(f"{path} is not a dm-audit training checkpoint")
         if state.get("version") != _CHECKPOINT_VERSION:

@@ -206,6 +206,11 @@ class WorkDir:
                 before = json.loads(marker.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
                 raise ConfigError(f"cannot read {marker}: {exc}; remove {path}") from exc
+            if not isinstance(before, dict):
+                raise ConfigError(
+                    f"{marker} is not a dm-audit work folder's identity; pass --restart to "
+                    "discard the unfinished run"
+                )
             diffs = _differences(before, identity)
             if diffs:
                 raise ConfigError(
@@ -216,6 +221,7 @@ class WorkDir:
             _remove_staging(out)  # the interrupted run's report writing
             work = cls(path, resumed=True)
         else:
+            make_output_dir(out)  # its own error names the folder the user gave
             make_output_dir(path)
             atomic_write_json(marker, identity)
             work = cls(path, resumed=False)
@@ -262,7 +268,8 @@ def _refuse_if_in_use(path: Path) -> None:
         pass
     raise ConfigError(
         f"{path.parent} is being written by another dm-audit run (process {pid}); wait for it "
-        "to finish, or choose another output folder"
+        f"to finish, or choose another output folder (if no dm-audit run is using it, delete "
+        f"{path / _LOCK})"
     )
 
 

@@ -311,8 +311,8 @@ def test_top_k_beyond_the_data_is_refused_before_training(
 ) -> None:
     source = tmp_path / "data.csv"
     blobs().to_csv(source, index=False)
-    argv = audit_args(source, tmp_path / "out", "--top-k", "61")
-    assert_refused(tmp_path, capsys, argv, "top_k 61 is more than the dataset's 60 rows")
+    argv = audit_args(source, tmp_path / "out", "--top-k", "31")
+    assert_refused(tmp_path, capsys, argv, "top_k 31 flags more than half of the dataset's 60 rows")
     assert "epoch" not in caplog.text
 
 

@@ -259,3 +259,90 @@ def test_links_inside_an_image_folder_are_followed(tmp_path: Path) -> None:
     images = _image_folder(tmp_path / "images")
     (images / "ant" / "alias.png").symlink_to(images / "bee" / "0.png")
     assert len(load_image_folder(images)) == 9
+
+
+# --------------------------------------------------------- links planted inside the output folder
+
+
+@pytest.mark.parametrize("name", ["plots", ".dm-audit-work"])
+def test_a_link_inside_the_output_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    from tests.test_bad_input import assert_refused
+
+    source = tmp_path / "t.csv"
+    blobs().to_csv(source, index=False)
+    victim = tmp_path / "victim"
+    (victim / "probe").mkdir(parents=True)
+    (victim / "probe" / "important.txt").write_text("keep")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / name).symlink_to(victim, target_is_directory=True)
+    assert_refused(tmp_path, capsys, audit_args(source, out), f"{out / name} is a link")
+    assert (victim / "probe" / "important.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("listed", ["plots/noise_matrix.png/x.png", "plots/" + "a" * 300 + ".png"])
+def test_marker_names_no_run_could_write_are_refused_before_training(
+    tmp_path: Path, listed: str
+) -> None:
+    out = tmp_path / "o"
+    _write_marker(out, ["summary.json", listed])
+    with pytest.raises(ConfigError, match="not a report file"):
+        replaced_run_files(out, REPORT_OWNED_FILES)
+
+
+@pytest.mark.parametrize("out", ["", "/"])
+def test_an_empty_or_root_output_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str
+) -> None:
+    source = tmp_path / "t.csv"
+    blobs().to_csv(source, index=False)
+    with pytest.raises(SystemExit) if out == "" else _no_exit():
+        code = main(
+            audit_args(source, Path(out)) if out else ["audit", "--input", str(source), "--out", ""]
+        )
+        assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert ("empty path" in err) if out == "" else ("file system's root" in err)
+
+
+class _no_exit:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"format": "dm_audit.stage", "version": 1, "root": {"$id": 0, "$tensor": "blob-0.pt"}},
+        {"format": "dm_audit.stage", "version": 1, "root": "DEEP"},
+    ],
+    ids=["pickled-tensor-file", "deep-nesting"],
+)
+def test_damaged_stage_files_are_one_line_errors(tmp_path: Path, document: dict) -> None:
+    import torch
+
+    proof = tmp_path / "code-ran"
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    torch.save({"payload": _Payload(proof)}, folder / "blob-0.pt")
+    text = json.dumps(document)
+    if document["root"] == "DEEP":
+        text = text.replace('"DEEP"', '{"$list": [' * 5000 + "1" + "]}" * 5000)
+    (folder / STAGE_FILE).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_stage_folder(folder)
+    assert "\n" not in str(info.value)
+    assert not proof.exists()
+
+
+def test_a_work_folder_identity_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    work = tmp_path / "o" / ".dm-audit-work"
+    work.mkdir(parents=True)
+    (work / "run.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="--restart"):
+        WorkDir.open(tmp_path / "o", {"format": "test"})

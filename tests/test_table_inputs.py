@@ -221,3 +221,45 @@ def test_quoted_fields_holding_delimiters_are_read(tmp_path: Path) -> None:
     dataset = load_source(str(path))
     assert len(dataset) == 60 and dataset.features().shape[1] == 4
     assert [e["column"] for e in dataset.notes["ignored_columns"]] == ["note"]
+
+
+def test_a_nullable_boolean_with_gaps_reads_the_same_from_csv_and_parquet(tmp_path: Path) -> None:
+    frame = mixed_table().drop(columns=["comment"])
+    frame["member"] = pd.array([True, None, False] * 30, dtype="boolean")
+    got = {}
+    for suffix in (".parquet", ".csv"):
+        path = tmp_path / f"t{suffix}"
+        frame.to_parquet(path) if suffix == ".parquet" else frame.to_csv(path, index=False)
+        inputs = {e["column"]: e for e in load_source(str(path)).notes["inputs"]}
+        got[suffix] = inputs["member"]["encoding"]
+    assert got == {".parquet": "one-hot", ".csv": "one-hot"}
+
+
+def test_an_empty_column_is_left_out_in_auto_detection() -> None:
+    frame = mixed_table().assign(empty=np.nan)
+    dataset = table_to_dataset(frame)
+    assert "empty" in [e["column"] for e in dataset.notes["ignored_columns"]]
+    with pytest.raises(DataError, match=r"'empty' .* holds no value"):
+        table_to_dataset(frame, TableOptions(feature_columns=["x", "empty"]))
+
+
+def test_decimal_commas_under_a_semicolon_delimiter(tmp_path: Path) -> None:
+    path = tmp_path / "euro.csv"
+    frame = blobs()
+    frame.to_csv(path, index=False, sep=";", decimal=",")
+    dataset = load_source(str(path))
+    np.testing.assert_allclose(
+        dataset.features(), frame[["f0", "f1", "f2", "f3"]].to_numpy(np.float32), rtol=1e-6
+    )
+
+
+def test_a_feature_named_twice_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"\['x'\] named more than once"):
+        table_to_dataset(mixed_table(), TableOptions(feature_columns=["x", "x"]))
+
+
+def test_invisible_characters_around_a_label_are_not_part_of_it() -> None:
+    frame = pd.DataFrame(
+        {"label": ["cat", "cat\u200b", "dog", "\ufeffdog"] * 5, "x": np.arange(20.0)}
+    )
+    assert table_to_dataset(frame).classes == ["cat", "dog"]
