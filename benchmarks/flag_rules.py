@@ -108,7 +108,7 @@ def _noisy(y: np.ndarray, kind: str, rate: float, seed: int) -> np.ndarray:
 
 def evidence(name: str, kind: str, rate: float, seed: int) -> dict[str, np.ndarray]:
     """Run the audit's stages up to the flags and keep every row's evidence (cached)."""
-    path = CACHE / f"{name}_{kind}_{rate:g}_seed{seed}.npz"
+    path = CACHE / f"{name}_{kind}_{rate:g}_seed{seed}_v2.npz"
     if path.is_file():
         return dict(np.load(path))
     x, y = DATASETS[name]()
@@ -127,6 +127,7 @@ def evidence(name: str, kind: str, rate: float, seed: int) -> dict[str, np.ndarr
         "given": given,
         "truth": y,
         "probs": scores.probs,
+        "probe_probs": probe.probs,
         "mean_p": scores.table["mean_p"].to_numpy(),
         "knn": flagged.table["knn_agreement"].to_numpy(),
         "probe_rate": np.float64(probe.noise_rate),
@@ -159,7 +160,11 @@ def rules(ev: dict[str, np.ndarray], score: np.ndarray) -> dict[str, np.ndarray]
     neutral = score >= 0.5
     disagrees = probs.argmax(axis=1) != given
     forgotten = ev["mean_p"] < 0.5
+    # The count from the mean of the probe's and the audit's out-of-sample probabilities.
+    both = estimate.estimate_noise((probs + ev["probe_probs"]) / 2.0, given)
+    cj2 = flags.flag_by_class_counts(score, given, flags.issue_counts_per_class(both, given))
     return {
+        "cj_count(probe+audit) & score>=0.5": cj2 & neutral,
         "cj_count & score>=0.5 & argmax!=given": cj & neutral & disagrees,
         "cj_count & argmax!=given & mean_p<0.5": cj & disagrees & forgotten,
         "cj_count & (argmax!=given | mean_p<0.5)": cj & (disagrees | forgotten),
