@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -205,7 +206,7 @@ def _load(args: argparse.Namespace):
 
 
 def _audit_config(args: argparse.Namespace):
-    from dm_audit.audit import AuditConfig
+    from dm_audit.config import AuditConfig
 
     return AuditConfig(
         model=args.model,
@@ -328,13 +329,15 @@ def _fmt(value: Any) -> str:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from dm_audit.atomic import check_output_location
-    from dm_audit.audit import run_audit
 
+    # Options, then the output folder, then the data: each refused before the next is touched,
+    # and all of it before torch is imported (a second or more on a small machine).
     config = _audit_config(args)
-    # Before reading any data: a bad output folder is refused at once.
     if args.out is not None:
         check_output_location(args.out, inputs=[args.input])
     dataset = _load(args)
+    from dm_audit.audit import run_audit
+
     report = run_audit(
         dataset,
         config,
@@ -651,6 +654,8 @@ def _check_launcher(args: argparse.Namespace) -> None:
 
     The other commands would run once per process, each writing the same output folder.
     """
+    if "WORLD_SIZE" not in os.environ:
+        return  # not under torchrun (and no torch import for the check)
     from dm_audit.distributed import env_world_size
 
     if env_world_size() > 1 and args.handler is not cmd_train:

@@ -176,3 +176,21 @@ def test_summary_records_how_the_inputs_were_read(tmp_path: Path) -> None:
     assert recorded["ignored_columns"][0]["column"] == "note"
     assert recorded["label_spellings"] == [{"class": "ant", "spellings": {" ant": 30}}]
     assert summary["classes"] == ["ant", "bee", "cat"]
+
+
+def test_bad_input_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    source = tmp_path / "t.csv"
+    source.write_text("label,f0\nant,1\nant,2\n")  # one class: refused after reading
+    script = (
+        "import sys; from dm_audit.cli import main; "
+        f"code = main(['audit', '--input', {str(source)!r}, '--out', {str(tmp_path / 'o')!r}]); "
+        "print(code, 'torch' in sys.modules, 'faiss' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["2", "False", "False"], done.stdout + done.stderr
+    assert "1 class(es)" in done.stderr
