@@ -1,0 +1,88 @@
+"""The Python API: `find_label_issues` and the `LabelAuditor` estimator."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+
+import dm_audit
+from dm_audit.config import AuditConfig
+from dm_audit.errors import DataError
+from dm_audit.noise import inject_symmetric
+
+FAST = {"epochs": 6, "device": "cpu", "seed": 0}
+
+
+def _blobs(n_per_class: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(3), n_per_class)
+    x = 4.0 * np.eye(3, 5)[truth] + rng.normal(0.0, 0.6, size=(truth.size, 5))
+    return x.astype(np.float32), truth
+
+
+def test_every_option_is_an_estimator_parameter() -> None:
+    params = dm_audit.LabelAuditor().get_params()
+    assert set(params) == {f.name for f in dataclasses.fields(AuditConfig)}
+    tuned = clone(dm_audit.LabelAuditor(seed=3, epochs=5))
+    assert tuned.get_params()["seed"] == 3 and tuned.get_params()["epochs"] == 5
+    with pytest.raises(ValueError):
+        dm_audit.LabelAuditor().set_params(not_an_option=1)
+
+
+def test_find_label_issues_keeps_the_index_and_the_label_type() -> None:
+    x, truth = _blobs()
+    given = inject_symmetric(truth, 3, 0.2, seed=1)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(5)], index=np.arange(1000, 1180))
+    labels = np.array([10, 20, 30])[given]  # integers stay integers
+
+    issues = dm_audit.find_label_issues(frame, labels, **FAST)
+
+    assert issues.index.tolist() == frame.index.tolist()
+    assert set(issues["given_label"]) == {10, 20, 30}
+    assert issues["given_label"].tolist() == labels.tolist()
+    noisy = given != truth
+    flagged = issues["is_label_issue"].to_numpy(dtype=bool)
+    assert (flagged & noisy).sum() >= 0.8 * noisy.sum()
+    right = flagged & noisy
+    assert (
+        issues["suggested_label"].to_numpy()[right] == np.array([10, 20, 30])[truth[right]]
+    ).mean() >= 0.9
+
+
+def test_the_estimator_predicts_in_the_label_values() -> None:
+    x, truth = _blobs()
+    names = np.array(["ant", "bee", "cat"])[truth]
+    auditor = dm_audit.LabelAuditor(**FAST).fit(x, names)
+    assert list(auditor.classes_) == ["ant", "bee", "cat"]
+    assert auditor.is_label_issue_.shape == (180,) and auditor.ood_scores_.shape == (180,)
+    proba = auditor.predict_proba(x[:10])
+    assert proba.shape == (10, 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    assert (auditor.predict(x) == names).mean() > 0.95
+
+
+def test_bad_inputs_are_named() -> None:
+    x, truth = _blobs()
+    with pytest.raises(DataError, match="X has 180 rows but y has 179"):
+        dm_audit.find_label_issues(pd.DataFrame(x), truth[:-1], **FAST)
+    with pytest.raises(DataError, match="y must be one-dimensional"):
+        dm_audit.find_label_issues(x, truth[:, None], **FAST)
+    with pytest.raises(DataError, match="X must be a numeric"):
+        dm_audit.find_label_issues(np.array(["a"] * 180), truth, **FAST)
+
+
+def test_the_readme_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md (Python API)", "exec"), namespace)
+    issues = namespace["issues"]
+    assert len(issues) == 1797 and issues["is_label_issue"].mean() > 0.1
