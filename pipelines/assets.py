@@ -20,6 +20,8 @@ from typing import Any
 
 import dagster as dg
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 from dm_audit import audit
@@ -62,6 +64,10 @@ def _gpu_op_tags() -> dict[str, Any]:
 
 #: Tags of the assets that train or run a network.
 MODEL_OP_TAGS = _gpu_op_tags()
+#: Concurrency pool of every step that runs a network: a pool limit applies to every run,
+#: however it was launched (a job, "Materialize" in the UI, `dagster asset materialize`), where
+#: a run-tag limit only reaches runs of the tagged jobs. See README "concurrency".
+MODEL_POOL = "dm_audit_models"
 TOP_SUSPECTS = 20
 SUSPECT_COLUMNS = [
     "example_id",
@@ -122,11 +128,11 @@ def dataset(config: DatasetConfig, runtime: AuditRuntime) -> dg.Output[AuditData
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS)
+@dg.asset(group_name=GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS, pool=MODEL_POOL)
 def noise_probe(
     dataset: AuditDataset, audit_settings: AuditSettings, runtime: AuditRuntime
 ) -> dg.Output[audit.ProbeResult]:
-    """Estimated noise rate (two short cross-fitted trainings) and the chosen DM (λ, β)."""
+    """Estimated noise rate (one short cross-fitted training) and the chosen DM (λ, β)."""
     result = audit.probe(dataset, audit_settings.audit_config(runtime.device))
     meta = {
         "estimated_noise_rate": result.estimate.rate,
@@ -139,7 +145,7 @@ def noise_probe(
     return dg.Output(result, metadata=scalar_metadata(meta))
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS)
+@dg.asset(group_name=GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS, pool=MODEL_POOL)
 def audit_model(
     context: dg.AssetExecutionContext,
     dataset: AuditDataset,
@@ -168,7 +174,7 @@ def audit_model(
     )
 
 
-@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS)
+@dg.asset(group_name=GROUP, op_tags=MODEL_OP_TAGS, pool=MODEL_POOL)
 def example_scores(
     context: dg.AssetExecutionContext,
     dataset: AuditDataset,
@@ -202,7 +208,7 @@ def flags(
     config = audit_settings.audit_config(runtime.device)
     result = audit.flag_examples(dataset, example_scores, config)
     table = result.table
-    suspects = table[table["is_label_issue"]].sort_values("label_issue_score", ascending=False)
+    suspects = _suspects_view(dataset, example_scores, table)
     meta = {
         "n_label_issues": int(table["is_label_issue"].sum()),
         "flagged_share": float(table["is_label_issue"].mean()),
@@ -220,6 +226,32 @@ def flags(
     )
 
 
+def _suspects_view(
+    dataset: AuditDataset, scores: audit.ExampleScores, table: pd.DataFrame
+) -> pd.DataFrame:
+    """The flagged rows as a reviewer reads them: most suspicious first, labels by name,
+    numbers to three decimals."""
+    classes = np.asarray(dataset.classes, dtype=object)
+    given = scores.table["given"].to_numpy()
+    predicted = scores.probs.argmax(axis=1)
+    view = table.assign(
+        given_label=classes[given],
+        predicted_label=classes[predicted],
+        predicted_prob=scores.probs.max(axis=1),
+        p_given=scores.table["p_given"].to_numpy(),
+    )
+    view = view[view["is_label_issue"]].sort_values("label_issue_score", ascending=False)
+    columns = [
+        "example_id",
+        "given_label",
+        "predicted_label",
+        "label_issue_score",
+        "p_given",
+        "predicted_prob",
+    ]
+    return view[columns].round(3)
+
+
 @dg.asset(group_name=GROUP)
 def corrected_labels(
     context: dg.AssetExecutionContext,
@@ -234,7 +266,7 @@ def corrected_labels(
 
     Reviews override automatic corrections. Review rows that cannot be applied (unknown id or
     label) do not stop the run: they are logged, listed in the metadata and fail the
-    ``reviews_applied`` check, so they are visible without discarding the valid reviews.
+    reviews_applied check, so they are visible without discarding the valid reviews.
     """
     result = audit.correct_labels(
         dataset,
@@ -245,8 +277,31 @@ def corrected_labels(
         strict_reviews=False,
     )
     provenance = result.table["correction_source"].value_counts().to_dict()
-    meta: dict[str, Any] = {"provenance": provenance, "reviews_path": config.reviews_path}
-    extra: dict[str, dg.MetadataValue] = {}
+    meta: dict[str, Any] = {
+        "provenance": provenance,
+        "reviews_path": config.reviews_path,
+        "automatic_corrections_allowed": result.gate.get("model_better_than_chance", True),
+    }
+    changed = result.table[result.table["correction_source"] != "kept"].copy()
+    changed["given_label"] = np.asarray(dataset.classes, dtype=object)[
+        example_scores.table["given"].to_numpy()
+    ][changed.index]
+    changed = changed.sort_values("suggestion_confidence", ascending=False)
+    extra: dict[str, dg.MetadataValue] = {
+        "decisions": dg.MetadataValue.md(
+            markdown_table(
+                changed.round(3),
+                columns=[
+                    "example_id",
+                    "given_label",
+                    "suggested_label",
+                    "suggestion_confidence",
+                    "correction_source",
+                ],
+                max_rows=TOP_SUSPECTS,
+            )
+        )
+    }
     report = result.review_report
     if report is not None:
         meta |= {
@@ -262,7 +317,7 @@ def corrected_labels(
     return dg.Output(result, metadata={**scalar_metadata(meta), **extra})
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS)
+@dg.asset(group_name=GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS, pool=MODEL_POOL)
 def retrained_model(
     dataset: AuditDataset,
     example_scores: audit.ExampleScores,
@@ -286,7 +341,7 @@ def retrained_model(
     return dg.Output(result, metadata=scalar_metadata(meta))
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, op_tags=MODEL_OP_TAGS)
+@dg.asset(group_name=GROUP, kinds={"parquet"}, op_tags=MODEL_OP_TAGS, pool=MODEL_POOL)
 def audit_reports(
     context: dg.AssetExecutionContext,
     dataset: AuditDataset,
@@ -362,8 +417,8 @@ def _report_metadata(report: audit.AuditReport, paths: ReportPaths) -> dict[str,
 def mislabel_export(audit_reports: ReportPaths, runtime: AuditRuntime) -> dg.MaterializeResult:
     """The suspected mislabels, most suspicious first, published for human review.
 
-    Published at the stable path ``<output_root>/exports/label_issues.parquet`` (replaced
-    atomically), only after the ``retrain_not_worse`` check passed on the reports.
+    Published at the stable path <output_root>/exports/label_issues.parquet (replaced
+    atomically), only after the retrain_not_worse check passed on the reports.
     """
     target = runtime.export_dir() / "label_issues.parquet"
     target.parent.mkdir(parents=True, exist_ok=True)

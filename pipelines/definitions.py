@@ -8,9 +8,9 @@ Assets (`pipelines.assets`), their checks (`pipelines.checks`), the audit and re
 
 Environment variables read when the definitions load: ``DM_AUDIT_OUTPUT_ROOT`` (default
 ``data/runs``), ``DM_AUDIT_DEVICE`` (default ``auto``), ``DM_AUDIT_EXECUTOR`` (default
-``multiprocess``), ``DM_AUDIT_SCHEDULE_CRON``, ``DM_AUDIT_SCHEDULE_TIMEZONE`` and
-``DM_AUDIT_SOURCE``; the sensors read ``DM_AUDIT_INCOMING_DIR``, ``DM_AUDIT_REVIEWS_DIR`` and
-``DM_AUDIT_SETTLE_SECONDS`` at each tick.
+``in_process``: see `DEFAULT_EXECUTOR`), ``DM_AUDIT_SCHEDULE_CRON``,
+``DM_AUDIT_SCHEDULE_TIMEZONE`` and ``DM_AUDIT_SOURCE``; the sensors read
+``DM_AUDIT_INCOMING_DIR``, ``DM_AUDIT_REVIEWS_DIR`` and ``DM_AUDIT_SETTLE_SECONDS`` at each tick.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from pipelines.schedules import audit_schedule
 from pipelines.sensors import new_dataset_sensor, reviews_sensor
 from pipelines.storage import AuditIOManager
 
-__all__ = ["EXECUTORS", "build_resources", "defs", "executor_from_name"]
+__all__ = ["DEFAULT_EXECUTOR", "EXECUTORS", "build_resources", "defs", "executor_from_name"]
+
+#: Every step of a run in one process. A step in a process of its own pays the imports of torch,
+#: scikit-learn and faiss again (25-40 s each on two cores, for 13 steps), and the audit's steps
+#: form a chain that cannot run side by side anyway; ``multiprocess``, ``k8s`` or ``celery``
+#: (``DM_AUDIT_EXECUTOR``) spread the steps where that pays.
+DEFAULT_EXECUTOR = "in_process"
 
 #: ``DM_AUDIT_EXECUTOR`` values: (module, attribute, package that provides it).
 EXECUTORS: dict[str, tuple[str, str, str]] = {
@@ -89,5 +95,5 @@ defs = dg.Definitions(
     schedules=[audit_schedule],
     sensors=[new_dataset_sensor, reviews_sensor],
     resources=build_resources(),
-    executor=executor_from_name(os.environ.get("DM_AUDIT_EXECUTOR", "multiprocess")),
+    executor=executor_from_name(os.environ.get("DM_AUDIT_EXECUTOR", DEFAULT_EXECUTOR)),
 )

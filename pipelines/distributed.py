@@ -22,7 +22,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from pipelines.assets import MODEL_OP_TAGS
+from pipelines.assets import MODEL_OP_TAGS, MODEL_POOL
 from pipelines.jobs import PIPELINE_TAG
 from pipelines.resources import AuditRuntime
 
@@ -112,14 +112,14 @@ def torchrun_command(
     return [*launcher, str(TRAIN_SCRIPT), *args]
 
 
-@dg.asset(group_name=DISTRIBUTED_GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS)
+@dg.asset(group_name=DISTRIBUTED_GROUP, kinds={"pytorch"}, op_tags=MODEL_OP_TAGS, pool=MODEL_POOL)
 def distributed_model(
     context: dg.AssetExecutionContext,
     config: DistributedTrainConfig,
     runtime: AuditRuntime,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    """A model trained by ``torchrun`` with DistributedDataParallel (reported through Pipes)."""
+    """A model trained by torchrun with DistributedDataParallel (reported through Pipes)."""
     out = runtime.run_dir(context.run.run_id) / "distributed_model"
     command = torchrun_command(config, runtime.device, out)
     context.log.info(" ".join(command))

@@ -219,6 +219,13 @@ def test_metadata_shows_counts_noise_rate_detection_and_plots(audit_run: Audit) 
     assert reports["detection_recall"] > 0.8
     assert reports["label_accuracy_after"] > reports["label_accuracy_before"]
     assert reports["top_suspects"].startswith("| example_id | given_label | suggested_label |")
+    flagged = asset_metadata(audit_run.result, "flags")["top_suspects"]
+    assert flagged.startswith(
+        "| example_id | given_label | predicted_label | label_issue_score | p_given |"
+    )
+    assert "knn_agreement" not in flagged and "is_ood" not in flagged
+    decisions = asset_metadata(audit_run.result, "corrected_labels")["decisions"]
+    assert decisions.startswith("| example_id | given_label | suggested_label |")
     plots = [k for k in reports if k.startswith("plot_")]
     assert "plot_p_distribution" in plots
     assert all(reports[k].startswith("![") and "base64," in reports[k] for k in plots)
@@ -476,3 +483,18 @@ def test_materialising_the_reports_twice_in_one_run_folder_gives_the_same_report
     assert contents[0] == contents[1]
     assert {"examples.parquet", "summary.json", "plots/noise_matrix.png"} <= set(contents[0])
     assert not list(folder.glob(".staging-*"))
+
+
+def test_the_default_run_is_one_process_and_every_network_step_is_pooled() -> None:
+    from pipelines import definitions
+    from pipelines.assets import MODEL_POOL
+
+    assert definitions.DEFAULT_EXECUTOR == "in_process"
+    repo = definitions.defs.get_repository_def()
+    pooled = {
+        node.name
+        for job in [repo.get_job("audit_job")]
+        for node in job.graph.node_defs
+        if getattr(node, "pool", None) == MODEL_POOL
+    }
+    assert {"noise_probe", "audit_model", "retrained_model"} <= pooled
