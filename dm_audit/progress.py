@@ -47,6 +47,8 @@ class LogProgress:
         Seconds between lines.
     file : text stream, optional
         Default: ``sys.stderr`` at the time of each write.
+    delay : float
+        Work that ends within this many seconds writes nothing (tqdm's ``delay``).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class LogProgress:
         disable: bool = False,
         interval_s: float = LOG_INTERVAL_S,
         file: IO[str] | None = None,
+        delay: float = 0.0,
         **_ignored: Any,
     ) -> None:
         self.total = total
@@ -67,6 +70,7 @@ class LogProgress:
         self.disable = disable
         self.interval_s = interval_s
         self.file = file
+        self.delay = delay
         self.postfix = ""
         self._start_n = initial
         self._start = time.monotonic()
@@ -92,7 +96,9 @@ class LogProgress:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._write(time.monotonic(), final=True)
+            now = time.monotonic()
+            if now - self._start >= self.delay:
+                self._write(now, final=True)
 
     def line(self, now: float, *, final: bool = False) -> str:
         """The text of one progress line."""

@@ -72,3 +72,19 @@ def test_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     bar = progress_bar(total=5, desc="x", disable=True)
     assert not isinstance(bar, LogProgress)
     bar.close()
+
+
+def test_work_shorter_than_the_delay_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr("dm_audit.progress.time.monotonic", clock)
+    out = io.StringIO()
+    bar = LogProgress(total=10, desc="x", delay=2.0, file=out)
+    clock.now += 1.0
+    bar.update(10)
+    bar.close()
+    assert out.getvalue() == ""
+    slow = LogProgress(total=10, desc="x", delay=2.0, file=out)
+    clock.now += 3.0
+    slow.update(10)
+    slow.close()
+    assert "done in 3 s" in out.getvalue()
