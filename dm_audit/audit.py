@@ -32,9 +32,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
-from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
-from dm_audit import correction, estimate, flags, neighbours, plots, reports
+from dm_audit import correction, estimate, flags, neighbours, reports
 from dm_audit.atomic import check_output_location, resolve_output_dir
 from dm_audit.config import AuditConfig
 from dm_audit.dataset import AuditDataset
@@ -1128,6 +1127,10 @@ def compare_before_after(
 
 def _detection(truth: np.ndarray, flagged: np.ndarray, score_values: np.ndarray) -> dict[str, Any]:
     """Precision, recall, F1 and AUROC of flags against a known truth (bool arrays)."""
+    # Imported here: scikit-learn's metrics cost seconds to import, and only runs with a
+    # known truth (benchmarks, injected noise) need them.
+    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
     out: dict[str, Any] = {
         "n_positive": int(truth.sum()),
         "n_flagged": int(flagged.sum()),
@@ -1167,6 +1170,8 @@ def evaluate_against_truth(
     result["label_accuracy_before"] = float((given[in_dist] == truth[in_dist]).mean())
     result["label_accuracy_after"] = float((final[in_dist] == truth[in_dist]).mean())
     if is_open.any():
+        from sklearn.metrics import roc_auc_score
+
         ood = flag_table["ood_score"].to_numpy()
         is_ood = flag_table["is_ood"].to_numpy(dtype=bool)
         vs_mislabelled = is_open | mislabelled
@@ -1324,6 +1329,8 @@ def build_report(
         ignore_index=True,
     )
     is_issue = examples["is_label_issue"].to_numpy(dtype=bool)
+    from dm_audit import plots  # matplotlib: imported when the first figure is drawn
+
     figures: dict[str, Any] = {
         "p_distribution": plots.plot_p_distribution(examples["p_given"].to_numpy(), is_issue),
         "label_issue_scores": plots.plot_score_distribution(

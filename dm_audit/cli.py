@@ -336,6 +336,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_location(args.out, inputs=[args.input])
     dataset = _load(args)
+    if not args.quiet:
+        # The first line of a log, written before torch is imported (seconds on a small machine).
+        _announce(f"auditing {len(dataset)} rows of {dataset.source} ({dataset.n_classes} classes)")
     from dm_audit.audit import run_audit
 
     report = run_audit(
@@ -364,6 +367,13 @@ def _audit_status(summary: dict[str, Any]) -> int:
         file=sys.stderr,
     )
     return EXIT_RETRAIN_WORSE
+
+
+def _announce(text: str) -> None:
+    """One timestamped line on stderr, like the progress lines that follow it."""
+    from datetime import datetime
+
+    print(f"{datetime.now():%Y-%m-%d %H:%M:%S} dm-audit: {text}", file=sys.stderr, flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -3,8 +3,8 @@
 A progress bar redraws its line about ten times a second with carriage returns; written to a
 file (a scheduled job's log, Dagster's captured output) that is thousands of unreadable lines.
 `progress_bar` therefore returns a tqdm bar only when stderr is a terminal, and otherwise an
-object with the same small interface that prints one plain, timestamped line every
-`LOG_INTERVAL_S` seconds and one when the work ends::
+object with the same small interface that prints one plain, timestamped line when the work
+starts, one every `LOG_INTERVAL_S` seconds and one when it ends::
 
     2026-11-30 14:02:11 train dm: 1200/5000 it (24%), 85.1 it/s, ETA 45 s, loss=0.412
 """
@@ -76,6 +76,9 @@ class LogProgress:
         self._start = time.monotonic()
         self._last = self._start
         self._closed = False
+        if delay <= 0:
+            # A line when the work starts: a log shows at once what runs and how big it is.
+            self._write(self._start, started=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -100,8 +103,12 @@ class LogProgress:
             if now - self._start >= self.delay:
                 self._write(now, final=True)
 
-    def line(self, now: float, *, final: bool = False) -> str:
+    def line(self, now: float, *, final: bool = False, started: bool = False) -> str:
         """The text of one progress line."""
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        if started:
+            size = f"{self.total} {self.unit}" if self.total else "unknown size"
+            return f"{stamp} {self.desc}: started ({size})"
         elapsed = max(now - self._start, 1e-9)
         rate = (self.n - self._start_n) / elapsed
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
@@ -115,14 +122,13 @@ class LogProgress:
             parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
         if self.postfix:
             parts.append(self.postfix)
-        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         return f"{stamp} {self.desc}: {', '.join(parts)}"
 
-    def _write(self, now: float, *, final: bool = False) -> None:
+    def _write(self, now: float, *, final: bool = False, started: bool = False) -> None:
         if self.disable:
             return
         stream = self.file or sys.stderr
-        print(self.line(now, final=final), file=stream, flush=True)
+        print(self.line(now, final=final, started=started), file=stream, flush=True)
 
     def __enter__(self) -> LogProgress:
         return self
