@@ -30,6 +30,7 @@ from typing import Any
 
 import dagster as dg
 
+from dm_audit.sources import COMPRESSION_SUFFIXES
 from pipelines.config import DATASET_OPTIONS
 from pipelines.jobs import (
     REVIEWS_FILE_TAG,
@@ -52,7 +53,10 @@ __all__ = [
 DEFAULT_INCOMING_DIR = "data/incoming"
 DEFAULT_REVIEWS_DIR = "data/reviews"
 DEFAULT_SETTLE_SECONDS = 10.0
-DATASET_SUFFIXES: frozenset[str] = frozenset({".parquet", ".pq", ".csv", ".tsv"})
+DATASET_SUFFIXES: frozenset[str] = frozenset(
+    {".parquet", ".pq", ".csv", ".tsv"}
+    | {f"{table}{packed}" for table in (".csv", ".tsv") for packed in COMPRESSION_SUFFIXES}
+)
 REVIEW_SUFFIXES: frozenset[str] = frozenset({".parquet", ".pq", ".csv"})
 # Sensors tick every 30 s by default; a training run takes minutes, so faster buys nothing.
 MINIMUM_INTERVAL_SECONDS = 30
@@ -140,14 +144,14 @@ def scan_folder(
         return FolderScan([], {}, [])
     for path in sorted(folder.iterdir()):
         # Hidden and partial names are the temporary files of copies and atomic writes.
-        if path.name.startswith((".", "~")) or path.suffix.lower() not in wanted:
+        if path.name.startswith((".", "~")) or _suffix(path) not in wanted:
             continue
         try:
             if not path.is_file():
                 continue
             mtime = _mtime_ns(path)
             for suffix in companions:
-                sidecar = path.with_suffix(suffix)
+                sidecar = _companion(path, suffix)
                 if sidecar.is_file():
                     mtime = max(mtime, _mtime_ns(sidecar))
         except FileNotFoundError:  # removed between listing and stat
@@ -162,6 +166,20 @@ def scan_folder(
             new.append((mtime, path))
     new.sort(key=lambda item: (item[0], item[1].name))
     return FolderScan([p for _, p in new], cursor, waiting)
+
+
+def _suffix(path: Path) -> str:
+    """A file's data suffix: ``.csv`` for ``t.csv``, ``.csv.gz`` for ``t.csv.gz``."""
+    last = path.suffix.lower()
+    if last in COMPRESSION_SUFFIXES and len(path.suffixes) >= 2:
+        return path.suffixes[-2].lower() + last
+    return last
+
+
+def _companion(path: Path, suffix: str) -> Path:
+    """The sidecar of a data file: ``t.json`` for ``t.csv`` and for ``t.csv.gz``."""
+    stem = path.name[: len(path.name) - len(_suffix(path))]
+    return path.with_name(stem + suffix)
 
 
 def _settle_seconds() -> float:
@@ -180,7 +198,7 @@ def dataset_options(path: Path) -> dict[str, Any]:
     ValueError
         If the sidecar is not a JSON object of known option names.
     """
-    sidecar = path.with_suffix(".json")
+    sidecar = _companion(path, ".json")
     if not sidecar.is_file():
         return {}
     try:

@@ -235,3 +235,15 @@ def test_schedule_defaults_to_daily_and_reads_the_cron_from_the_environment() ->
 def test_schedule_refuses_a_bad_cron() -> None:
     with pytest.raises(ValueError, match="DM_AUDIT_SCHEDULE_CRON='every day'"):
         build_audit_schedule({"DM_AUDIT_SCHEDULE_CRON": "every day"})
+
+
+def test_compressed_tables_and_their_sidecars_are_picked_up(tmp_path: Path) -> None:
+    from pipelines.sensors import dataset_options
+
+    packed = _touch(tmp_path / "shop.csv.gz", age=120)
+    _touch(tmp_path / "model.pt.gz", age=120)  # compressed, but not a table
+    _touch(tmp_path / "shop.json", '{"label_column": "category"}', age=120)
+    scan = scan_folder(tmp_path, DATASET_SUFFIXES, {}, settle_seconds=5, companions=[".json"])
+    assert [p.name for p in scan.new] == ["shop.csv.gz"]
+    assert scan.cursor["shop.csv.gz"] >= packed
+    assert dataset_options(tmp_path / "shop.csv.gz") == {"label_column": "category"}
