@@ -205,3 +205,23 @@ def test_folds_are_stratified_seeded_and_balanced() -> None:
     assert abs(int((folds == 0).sum()) - int((folds == 1).sum())) <= 1
     with pytest.raises(ConfigError, match="2 folds"):
         fold_assignment(labels, 1, seed=0)
+
+
+def test_the_emphasis_reported_is_the_one_that_trained_the_models() -> None:
+    from types import SimpleNamespace
+
+    from dm_audit.audit import AuditFit, CrossFit
+    from dm_audit.estimate import EmphasisChoice
+
+    requested = EmphasisChoice(1.0, 16.0, "from the noise estimate")
+    # The collapse guard halved fold 1's emphasis; fold 0 kept the requested one.
+    fits = [
+        SimpleNamespace(loss_params={"lam": 1.0, "beta": 16.0}),
+        SimpleNamespace(loss_params={"lam": 0.5, "beta": 8.0}),
+    ]
+    fitted = AuditFit(CrossFit(fits, np.array([0, 1])), requested, 0.0)
+    effective = fitted.effective_choice
+    assert (effective.lam, effective.beta) == (0.5, 8.0)
+    assert "softened by the collapse guard (fold 1)" in effective.reason
+    untouched = AuditFit(CrossFit(fits[:1], np.array([0, 0])), requested, 0.0)
+    assert untouched.effective_choice == requested
