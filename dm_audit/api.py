@@ -151,7 +151,8 @@ class LabelAuditor(ClassifierMixin, BaseEstimator):
             raise ConfigError("call fit before predict_proba")
         if isinstance(X, pd.DataFrame):
             raise ConfigError(
-                "predict_proba takes arrays; encode a DataFrame's columns as fit saw them first"
+                "predict and predict_proba take arrays (N, D) of numeric features; a DataFrame's "
+                "categorical columns would need the encoding fit chose"
             )
         array = np.asarray(X)
         if self._input_kind == "features":
@@ -167,17 +168,18 @@ class LabelAuditor(ClassifierMixin, BaseEstimator):
 
 def _dataset(X: Any, codes: np.ndarray, names: list[str]) -> tuple[Any, str]:
     from dm_audit.dataset import AuditDataset
-    from dm_audit.tabular import encode_tabular
+    from dm_audit.sources import read_tabular
 
     n = len(codes)
     ids = [str(i) for i in range(n)]
     if isinstance(X, pd.DataFrame):
-        encoded = encode_tabular(X.reset_index(drop=True), list(X.columns), ids, "X", strict=False)
-        if encoded.matrix.shape[1] == 0:
-            raise DataError("X has no usable input column")
-        features = encoded.matrix
+        if X.index.is_unique:
+            ids = [str(i) for i in X.index]  # the caller's row names, as the report's ids
+        notes: dict[str, Any] = {}
+        frame = X.reset_index(drop=True)
+        features = np.stack(read_tabular(frame, list(X.columns), ids, "X", notes, strict=False))
         data = AuditDataset.from_arrays(codes, features=features, classes=names, example_ids=ids)
-        data.notes["inputs"] = encoded.inputs
+        data.notes.update(notes)
         return data, "features"
     array = np.asarray(X)
     if array.ndim == 2 and np.issubdtype(array.dtype, np.number):

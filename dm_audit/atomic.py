@@ -381,8 +381,7 @@ def resolve_output_dir(
         listed = ", ".join(p.name for p in found[:5])
         raise ConfigError(
             f"output folder {out} already holds a previous run ({listed}); choose another folder, "
-            "or pass --overwrite to replace it, or --new-version to write next to it "
-            "(if_exists='overwrite' or 'version' from Python)"
+            "or pass --overwrite to replace it, or --new-version to write next to it"
         )
     if found and if_exists == "version":
         n = 2

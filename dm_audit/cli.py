@@ -320,7 +320,15 @@ def _print_audit(report, out_dir: Path | None) -> None:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     if out_dir is not None:
-        print(f"\nreports: {summary.get('out_dir', out_dir)}")
+        folder = summary.get("out_dir", out_dir)
+        print(f"\nreports: {folder}")
+        waiting = counts["needs_review"]
+        if waiting:
+            print(
+                f"next: {waiting} rows need a person's look: label_issues.parquet, rows whose "
+                "correction_source is needs_review; write decisions as example_id,label to a "
+                "CSV and re-run with --reviews FILE --overwrite"
+            )
 
 
 def _fmt(value: Any) -> str:
@@ -335,6 +343,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     config = _audit_config(args)
     if args.out is not None:
         check_output_location(args.out, inputs=[args.input])
+        _refuse_previous_run(args)
     dataset = _load(args)
     if not args.quiet:
         # The first line of a log, written before torch is imported (seconds on a small machine).
@@ -367,6 +376,16 @@ def _audit_status(summary: dict[str, Any]) -> int:
         file=sys.stderr,
     )
     return EXIT_RETRAIN_WORSE
+
+
+def _refuse_previous_run(args: argparse.Namespace) -> None:
+    """Refuse an output folder holding a previous run now, not after loading the data."""
+    from dm_audit.atomic import resolve_output_dir
+    from dm_audit.reports import REPORT_FILES, REPORT_OWNED_FILES
+
+    resolve_output_dir(
+        args.out, if_exists=_if_exists(args), names=REPORT_FILES, owned=REPORT_OWNED_FILES
+    )
 
 
 def _announce(text: str) -> None:
@@ -681,7 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
+        # The same shape as the progress lines: time, "dm-audit:", the message.
+        format="%(asctime)s dm-audit: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
     )
     try:
         _check_launcher(args)

@@ -109,6 +109,8 @@ LABEL_ISSUES_SCHEMA = _schema(
         _f("label_issue_score", pa.float32()),
         _f("suggestion_confidence", pa.float32(), True),
         _f("p_given", pa.float32(), True),
+        # What the audit did with the row: auto_corrected, needs_review, ood_set_aside, ...
+        _f("correction_source", pa.string(), True),
     ],
 )
 
@@ -306,6 +308,8 @@ def label_issues_frame(examples: pd.DataFrame) -> pd.DataFrame:
     for opt in ("suggestion_confidence", "p_given"):
         if opt not in flagged.columns:
             flagged[opt] = np.nan
+    if "correction_source" not in flagged.columns:
+        flagged["correction_source"] = None
     flagged = flagged.sort_values(
         ["label_issue_score", "example_id"], ascending=[False, True], kind="stable"
     )

@@ -523,6 +523,12 @@ def table_to_dataset(
     columns = list(frame.columns)
     if len(frame) == 0:
         raise DataError(f"the table {source} has no rows")
+    if options.label_column not in columns and options.label_column == "label":
+        # The default name is missing: say how to name the table's own label column.
+        raise DataError(
+            f"label column 'label' not found in {source}{_closest('label', columns)}; name "
+            f"yours with --label-column (label_column from Python) (columns: {columns})"
+        )
     require_column(columns, options.label_column, "label column", source)
     frame = frame.reset_index(drop=True)
     id_column = options.id_column
@@ -694,7 +700,7 @@ def _read_inputs(
         if len(names) == 1 and _sniff(frame[names[0]]) == "list":
             notes["inputs"] = [{"column": names[0], "encoding": "vector"}]
             return "features", _read_vector_column(frame[names[0]], names[0], ids)
-        return "features", _read_tabular(frame, names, ids, source, notes, strict=True)
+        return "features", read_tabular(frame, names, ids, source, notes, strict=True)
     if options.image_column is not None:
         require_column(columns, options.image_column, "image column", source)
         _refuse_role(options.image_column, roles, "image column")
@@ -745,7 +751,7 @@ def _read_inputs(
     if ignored:
         notes["ignored_columns"] = ignored
     if kind == "tabular":
-        return "features", _read_tabular(frame, chosen, ids, source, notes, strict=False)  # type: ignore[arg-type]
+        return "features", read_tabular(frame, chosen, ids, source, notes, strict=False)  # type: ignore[arg-type]
     notes["inputs"] = [
         {"column": chosen, "encoding": "vector" if kind == "list" else f"image {kind}"}
     ]
@@ -754,7 +760,7 @@ def _read_inputs(
     return _read_image_column(frame, chosen, kind, options, ids, base_dir)  # type: ignore[arg-type]
 
 
-def _read_tabular(
+def read_tabular(
     frame: pd.DataFrame,
     names: Sequence[str],
     ids: Sequence[str],

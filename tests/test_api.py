@@ -86,3 +86,16 @@ def test_the_readme_example_runs() -> None:
     exec(compile(code, "README.md (Python API)", "exec"), namespace)
     issues = namespace["issues"]
     assert len(issues) == 1797 and issues["is_label_issue"].mean() > 0.1
+
+
+def test_a_dataframe_is_read_like_a_table_and_its_index_names_the_rows() -> None:
+    x, truth = _blobs()
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(5)])
+    frame["notes"] = [f"free text {i}" for i in range(len(frame))]
+    frame.index = [f"cust-{i}" for i in range(len(frame))]
+    auditor = dm_audit.LabelAuditor(**FAST).fit(frame, truth)
+    assert auditor.report_["example_id"].tolist() == frame.index.tolist()
+    read = auditor.summary_["input"]
+    assert [e["column"] for e in read["ignored_columns"]] == ["notes"]
+    with pytest.raises(Exception, match="predict and predict_proba take arrays"):
+        auditor.predict(frame)

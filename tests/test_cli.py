@@ -194,3 +194,12 @@ def test_bad_input_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
     )
     assert done.stdout.split() == ["2", "False", "False"], done.stdout + done.stderr
     assert "1 class(es)" in done.stderr
+
+
+def test_a_missing_default_label_column_names_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "t.csv"
+    source.write_text("segment,f0\nant,1\nbee,2\n")
+    assert main(["audit", "--input", str(source), "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
+    assert "--label-column" in capsys.readouterr().err

@@ -76,8 +76,9 @@ def test_schemas_are_exact_and_versioned() -> None:
     assert EXAMPLES_SCHEMA.field("true_label").nullable
     assert LABEL_ISSUES_SCHEMA.names == [
         "example_id", "given_label", "suggested_label", "label_issue_score",
-        "suggestion_confidence", "p_given",
+        "suggestion_confidence", "p_given", "correction_source",
     ]  # fmt: skip
+    assert LABEL_ISSUES_SCHEMA.field("correction_source").nullable
     assert CORRECTED_LABELS_SCHEMA.names == [
         "example_id", "original_label", "corrected_label", "source",
     ]  # fmt: skip
