@@ -211,6 +211,7 @@ def _audit_config(args: argparse.Namespace):
     return AuditConfig(
         model=args.model,
         epochs=args.epochs,
+        probe_epochs=args.probe_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         device=args.device,
@@ -222,6 +223,7 @@ def _audit_config(args: argparse.Namespace):
         ood_threshold=args.ood_threshold,
         min_correction_confidence=args.min_confidence,
         correction_source=args.correction_source,
+        knn_k=args.knn_k,
         retrain=not args.no_retrain,
         progress=not args.quiet,
     )
@@ -274,6 +276,19 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--no-retrain", action="store_true", help="stop after the corrections (no final model)"
+    )
+    group.add_argument(
+        "--probe-epochs",
+        type=int,
+        default=None,
+        help="epochs of the short probe training that estimates the noise (default: a quarter "
+        "of the audit's epochs)",
+    )
+    group.add_argument(
+        "--knn-k",
+        type=int,
+        default=10,
+        help="neighbours per example for the embedding-space label agreement (default 10)",
     )
 
 

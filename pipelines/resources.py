@@ -137,7 +137,9 @@ class AuditSettings(dg.ConfigurableResource):
     def audit_config(self, device: str) -> AuditConfig:
         """The library config for these settings on ``device``.
 
-        Progress bars are off: Dagster captures the logs and a bar per batch would flood them.
+        Progress goes to the step's log as plain lines (one at the start, one every 30 s, one at
+        the end: `dm_audit.progress`). Every row is retrained on its corrected label: the asset
+        graph always has a retrained model, so ``retrain`` is not a setting here.
 
         Raises
         ------
@@ -145,7 +147,7 @@ class AuditSettings(dg.ConfigurableResource):
             For invalid combinations (e.g. lam without beta), as the CLI would.
         """
         # Imported here so that loading the definitions (sensors, schedule) stays light.
-        from dm_audit.audit import AuditConfig
+        from dm_audit.config import AuditConfig
 
         return AuditConfig(
             model=self.model,
@@ -164,7 +166,7 @@ class AuditSettings(dg.ConfigurableResource):
             correction_source=self.correction_source,
             knn_k=self.knn_k,
             retrain=True,
-            progress=False,
+            progress=True,
         )
 
 

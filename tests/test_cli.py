@@ -203,3 +203,36 @@ def test_a_missing_default_label_column_names_the_option(
     source.write_text("segment,f0\nant,1\nbee,2\n")
     assert main(["audit", "--input", str(source), "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
     assert "--label-column" in capsys.readouterr().err
+
+
+def test_every_audit_option_is_settable_from_the_cli_and_dagster() -> None:
+    import dataclasses
+
+    from dm_audit.cli import _audit_config
+    from dm_audit.config import AuditConfig
+    from pipelines.resources import AuditSettings
+
+    fields = {f.name for f in dataclasses.fields(AuditConfig)}
+    argv = ["audit", "--input", "digits", "--out", "o"]
+    changed = {
+        "model": ["--model", "mlp"], "epochs": ["--epochs", "3"],
+        "probe_epochs": ["--probe-epochs", "2"], "batch_size": ["--batch-size", "64"],
+        "lr": ["--lr", "0.05"], "device": ["--device", "cpu"], "seed": ["--seed", "7"],
+        "lam": ["--lam", "1", "--beta", "4"], "beta": [],
+        "label_issue_threshold": ["--threshold", "0.6"], "top_k": [],
+        "ood_threshold": ["--ood-threshold", "0.9"],
+        "min_correction_confidence": ["--min-confidence", "0.7"],
+        "correction_source": ["--correction-source", "proselflc"], "knn_k": ["--knn-k", "5"],
+        "retrain": ["--no-retrain"], "progress": ["--quiet"],
+    }  # fmt: skip
+    assert set(changed) | {"top_k"} == fields  # --top-k excludes --threshold: checked below
+    flags = [flag for given in changed.values() for flag in given]
+    config = _audit_config(build_parser().parse_args(argv + flags))
+    default = AuditConfig()
+    moved = {f for f in fields if getattr(config, f) != getattr(default, f)}
+    assert moved == fields - {"top_k"}
+    top = _audit_config(build_parser().parse_args([*argv, "--top-k", "9"]))
+    assert top.top_k == 9
+    # Dagster: every option but the device (the runtime resource's), the retrain (the asset
+    # graph always has one) and progress (always plain lines in the step's log).
+    assert fields - set(AuditSettings.model_fields) == {"device", "retrain", "progress"}
