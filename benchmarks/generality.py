@@ -62,6 +62,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from dm_audit.atomic import to_jsonable
 from dm_audit.dataset import AuditDataset, default_ids
 from dm_audit.noise import inject_instance_dependent, inject_pair, inject_symmetric
 from dm_audit.sources import load_source
@@ -759,7 +760,9 @@ def write_results(out: Path, provenance: dict[str, Any], rows: list[dict[str, An
     summary = {split: summary_f1(rows, split) for split in SPLITS}
     per_dataset = wins(rows)
     document = {**provenance, "summary": summary, "wins": per_dataset, "rows": rows}
-    (out / "generality.json").write_text(json.dumps(_plain(document), indent=1))
+    (out / "generality.json").write_text(
+        json.dumps(to_jsonable(document), indent=1, allow_nan=False)
+    )
 
     machine, load = provenance["machine"], provenance["load_average"]
     datasets = provenance["datasets"]
@@ -899,19 +902,6 @@ def write_results(out: Path, provenance: dict[str, Any], rows: list[dict[str, An
             *split_tables(rows, split),
         ]
     (out / "generality.md").write_text("\n".join(lines))
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready: NaN becomes null, NumPy scalars Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def describe(spec: DatasetSpec, data: BenchData) -> dict[str, Any]:

@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import load_benchmark
 
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("bench_compare", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_compare"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_compare", None)
+    yield from load_benchmark("compare")
 
 
 def test_cleanlab_is_imported_only_inside_the_cleanlab_runner():

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import load_benchmark
 
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "generality.py"
 
 
 @pytest.fixture(scope="module")
 def generality():
-    spec = importlib.util.spec_from_file_location("bench_generality", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_generality"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_generality", None)
+    yield from load_benchmark("generality")
 
 
 def _top_level_imports(path: Path) -> list[str]:
