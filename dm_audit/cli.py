@@ -358,8 +358,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     config = _audit_config(args)
     if args.out is not None:
         check_output_location(args.out, inputs=[args.input])
-        _refuse_previous_run(args)
     dataset = _load(args)
+    if args.out is not None:
+        _refuse_previous_run(args)
     if not args.quiet:
         # The first line of a log, written before torch is imported (seconds on a small machine).
         _announce(f"auditing {len(dataset)} rows of {dataset.source} ({dataset.n_classes} classes)")
@@ -394,7 +395,7 @@ def _audit_status(summary: dict[str, Any]) -> int:
 
 
 def _refuse_previous_run(args: argparse.Namespace) -> None:
-    """Refuse an output folder holding a previous run now, not after loading the data."""
+    """Refuse an output folder holding a previous run now, before torch is imported."""
     from dm_audit.atomic import resolve_output_dir
     from dm_audit.reports import REPORT_FILES, REPORT_OWNED_FILES
 
