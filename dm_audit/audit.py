@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from dm_audit import correction, estimate, flags, neighbours, reports
+from dm_audit import correction, duplicates, estimate, flags, neighbours, reports
 from dm_audit.atomic import check_output_location, resolve_output_dir
 from dm_audit.config import AuditConfig
 from dm_audit.dataset import AuditDataset
@@ -72,6 +72,13 @@ OOD_FDR = 0.05
 # A flagged example whose OOD score exceeds that of 75 % of the unflagged examples is sent to
 # review instead of being corrected automatically.
 OOD_REVIEW_FPR = 0.25
+# Columns `flag_examples` adds from `dm_audit.duplicates`.
+DUPLICATE_COLUMNS = (
+    "near_duplicate_score",
+    "is_near_duplicate",
+    "near_duplicate_set",
+    "is_leaked_duplicate",
+)
 # The retrained models count as worse than the audit models when the one-sided exact McNemar
 # test on the rows only one of them gets right says so at this conventional level (the
 # Dagster check `retrain_not_worse` uses the same default); the CLI then exits with status 3.
@@ -271,6 +278,8 @@ class Flags:
     noise_estimate: estimate.NoiseEstimate
     knn_votes: np.ndarray
     issue_weights: dict[str, float] = field(default_factory=dict)
+    # Counts of `duplicates.Duplicates.summary`, and the rows leaked into a held-out split.
+    duplicates: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -859,6 +868,16 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         knn_agreement=agreement,
         weights=weights,
     )
+    dups = duplicates.find_duplicates(
+        dataset.inputs(),
+        seed=config.seed,
+        progress="flags: duplicates" if config.progress else None,
+    )
+    conflict = duplicates.conflict_evidence(dups, labels, scores.ensemble_probs())
+    has_conflict = ~np.isnan(conflict)
+    # A copy of an input labelled otherwise is direct evidence that one of the two labels is
+    # wrong, not a model's estimate: it weighs as much as all the other evidence together.
+    issue_score[has_conflict] = (issue_score[has_conflict] + conflict[has_conflict]) / 2.0
     # How many rows to flag: the confident joint of two models of each fold, the probe's and
     # the audit's, averaged. Each fold model errs confidently on some rows it never saw; two
     # independently trained ones rarely agree on those, so the mean counts fewer model errors
@@ -878,6 +897,9 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         is_issue = flags.flag_by_class_counts(
             issue_score, labels, flags.issue_counts_per_class(noise, labels)
         ) & (issue_score >= flags.NEUTRAL_ISSUE_SCORE)
+        # The confident joint counts what the models doubt; a duplicate labelled against its
+        # set's consensus is flagged on its own evidence, counted or not.
+        is_issue |= (conflict == 1.0) & (issue_score >= flags.NEUTRAL_ISSUE_SCORE)
         threshold = float(np.min(issue_score[is_issue])) if is_issue.any() else 1.0
 
     p_given = table["p_given"].to_numpy()
@@ -913,14 +935,16 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         ood_threshold,
         flags.auto_ood_threshold(ood, reference_mask=~is_issue, fpr=OOD_REVIEW_FPR),
     )
+    ids = table["example_id"].to_numpy(dtype=object)
     out = pd.DataFrame(
         {
-            "example_id": table["example_id"].to_numpy(),
+            "example_id": ids,
             "knn_agreement": agreement,
             "label_issue_score": issue_score,
             "is_label_issue": is_issue,
             "ood_score": ood,
             "is_ood": is_ood,
+            **_duplicate_columns(dups, ids, dataset.table["split"].to_numpy()),
         }
     )
     return Flags(
@@ -932,7 +956,26 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         noise,
         votes,
         weights,
+        duplicates={
+            **dups.summary(labels),
+            "leaked_rows": int(out["is_leaked_duplicate"].sum()),
+        },
     )
+
+
+def _duplicate_columns(
+    dups: duplicates.Duplicates, ids: np.ndarray, split: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The duplicate columns of examples.parquet: a set is named by its first member's id."""
+    set_names = np.full(len(ids), None, dtype=object)
+    member = dups.set_id >= 0
+    set_names[member] = ids[dups.set_id[member]]
+    return {
+        "near_duplicate_score": dups.score,
+        "is_near_duplicate": dups.is_near_duplicate,
+        "near_duplicate_set": set_names,
+        "is_leaked_duplicate": duplicates.leaked_rows(dups, split),
+    }
 
 
 def correct_labels(
@@ -1238,8 +1281,16 @@ def build_report(
             "predicted_prob": scores.table["predicted_prob"].to_numpy(),
         }
     )
-    for column in ("knn_agreement", "label_issue_score", "is_label_issue", "ood_score", "is_ood"):
-        examples[column] = flag_result.table[column].to_numpy()
+    for column in (
+        "knn_agreement",
+        "label_issue_score",
+        "is_label_issue",
+        "ood_score",
+        "is_ood",
+        *DUPLICATE_COLUMNS,
+    ):
+        if column in flag_result.table:
+            examples[column] = flag_result.table[column].to_numpy()
     for column in (
         "suggested_label",
         "suggestion_confidence",
@@ -1285,6 +1336,7 @@ def build_report(
             },
         },
         "label_issue_weights": flag_result.issue_weights,
+        "duplicates": flag_result.duplicates,
         "thresholds": {
             "label_issue": flag_result.label_issue_threshold,
             "ood": flag_result.ood_threshold,

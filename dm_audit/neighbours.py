@@ -38,6 +38,7 @@ __all__ = [
     "ArrayEmbeddings",
     "EmbeddingChunks",
     "IndexKind",
+    "Metric",
     "ParquetEmbeddings",
     "as_chunks",
     "build_index",
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 IndexKind = Literal["auto", "flat", "ivf"]
+# "cosine": inner product of L2-normalised rows (model embeddings, whose length carries
+# confidence rather than position); "l2": Euclidean distance of the rows as they are (input
+# space, where two rows on one ray from the origin are not the same row).
+Metric = Literal["cosine", "l2"]
 # An exact search costs N^2 E: at 200k rows of 256-d embeddings about 10^13 multiply-adds, a few
 # minutes on two cores, which is where an approximate IVF index (4 sqrt(N) lists, 16 visited,
 # so about 4 / sqrt(N) of that work) starts to pay; below it exact search is fast and free of
@@ -208,6 +213,13 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
+def _prepared(block: np.ndarray, metric: Metric) -> np.ndarray:
+    """Rows as faiss takes them: normalised for cosine, contiguous float32 for L2."""
+    if metric == "cosine":
+        return normalise(block)
+    return np.ascontiguousarray(block, dtype=np.float32)
+
+
 def _selected(block: np.ndarray, start: int, positions: np.ndarray | None) -> np.ndarray:
     """Rows of `block` (rows ``start..``) whose row numbers are in sorted `positions`."""
     if positions is None:
@@ -224,6 +236,7 @@ def build_index(
     ivf_threshold: int = IVF_THRESHOLD,
     nprobe: int = 16,
     seed: int = 0,
+    metric: Metric = "cosine",
 ) -> object:
     """A faiss inner-product index of the normalised embeddings of `base_rows`.
 
@@ -242,6 +255,8 @@ def build_index(
         IVF lists visited per query (capped at the number of lists; equal to it is exact).
     seed : int
         Seeds the IVF training sample and its k-means.
+    metric : {"cosine", "l2"}
+        Inner product of normalised rows, or Euclidean distance of the rows as they are.
 
     Returns
     -------
@@ -251,20 +266,27 @@ def build_index(
 
     if kind not in ("auto", "flat", "ivf"):
         raise ConfigError(f"index must be 'auto', 'flat' or 'ivf', got {kind!r}")
+    if metric not in ("cosine", "l2"):
+        raise ConfigError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+    flat = faiss.IndexFlatIP if metric == "cosine" else faiss.IndexFlatL2
     rows = None if base_rows is None else np.asarray(base_rows, dtype=np.int64)
     n = source.n_rows if rows is None else int(rows.size)
     d = source.dim
     use_ivf = kind == "ivf" or (kind == "auto" and n > ivf_threshold)
     if not use_ivf:
-        index = faiss.IndexFlatIP(d)
+        index = flat(d)
     else:
         # About 4 sqrt(N) lists, but at least 39 training points per centroid (faiss' minimum).
         nlist = int(max(1, min(round(IVF_LISTS_PER_SQRT_N * math.sqrt(n)), n // 39)))
-        quantizer = faiss.IndexFlatIP(d)
+        quantizer = flat(d)
         # float16 keeps cosine similarities of unit vectors to about 1e-4 (8-bit codes found
         # only 75 % of the exact neighbours of 1M audit embeddings, which lie very close).
         index = faiss.IndexIVFScalarQuantizer(
-            quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+            quantizer,
+            d,
+            nlist,
+            faiss.ScalarQuantizer.QT_fp16,
+            faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2,
         )
         index.cp.seed = seed
         rng = np.random.default_rng(seed)
@@ -282,23 +304,23 @@ def build_index(
         sample = np.empty((n_train, d), dtype=np.float32)
         filled = 0
         for start, block in source.chunks():
-            part = normalise(_selected(block, start, sample_rows))
+            part = _prepared(_selected(block, start, sample_rows), metric)
             sample[filled : filled + len(part)] = part
             filled += len(part)
         index.train(sample)
         del sample
         index.nprobe = int(min(nlist, max(1, nprobe)))
-        _add_to_reserved_lists(index, source, rows, n)
+        _add_to_reserved_lists(index, source, rows, n, metric)
         return index
     for start, block in source.chunks():
         part = _selected(block, start, rows)
         if len(part):
-            index.add(normalise(part))
+            index.add(_prepared(part, metric))
     return index
 
 
 def _add_to_reserved_lists(
-    index: object, source: EmbeddingChunks, rows: np.ndarray | None, n: int
+    index: object, source: EmbeddingChunks, rows: np.ndarray | None, n: int, metric: Metric
 ) -> None:
     """Add the rows to a trained IVF index, each inverted list sized exactly beforehand.
 
@@ -316,7 +338,7 @@ def _add_to_reserved_lists(
     for start, block in source.chunks():
         part = _selected(block, start, rows)
         if len(part):
-            _, nearest = quantizer.search(normalise(part), 1)
+            _, nearest = quantizer.search(_prepared(part, metric), 1)
             assigned[filled : filled + len(part)] = nearest.ravel()
             filled += len(part)
     counts = np.bincount(assigned, minlength=index.nlist)  # type: ignore[attr-defined]
@@ -332,7 +354,7 @@ def _add_to_reserved_lists(
         part = _selected(block, start, rows)
         m = len(part)
         if m:
-            vectors = normalise(part)
+            vectors = _prepared(part, metric)
             ids = np.arange(filled, filled + m, dtype=np.int64)
             where = np.ascontiguousarray(assigned[filled : filled + m])
             # The Python wrapper has no add with precomputed lists; the C++ call takes them.
@@ -351,6 +373,7 @@ def search(
     self_positions: np.ndarray | None = None,
     batch_size: int = 16_384,
     progress: str | None = None,
+    metric: Metric = "cosine",
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest index entries of every query row, optionally excluding the query itself.
 
@@ -374,11 +397,14 @@ def search(
     progress : str, optional
         Label of a progress bar (queries/s, ETA) shown once the search outlasts
         `PROGRESS_DELAY_S`; None shows none.
+    metric : {"cosine", "l2"}
+        The index's metric (`build_index`).
 
     Returns
     -------
     similarities : np.ndarray, shape (N, k), float32
-        Cosine similarities, nearest first; -inf where no neighbour was found.
+        Cosine similarities, nearest first; -inf where no neighbour was found. With
+        ``metric="l2"``: minus the squared Euclidean distances, so nearest is still first.
     positions : np.ndarray, shape (N, k), int64
         Index positions of the neighbours; -1 where none was found.
     """
@@ -410,6 +436,8 @@ def search(
             return
         lo, hi = done, done + n_pending
         s, i = index.search(np.concatenate(pending), kk)  # type: ignore[attr-defined]
+        if metric == "l2":
+            s = -s
         if self_positions is not None:
             own = self_positions[lo:hi, None]
             hit = (i == own) & (own >= 0)
@@ -429,7 +457,7 @@ def search(
             pos = 0
             while pos < len(block):
                 take = min(batch_size - n_pending, len(block) - pos)
-                pending.append(normalise(block[pos : pos + take]))
+                pending.append(_prepared(block[pos : pos + take], metric))
                 n_pending += take
                 pos += take
                 if n_pending == batch_size:

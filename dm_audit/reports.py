@@ -92,6 +92,12 @@ EXAMPLES_SCHEMA = _schema(
         _f("is_label_issue", pa.bool_()),
         _f("ood_score", pa.float32()),
         _f("is_ood", pa.bool_()),
+        # Exact and near copies (`dm_audit.duplicates`); the set is named by one member's id.
+        _f("near_duplicate_score", pa.float32(), True),
+        _f("is_near_duplicate", pa.bool_(), True),
+        _f("near_duplicate_set", pa.string(), True),
+        # A row outside the training split with a copy inside it.
+        _f("is_leaked_duplicate", pa.bool_(), True),
         _f("suggested_label", pa.string()),
         _f("suggestion_confidence", pa.float32(), True),
         _f("corrected_label", pa.string(), True),
@@ -151,6 +157,7 @@ _UNIT_COLUMNS = (
     "knn_agreement",
     "label_issue_score",
     "ood_score",
+    "near_duplicate_score",
     "suggestion_confidence",
     "predicted_prob",
 )

@@ -63,8 +63,9 @@ def test_schemas_are_exact_and_versioned() -> None:
     assert EXAMPLES_SCHEMA.names == [
         "example_id", "split", "fold", "given_label", "true_label", "is_noisy", "p_given", "mean_p",
         "emphasis_weight", "predicted_label", "predicted_prob", "knn_agreement",
-        "label_issue_score", "is_label_issue", "ood_score", "is_ood", "suggested_label",
-        "suggestion_confidence", "corrected_label", "correction_source",
+        "label_issue_score", "is_label_issue", "ood_score", "is_ood",
+        "near_duplicate_score", "is_near_duplicate", "near_duplicate_set", "is_leaked_duplicate",
+        "suggested_label", "suggestion_confidence", "corrected_label", "correction_source",
     ]  # fmt: skip
     required = [f.name for f in EXAMPLES_SCHEMA if not f.nullable]
     assert required == [
