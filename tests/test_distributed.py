@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 from dm_audit import distributed
+from dm_audit.batches import EpochBatchSampler, split_batches
 from dm_audit.cli import main
 from dm_audit.errors import ConfigError
 from dm_audit.losses import create_loss
-from dm_audit.training import CHECKPOINT_NAME, _EpochBatchSampler, _split_batches
+from dm_audit.training import CHECKPOINT_NAME
 
 EPOCHS = 2
 # Summation order differs between one process and two: each feature is standardised by its own
@@ -102,9 +103,9 @@ def test_shards_partition_each_global_batch():
 
 def test_sampler_shards_are_the_single_process_batches():
     n, bs = 103, 16
-    single = list(_EpochBatchSampler(n, bs, torch.Generator().manual_seed(5)))
+    single = list(EpochBatchSampler(n, bs, torch.Generator().manual_seed(5)))
     ranks = [
-        list(_EpochBatchSampler(n, bs, torch.Generator().manual_seed(5), rank=r, world=2))
+        list(EpochBatchSampler(n, bs, torch.Generator().manual_seed(5), rank=r, world=2))
         for r in range(2)
     ]
     assert len(ranks[0]) == len(ranks[1]) == len(single)
@@ -144,7 +145,7 @@ def test_only_train_runs_under_torchrun(monkeypatch, tmp_path, capsys):
 
 
 def test_global_batch_sizes_cover_the_epoch():
-    sizes = [len(b) for b in _split_batches(torch.arange(1258), 128)]
+    sizes = [len(b) for b in split_batches(torch.arange(1258), 128)]
     assert sum(sizes) == 1258 and min(sizes) >= 2
 
 

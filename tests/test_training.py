@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +11,10 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
+from dm_audit.batches import augmentation
+from dm_audit.collapse_guard import CollapseGuard
 from dm_audit.errors import ConfigError, DataError
+from dm_audit.losses import create_loss
 from dm_audit.metrics import balanced_accuracy_vs_chance
 from dm_audit.noise import inject_symmetric
 from dm_audit.training import (
@@ -21,8 +23,6 @@ from dm_audit.training import (
     MLP_WEIGHT_DECAY,
     FitResult,
     TrainConfig,
-    _augmentation,
-    _Trainer,
     fit,
     predict_proba,
     resolve_device,
@@ -408,6 +408,54 @@ def test_resume_after_a_recovery_is_bit_identical(digits, tmp_path):
     assert resumed.loss_params == full.loss_params == {"lam": 0.5, "beta": 32.0}
 
 
+def test_the_result_reports_the_emphasis_a_recovery_left(digits):
+    # The guard halves lambda and beta and doubles the ramp (to at least 0.25): the result
+    # reports the weighting that trained the final model, not the configured one.
+    x_train, _, y_train, _ = digits
+    config = TrainConfig(model="mlp", epochs=8, progress=False, **COLLAPSING)
+    result = fit(x_train, y_train, config, num_classes=10)
+    assert [e["action"] for e in result.events] == ["rollback"]
+    assert result.config.loss_params == {"lam": 1.0, "beta": 64.0}
+    assert result.effective_loss_params == {"lam": 0.5, "beta": 32.0, "ramp": 0.25}
+    assert result.lr_scale == 1.0
+    # The reported parameters rebuild the loss that trained the final model.
+    loss = create_loss(config.loss, **result.effective_loss_params)
+    assert loss.weighting.params == {"lam": 0.5, "beta": 32.0} and loss.ramp == 0.25
+
+
+@pytest.mark.parametrize(
+    ("loss", "params", "effective"),
+    [
+        # DM's defaults are filled in; the configured ramp (0.2) is the one in force.
+        ("dm", {}, {"lam": 0.5, "beta": 8.0, "ramp": 0.2}),
+        ("cce", {}, {}),
+    ],
+)
+def test_without_a_recovery_the_effective_emphasis_is_the_configured_one(
+    digits, loss, params, effective
+):
+    result = _fit(digits, loss=loss, loss_params=params, epochs=1)
+    assert result.events == []
+    assert result.effective_loss_params == effective and result.lr_scale == 1.0
+
+
+def test_a_recovery_without_emphasis_parameters_halves_the_learning_rate():
+    guard = CollapseGuard(TrainConfig(loss="cce", progress=False), label_share=0.1, total_iters=10)
+    guard.snapshot = {"epoch": 1, "global_iter": 2}
+    history = [
+        {"epoch": 2, "discarded": False, "collapsed": False, "alarm": "dead_classes"},
+        {"epoch": 3, "discarded": False, "collapsed": False, "alarm": "dead_classes"},
+    ]
+    entry = history[-1] | {"pred_share": 0.5, "train_acc": 0.1}
+    history[-1] = entry
+    events: list[dict] = []
+    target = guard.recover(entry, history, events)
+    assert target == guard.snapshot and target is not guard.snapshot  # a copy to restore
+    assert (guard.attempt, guard.lr_scale, guard.ramp, guard.loss_params) == (1, 0.5, 0.4, {})
+    assert all(h["discarded"] for h in history)
+    assert events[0]["action"] == "rollback" and events[0]["rollback_to_epoch"] == 1
+
+
 def _imbalanced_blobs(
     counts: tuple[int, ...] = (980, 10, 10), *, informative: bool = True, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -487,12 +535,10 @@ def test_a_run_that_ignores_its_input_is_caught_on_imbalanced_labels():
 
 
 def _diagnose(label_share: float, **entry: float) -> str | None:
-    """`_Trainer.diagnose` of one epoch's statistics, after the emphasis ramp."""
-    trainer = SimpleNamespace(
-        config=TrainConfig(progress=False), label_share=label_share, checks_complete=lambda: True
-    )
+    """`CollapseGuard.diagnose` of one epoch's statistics, after the emphasis ramp."""
+    guard = CollapseGuard(TrainConfig(progress=False), label_share=label_share, total_iters=1)
     stats = {"loss": 1.0, "dead_class_share": 0.0, **entry}
-    return _Trainer.diagnose(trainer, stats)
+    return guard.diagnose(stats, all_checks=True)
 
 
 def test_one_class_predictions_are_a_collapse_only_at_chance():
@@ -518,7 +564,7 @@ def test_crop_shift_scales_with_small_images(size, max_shift):
     # A bright pixel in the middle of a dark image moves by at most the padding.
     image = torch.zeros((1, size, size), dtype=torch.uint8)
     image[0, size // 2, size // 2] = 255
-    transform = _augmentation("crop", (size, size, 1))
+    transform = augmentation("crop", (size, size, 1))
     torch.manual_seed(0)
     shifts = set()
     for _ in range(200):

@@ -1,0 +1,303 @@
+"""Batches for training and inference: input checks, shuffled (augmented) batches, scaling.
+
+Feature tables and un-augmented images are batched from in-memory tensors (index slicing, no
+DataLoader: several times faster on CPU); augmented images go through a DataLoader whose dataset
+applies ``torchvision.transforms.v2`` per example on uint8 tensors. The conversion to float and
+the standardisation (:func:`prepare_batch`) run on the training device, so uint8 images cross
+the bus at a quarter of the float size.
+
+Batch order comes from one seeded generator whose state is checkpointed, so a resumed run draws
+the same batches as an uninterrupted one. Under data-parallel training every rank draws the same
+permutation and takes its own slice of each global batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dm_audit import distributed
+from dm_audit.errors import ConfigError, DataError
+from dm_audit.models import AuditModel
+
+if TYPE_CHECKING:
+    from dm_audit.train_config import TrainConfig
+
+__all__ = [
+    "EpochBatchSampler",
+    "TrainData",
+    "augmentation",
+    "check_inputs",
+    "check_labels",
+    "input_stats",
+    "n_batches",
+    "prepare_batch",
+    "split_batches",
+]
+
+# In-memory tensors above this size stay in host memory and are copied per batch.
+_DEVICE_DATA_LIMIT = 1 << 30
+# Rows sampled for the standardisation statistics.
+_STATS_SAMPLE = 20000
+
+
+def prepare_batch(model: AuditModel, x: torch.Tensor) -> torch.Tensor:
+    """Turn a raw batch into the model's float input, on the batch's device.
+
+    Parameters
+    ----------
+    model : AuditModel
+        Supplies ``input_mean`` / ``input_std``.
+    x : torch.Tensor
+        Features, float ``(B, D)``, or images, uint8 ``(B, C, H, W)`` (any memory format).
+
+    Returns
+    -------
+    torch.Tensor
+        float32, standardised: ``(x - mean) / std`` (images first scaled to [0, 1]).
+    """
+    mean = model.input_mean.to(x.device)
+    std = model.input_std.to(x.device)
+    if x.ndim == 4:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return (x.float() - mean) / std
+
+
+def check_inputs(inputs: Any, name: str = "inputs") -> np.ndarray:
+    """``inputs`` as float32 features ``(N, D)`` or uint8 images ``(N, H, W, C)``.
+
+    Raises :class:`DataError` naming ``name`` and the first bad value or the wrong shape.
+    """
+    x = np.asarray(inputs)
+    if x.ndim == 2:
+        if not np.issubdtype(x.dtype, np.number):
+            raise DataError(f"{name}: features must be numeric, got dtype {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise DataError(f"{name}: non-finite feature value at row {row}, column {col}")
+        return x
+    if x.ndim == 4:
+        if x.dtype != np.uint8:
+            raise DataError(f"{name}: images must be uint8 (N, H, W, C), got dtype {x.dtype}")
+        if x.shape[-1] not in (1, 3, 4):
+            raise DataError(f"{name}: images must be (N, H, W, C) with C in 1, 3, 4; got {x.shape}")
+        return x
+    raise DataError(
+        f"{name}: expected float features (N, D) or uint8 images (N, H, W, C), got shape {x.shape}"
+    )
+
+
+def check_labels(
+    labels: Any, n: int, num_classes: int, name: str, *, allow_open: bool
+) -> np.ndarray:
+    """``labels`` as int64 codes ``(n,)``; :class:`DataError` naming the first bad row.
+
+    Codes lie in ``0..num_classes-1``, or are ``-1`` (open-set examples) with ``allow_open``.
+    """
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise DataError(f"{name}: expected shape ({n},), got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{name}: labels must be integer codes, got dtype {y.dtype}")
+    low = -1 if allow_open else 0
+    bad = np.flatnonzero((y < low) | (y >= num_classes))
+    if bad.size:
+        raise DataError(
+            f"{name}: row {bad[0]} has label {y[bad[0]]}, outside {low}..{num_classes - 1}"
+        )
+    return y.astype(np.int64)
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    """Batches of an epoch over ``n`` examples."""
+    # A last batch of one example is folded into the one before (BatchNorm needs two).
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
+
+
+def split_batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``perm`` cut into the epoch's batches (see `n_batches`)."""
+    n = perm.numel()
+    bounds = [min(n, i * batch_size) for i in range(n_batches(n, batch_size))] + [n]
+    return [perm[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Shuffled batches from a seeded generator (its state is checkpointed).
+
+    Under data-parallel training every rank draws the same permutation and yields its own
+    slice of each global batch (:func:`dm_audit.distributed.shard`).
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1
+    ) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = torch.randperm(self.n, generator=self.generator)
+        for batch in split_batches(perm, self.batch_size):
+            if self.world > 1:
+                batch = distributed.shard(batch, self.rank, self.world)
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return n_batches(self.n, self.batch_size)
+
+
+class _AugmentedImages(Dataset):
+    """uint8 NHWC images -> augmented uint8 CHW tensors (torchvision.transforms.v2)."""
+
+    def __init__(self, images: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        return self.transform(img), i
+
+
+def augmentation(
+    kind: str, shape: tuple[int, ...]
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The transform of ``TrainConfig.augment`` for examples of ``shape``; None: no augmentation.
+
+    "auto": pad-and-crop plus horizontal flip for colour images up to 64 px, crop only for
+    grayscale ones (flipping digits or letters changes their meaning), flip only for larger
+    images; nothing for features.
+    """
+    if len(shape) != 3:
+        return None
+    h, w, c = shape
+    if kind == "auto":
+        if max(h, w) <= 64:
+            kind = "crop_flip" if c >= 3 else "crop"
+        else:
+            kind = "flip"
+    if kind == "none":
+        return None
+    from torchvision.transforms import v2
+
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    if kind in ("crop_flip", "crop"):
+        # CIFAR's 4-pixel shift, scaled down for smaller images: 4 px moves an 8x8 digit half
+        # off its canvas and the network learns nothing (measured: test accuracy 0.24 vs 0.95).
+        steps.append(v2.RandomCrop((h, w), padding=min(4, max(1, min(h, w) // 8))))
+    if kind in ("crop_flip", "flip"):
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+class TrainData:
+    """The training set: yields ``(indices, raw_x, y)`` batches on the device for one epoch.
+
+    Also keeps the arrays themselves (``inputs``, ``labels_np``) for eval-mode passes over the
+    training set, and the share of each class in the labels (``label_freq``, ``(C,)``).
+    """
+
+    def __init__(
+        self,
+        inputs: np.ndarray,
+        labels: np.ndarray,
+        num_classes: int,
+        device: torch.device,
+        config: TrainConfig,
+        generator: torch.Generator,
+        dist_info: distributed.DistInfo | None = None,
+    ) -> None:
+        self.n = len(labels)
+        self.inputs, self.labels_np = inputs, labels
+        self.label_freq = np.bincount(labels, minlength=num_classes) / self.n
+        self.device = device
+        self.batch_size = config.batch_size
+        self.generator = generator
+        self.rank, self.world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+        # Sizes of the global batches of an epoch (a rank's local batches are slices of them).
+        self.global_sizes = [len(b) for b in split_batches(torch.arange(self.n), self.batch_size)]
+        if self.world > 1 and min(self.global_sizes) < self.world:
+            raise ConfigError(
+                f"TrainConfig.batch_size {self.batch_size} on {self.n} examples leaves a batch of "
+                f"{min(self.global_sizes)}, fewer than the {self.world} processes: every process "
+                "needs at least one example per step"
+            )
+        self.labels = torch.from_numpy(labels).to(device)
+        self.transform = augmentation(config.augment, inputs.shape[1:])
+        self.loader: DataLoader | None = None
+        if self.transform is not None:
+            workers = config.num_workers
+            if workers < 0:
+                workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+            # No persistent workers: each epoch draws the workers' seeds from the (restorable)
+            # global torch RNG, which keeps augmentation reproducible across a resume.
+            self.loader = DataLoader(
+                _AugmentedImages(inputs, self.transform),
+                batch_sampler=EpochBatchSampler(
+                    self.n, self.batch_size, generator, self.rank, self.world
+                ),
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+            )
+            self.x = None
+        else:
+            x = torch.from_numpy(inputs)
+            if x.ndim == 4:
+                x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last strides
+            if x.element_size() * x.nelement() <= _DEVICE_DATA_LIMIT or device.type == "cpu":
+                self.x = x.to(device)
+            else:
+                self.x = x.pin_memory() if device.type == "cuda" else x
+
+    def __len__(self) -> int:
+        return n_batches(self.n, self.batch_size)
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One epoch's batches, in the order the seeded generator draws."""
+        nb = self.device.type == "cuda"
+        if self.loader is not None:
+            for xb, idx in self.loader:
+                idx = idx.to(self.device, non_blocking=nb)
+                yield idx, xb.to(self.device, non_blocking=nb), self.labels[idx]
+            return
+        assert self.x is not None
+        perm = torch.randperm(self.n, generator=self.generator)
+        for idx in split_batches(perm, self.batch_size):
+            if self.world > 1:
+                idx = distributed.shard(idx, self.rank, self.world)
+            if self.x.device == self.device:
+                idx = idx.to(self.device, non_blocking=nb)
+                xb = self.x[idx]
+            else:
+                xb = self.x[idx].to(self.device, non_blocking=nb)
+                idx = idx.to(self.device, non_blocking=nb)
+            yield idx, xb, self.labels[idx]
+
+
+def input_stats(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Standardisation statistics: per feature ``(D,)`` or per image channel ``(C,)``."""
+    step = max(1, len(inputs) // _STATS_SAMPLE)
+    sample = inputs[::step]
+    if inputs.ndim == 2:
+        x = sample.astype(np.float64)
+        mean, std = x.mean(axis=0), x.std(axis=0)
+        # Each feature is scaled by its own spread, whatever its units: raw tables mix columns
+        # of 1e-3 and 1e4, and a floor shared across features would flatten the small ones.
+        # A feature constant up to rounding (spread below 1e-6 of its magnitude) is only
+        # centred, so rounding noise is not blown up into signal.
+        constant = std <= 1e-6 * np.maximum(np.abs(mean), np.finfo(np.float32).tiny)
+        return mean.astype(np.float32), np.where(constant, 1.0, std).astype(np.float32)
+    x = sample.astype(np.float64) / 255.0
+    mean = x.mean(axis=(0, 1, 2))
+    std = np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
+    return mean.astype(np.float32), std.astype(np.float32)
