@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from dm_audit import correction, duplicates, estimate, flags, neighbours, reports
+from dm_audit import class_health, correction, duplicates, estimate, flags, neighbours, reports
 from dm_audit.atomic import check_output_location, resolve_output_dir
 from dm_audit.config import AuditConfig
 from dm_audit.dataset import AuditDataset
@@ -334,6 +334,10 @@ class AuditReport:
     metrics: pd.DataFrame
     summary: dict[str, Any]
     figures: dict[str, Any] = field(default_factory=dict)
+    # Per-class label health (`class_health.class_health`), written as classes.parquet.
+    classes: pd.DataFrame | None = None
+    # The self-contained report.html (`html_report.render_report`).
+    html: str | None = None
     # The final cross-fitted models (the retrained ones, or the audit's without a retrain), for
     # predictions on new inputs (`dm_audit.api.LabelAuditor`); not written to disk.
     final_models: CrossFit | None = None
@@ -1303,6 +1307,13 @@ def build_report(
         examples["true_label"] = data.table["true_label"].to_numpy(dtype=object)
         examples["is_noisy"] = given != truth
 
+    classes_frame, health = class_health.class_health(
+        flag_result.noise_estimate.joint,
+        list(dataset.classes),
+        given,
+        examples["is_label_issue"].to_numpy(dtype=bool),
+        examples["is_ood"].to_numpy(dtype=bool),
+    )
     quality = compare_before_after(given, scores.probs, retrained.probs, corrections)
     source = corrections.table["correction_source"].value_counts()
     audit_choice, retrain_choice = audit_fit.effective_choice, retrained.effective_choice
@@ -1336,6 +1347,7 @@ def build_report(
             },
         },
         "label_issue_weights": flag_result.issue_weights,
+        "class_health": health,
         "duplicates": flag_result.duplicates,
         "thresholds": {
             "label_issue": flag_result.label_issue_threshold,
@@ -1390,6 +1402,11 @@ def build_report(
             flag_result.label_issue_threshold,
             is_flagged=is_issue,
         ),
+        "class_health": plots.plot_class_health(
+            classes_frame["class"].tolist(),
+            classes_frame["label_quality"].to_numpy(),
+            classes_frame["rows"].to_numpy(),
+        ),
         "noise_matrix": plots.plot_noise_matrix(
             flag_result.noise_estimate.matrix, list(dataset.classes)
         ),
@@ -1408,6 +1425,38 @@ def build_report(
         summary=summary,
         figures=figures,
         final_models=retrained.models or audit_fit.models,
+        classes=classes_frame,
+        html=_html_page(data, examples, classes_frame, summary, figures),
+    )
+
+
+def _html_page(
+    data: AuditDataset,
+    examples: pd.DataFrame,
+    classes_frame: pd.DataFrame,
+    summary: dict[str, Any],
+    figures: dict[str, Any],
+) -> str:
+    """report.html; for image data with thumbnails of the suspects and their suggested class."""
+    from dm_audit import html_report
+
+    images = neighbour_rows = None
+    if data.input_kind == "image":
+        images = data.table["image"].tolist()
+        flagged = examples["is_label_issue"].to_numpy(dtype=bool)
+        score = examples["label_issue_score"].to_numpy()
+        order = np.lexsort((examples["example_id"].to_numpy(dtype=str), -score))
+        suspects = order[flagged[order]][: html_report.SUSPECTS_SHOWN]
+        code = {name: k for k, name in enumerate(data.classes)}
+        neighbour_rows = html_report.suggested_class_neighbours(
+            duplicates.duplicate_space(data.images()),
+            suspects,
+            examples["suggested_label"].map(code).fillna(-1).to_numpy(dtype=np.int64),
+            examples["given_label"].map(code).to_numpy(dtype=np.int64),
+            ~flagged & ~examples["is_ood"].to_numpy(dtype=bool),
+        )
+    return html_report.render_report(
+        summary, examples, classes_frame, figures, images=images, neighbours=neighbour_rows
     )
 
 
@@ -1437,6 +1486,8 @@ def write_report(
         report.metrics,
         report.summary,
         report.figures,
+        classes_df=report.classes,
+        html=report.html,
         if_exists=if_exists,
     )
 

@@ -19,6 +19,7 @@ from dm_audit.atomic import atomic_write_png
 from dm_audit.errors import DataError
 
 __all__ = [
+    "plot_class_health",
     "plot_noise_matrix",
     "plot_p_distribution",
     "plot_score_distribution",
@@ -288,4 +289,57 @@ def plot_score_distribution(
     ax.set_ylabel("examples")
     ax.set_title(f"{name} distribution")
     ax.legend()
+    return _finish(fig, path)
+
+
+def plot_class_health(
+    classes: Sequence[str],
+    label_quality: np.ndarray,
+    rows: np.ndarray,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    max_classes: int = 40,
+) -> Figure | Path:
+    """Horizontal bars of each class's estimated label quality, worst first.
+
+    Parameters
+    ----------
+    classes : sequence of str
+        Class names.
+    label_quality : np.ndarray, shape (C,)
+        Estimated share of right labels among the rows given each class.
+    rows : np.ndarray, shape (C,)
+        Rows given each class (written next to each bar).
+    path : path-like, optional
+    max_classes : int
+        Only the worst this many classes are drawn (the table has them all).
+
+    Returns
+    -------
+    Figure or Path
+    """
+    quality = _values(label_quality, "label_quality")
+    counts = np.asarray(rows, dtype=np.int64)
+    names = [str(x) for x in classes]
+    if len(names) != quality.size or counts.shape != quality.shape:
+        raise DataError("classes, label_quality and rows must have one entry per class")
+    order = np.argsort(quality, kind="stable")[:max_classes]
+    fig = _figure(6.4, min(12.0, 1.2 + 0.32 * order.size))
+    ax = fig.add_subplot()
+    y = np.arange(order.size)
+    colours = [_FLAGGED if quality[i] < 0.9 else _UNFLAGGED for i in order]
+    ax.barh(y, quality[order], color=colours)
+    ax.set_yticks(y, [names[i] for i in order])
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.08)
+    for yi, i in zip(y, order, strict=True):
+        ax.text(
+            min(quality[i] + 0.01, 1.0),
+            yi,
+            f"{quality[i]:.2f} · {counts[i]:,} rows",
+            va="center",
+            fontsize=7,
+        )
+    ax.set_xlabel("estimated share of right labels (red: below 0.9)")
+    ax.set_title("label quality per class")
     return _finish(fig, path)

@@ -32,6 +32,7 @@ from dm_audit.atomic import (
     atomic_write_json,
     atomic_write_parquet,
     atomic_write_png,
+    atomic_write_text,
     staged_output_dir,
 )
 from dm_audit.correction import CORRECTION_SOURCES
@@ -39,6 +40,7 @@ from dm_audit.errors import DataError
 from dm_audit.faults import kill_point
 
 __all__ = [
+    "CLASSES_SCHEMA",
     "CORRECTED_LABELS_SCHEMA",
     "EXAMPLES_SCHEMA",
     "LABEL_ISSUES_SCHEMA",
@@ -136,17 +138,38 @@ METRICS_SCHEMA = _schema(
     "metrics", [_f("stage", pa.string()), _f("fold", pa.int32(), True), _f("epoch", pa.int32())]
 )
 
+# One row per class, worst label quality first (`dm_audit.class_health`).
+CLASSES_SCHEMA = _schema(
+    "classes",
+    [
+        _f("class", pa.string()),
+        _f("rows", pa.int64()),
+        _f("share", pa.float32()),
+        _f("label_quality", pa.float32()),
+        _f("noise_rate", pa.float32()),
+        _f("label_issues", pa.int64()),
+        _f("ood", pa.int64()),
+        # Where the wrongly labelled rows of the class truly belong, largest share first.
+        _f("confused_with", pa.list_(pa.string())),
+        _f("confused_share", pa.list_(pa.float32())),
+        _f("overlaps_most_with", pa.string(), True),
+    ],
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "examples": EXAMPLES_SCHEMA,
     "label_issues": LABEL_ISSUES_SCHEMA,
     "corrected_labels": CORRECTED_LABELS_SCHEMA,
     "metrics": METRICS_SCHEMA,
+    "classes": CLASSES_SCHEMA,
 }
 REPORT_FILES = (
     "examples.parquet",
     "label_issues.parquet",
     "corrected_labels.parquet",
     "metrics.parquet",
+    "classes.parquet",
+    "report.html",
     "summary.json",
 )
 #: Every file a report writes (glob patterns): the only files replacing a report may remove.
@@ -166,7 +189,9 @@ _UNIT_COLUMNS = (
 def _column(df: pd.DataFrame, field: pa.Field, table: str) -> pa.Array:
     values = df[field.name]
     try:
-        if pa.types.is_string(field.type):
+        if pa.types.is_list(field.type):
+            arr = pa.array([None if v is None else list(v) for v in values], type=field.type)
+        elif pa.types.is_string(field.type):
             # Class names may arrive as categoricals or objects; keep nulls, stringify the rest.
             obj = values.astype(object)
             arr = pa.array(
@@ -367,6 +392,8 @@ class ReportPaths:
     metrics: Path
     summary: Path
     plots: dict[str, Path]
+    classes: Path | None = None
+    html: Path | None = None
 
 
 _PLOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -381,6 +408,8 @@ def write_reports(
     summary: Mapping[str, Any] | None = None,
     plots: Mapping[str, Any] | None = None,
     *,
+    classes_df: pd.DataFrame | None = None,
+    html: str | None = None,
     if_exists: IfExists = "error",
 ) -> ReportPaths:
     """Validate and write all reports of a run into `out_dir`, atomically as a set.
@@ -410,6 +439,11 @@ def write_reports(
     plots : mapping of str to Figure or path, optional
         Plot name -> matplotlib Figure (saved as PNG) or an existing PNG file (copied), written
         to ``plots/<name>.png``.
+    classes_df : pd.DataFrame, optional
+        Class health (`CLASSES_SCHEMA`, `dm_audit.class_health`); default an empty table.
+    html : str, optional
+        The self-contained ``report.html``; default one rendered from the tables, the summary
+        and the plots (`dm_audit.html_report.render_report`).
     if_exists : {"error", "overwrite", "version"}
         What to do if `out_dir` already holds a run (`dm_audit.atomic.prepare_output_dir`).
 
@@ -442,6 +476,9 @@ def write_reports(
             {"stage": pd.Series([], dtype=str), "epoch": pd.Series([], dtype="int32")}
         )
     metrics = table_from_frame(metrics_df, METRICS_SCHEMA)
+    if classes_df is None:
+        classes_df = pd.DataFrame({f.name: pd.Series([], dtype=object) for f in CLASSES_SCHEMA})
+    classes = table_from_frame(classes_df, CLASSES_SCHEMA)
     summary_out = {"dm_audit_schema_version": SCHEMA_VERSION, **dict(summary or {})}
 
     plot_items: list[tuple[str, Any]] = []
@@ -455,6 +492,12 @@ def write_reports(
         elif not hasattr(fig, "savefig"):
             raise DataError(f"plot {name!r} must be a matplotlib Figure or a PNG path")
         plot_items.append((stem, fig))
+    if html is None:
+        from dm_audit.html_report import render_report
+
+        html = render_report(
+            summary_out, examples.to_pandas(), classes.to_pandas(), dict(plot_items)
+        )
 
     with staged_output_dir(
         out_dir, if_exists=if_exists, names=REPORT_FILES, owned=REPORT_OWNED_FILES
@@ -465,6 +508,8 @@ def write_reports(
         atomic_write_parquet(root / "label_issues.parquet", issues)
         atomic_write_parquet(root / "corrected_labels.parquet", corrected)
         atomic_write_parquet(root / "metrics.parquet", metrics)
+        atomic_write_parquet(root / "classes.parquet", classes)
+        atomic_write_text(root / "report.html", html)
         plot_paths: dict[str, Path] = {}
         if plot_items:
             (root / "plots").mkdir()
@@ -488,6 +533,8 @@ def write_reports(
         metrics=final / "metrics.parquet",
         summary=final / "summary.json",
         plots={k: final / v for k, v in plot_paths.items()},
+        classes=final / "classes.parquet",
+        html=final / "report.html",
     )
 
 

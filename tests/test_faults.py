@@ -172,8 +172,8 @@ def test_killed_in_training_scoring_and_report_writing_resumes_to_the_same_repor
     # While the finished files are moved in, one by one: each visible file is whole, and the
     # summary and the run marker, which announce a complete run, come last.
     assert run_forked(source, out, kill_at="report:commit") == -signal.SIGKILL
-    assert visible_reports(out) == ["corrected_labels.parquet"]
-    pd.read_parquet(out / "corrected_labels.parquet")
+    assert visible_reports(out) == ["classes.parquet"]
+    pd.read_parquet(out / "classes.parquet")
 
     assert run_forked(source, out) == 0
     assert_same_report(expected, out)
