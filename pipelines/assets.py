@@ -132,10 +132,11 @@ def dataset(config: DatasetConfig, runtime: AuditRuntime) -> dg.Output[AuditData
 def noise_probe(
     dataset: AuditDataset, audit_settings: AuditSettings, runtime: AuditRuntime
 ) -> dg.Output[audit.ProbeResult]:
-    """Estimated noise rate (one short cross-fitted training) and the chosen DM (λ, β)."""
+    """The probe: one short cross-fitted training, its noise estimate, the chosen DM (λ, β)."""
     result = audit.probe(dataset, audit_settings.audit_config(runtime.device))
     meta = {
-        "estimated_noise_rate": result.estimate.rate,
+        # The probe's estimate, which chose λ and β; flags reports the one that counts flags.
+        "probe_noise_rate": result.estimate.rate,
         "lambda": result.choice.lam,
         "beta": result.choice.beta,
         "adaptive": result.adaptive,
@@ -215,7 +216,12 @@ def flags(
         "n_ood": int(table["is_ood"].sum()),
         "label_issue_threshold": result.label_issue_threshold,
         "ood_threshold": result.ood_threshold,
-        "audit_noise_rate": result.noise_estimate.rate,
+        # The estimate that sets how many rows are flagged (the probe's and the audit models'
+        # out-of-sample probabilities together); noise_probe's is the probe's alone.
+        "estimated_noise_rate": result.noise_estimate.rate,
+        "near_duplicate_rows": result.duplicates.get("near_duplicate_rows", 0),
+        "conflicting_duplicate_sets": result.duplicates.get("conflicting_sets", 0),
+        "leaked_duplicate_rows": result.duplicates.get("leaked_rows", 0),
     }
     return dg.Output(
         result,
@@ -354,7 +360,8 @@ def audit_reports(
     audit_settings: AuditSettings,
     runtime: AuditRuntime,
 ) -> dg.Output[ReportPaths]:
-    """examples.parquet, label_issues.parquet, corrected_labels.parquet, summary.json, plots."""
+    """The report folder: examples, label_issues, corrected_labels, metrics and classes as
+    Parquet, report.html (open it in a browser), summary.json and the plots."""
     config = audit_settings.audit_config(runtime.device)
     report = audit.build_report(
         dataset, noise_probe, audit_model, example_scores, flags, corrected_labels,
@@ -378,10 +385,13 @@ def _report_metadata(report: audit.AuditReport, paths: ReportPaths) -> dict[str,
     meta: dict[str, Any] = {
         "report_dir": dg.MetadataValue.path(str(paths.out_dir)),
         "summary_json": dg.MetadataValue.path(str(paths.summary)),
+        "report_html": dg.MetadataValue.path(str(paths.html)),
         **scalar_metadata(
             {
                 "dagster/row_count": len(report.examples),
-                "estimated_noise_rate": summary["noise_estimate"]["probe_rate"],
+                "label_health_score": summary["class_health"]["label_health_score"],
+                "probe_noise_rate": summary["noise_estimate"]["probe_rate"],
+                "estimated_noise_rate": summary["noise_estimate"]["confident_joint_rate"],
                 "residual_noise_rate": summary["noise_estimate"]["residual_rate"],
                 "lambda": summary["emphasis"]["audit"]["lam"],
                 "beta": summary["emphasis"]["audit"]["beta"],
@@ -394,6 +404,9 @@ def _report_metadata(report: audit.AuditReport, paths: ReportPaths) -> dict[str,
             markdown_table(report.label_issues, SUSPECT_COLUMNS, max_rows=TOP_SUSPECTS)
         ),
     }
+    if report.classes is not None:
+        classes = report.classes[["class", "rows", "label_quality", "label_issues", "ood"]]
+        meta["class_health"] = dg.MetadataValue.md(markdown_table(classes.round(3)))
     truth = summary.get("against_truth")
     if truth is not None:
         detection = truth["label_issues"]

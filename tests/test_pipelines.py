@@ -204,7 +204,7 @@ def test_metadata_shows_counts_noise_rate_detection_and_plots(audit_run: Audit) 
                                       "flipped": int(NOISE_RATE * n_train)}  # fmt: skip
 
     probe = asset_metadata(audit_run.result, "noise_probe")
-    assert 0.05 < probe["estimated_noise_rate"] < 0.4
+    assert 0.05 < probe["probe_noise_rate"] < 0.4
     assert probe["lambda"] > 0 and probe["beta"] > 0
 
     reports = asset_metadata(audit_run.result, "audit_reports")
@@ -227,7 +227,14 @@ def test_metadata_shows_counts_noise_rate_detection_and_plots(audit_run: Audit) 
     decisions = asset_metadata(audit_run.result, "corrected_labels")["decisions"]
     assert decisions.startswith("| example_id | given_label | suggested_label |")
     plots = [k for k in reports if k.startswith("plot_")]
-    assert "plot_p_distribution" in plots
+    assert "plot_p_distribution" in plots and "plot_class_health" in plots
+    assert reports["report_html"].endswith("report.html")
+    assert 0.0 <= reports["label_health_score"] <= 1.0
+    assert reports["class_health"].startswith("| class | rows | label_quality |")
+    # One noise rate per meaning: the probe's, and the one that sets how many rows are flagged.
+    assert reports["estimated_noise_rate"] == pytest.approx(
+        asset_metadata(audit_run.result, "flags")["estimated_noise_rate"]
+    )
     assert all(reports[k].startswith("![") and "base64," in reports[k] for k in plots)
 
 
