@@ -11,12 +11,17 @@ as a scikit-learn estimator: its parameters are `dm_audit.config.AuditConfig`'s 
 final (retrained) cross-fitted models.
 
 Inputs: a numeric array (N, D) of features, a uint8 array (N, H, W) or (N, H, W, C) of images,
-or a pandas DataFrame of tabular columns (numbers, booleans, categories, dates; encoded as the
-command line encodes a table's columns, see `dm_audit.tabular`).
+a pandas DataFrame of tabular columns (numbers, booleans, categories, dates; encoded as the
+command line encodes a table's columns, see `dm_audit.tabular`), a torch ``Dataset`` of
+``(input, label)`` items (image tensors C x H x W in [0, 1], PIL images, uint8 arrays or feature
+vectors), or the path of an image folder (one subfolder per class; the labels are the folder
+names, so no ``y``).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,15 +37,18 @@ __all__ = ["LabelAuditor", "find_label_issues"]
 _LABEL_COLUMNS = ("given_label", "predicted_label", "suggested_label", "corrected_label")
 
 
-def find_label_issues(X: Any, y: Any, **options: Any) -> pd.DataFrame:
+def find_label_issues(X: Any, y: Any = None, **options: Any) -> pd.DataFrame:
     """Audit labelled data and return one row per input row, aligned with the input.
 
     Parameters
     ----------
-    X : array (N, D) or (N, H, W[, C]) uint8, or pandas DataFrame
-        Features, images, or a table of input columns.
-    y : array-like (N,)
-        The given labels, of any hashable type (ints, strings, ...).
+    X : array (N, D) or (N, H, W[, C]) uint8, DataFrame, torch Dataset, or folder path
+        Features, images, a table of input columns, ``(input, label)`` items, or an image
+        folder with one subfolder per class.
+    y : array-like (N,), optional
+        The given labels, of any hashable type (ints, strings, ...). Required for arrays and
+        DataFrames; a Dataset's labels are its items' second element unless `y` is given; an
+        image folder's are its subfolder names.
     **options
         Any `dm_audit.config.AuditConfig` field (``seed``, ``epochs``, ``device``, ...);
         ``progress`` defaults to False here.
@@ -49,8 +57,9 @@ def find_label_issues(X: Any, y: Any, **options: Any) -> pd.DataFrame:
     -------
     pandas.DataFrame
         The report's per-example columns (``is_label_issue``, ``label_issue_score``,
-        ``suggested_label``, ``is_ood``, ...), indexed like `X` (a DataFrame's index, else
-        0..N-1); label columns hold values of `y`'s type (None where a row was set aside).
+        ``suggested_label``, ``is_ood``, ...), indexed like `X` (a DataFrame's index, an image
+        folder's file paths, else 0..N-1); label columns hold values of `y`'s type (None where
+        a row was set aside).
     """
     return LabelAuditor(**options).fit(X, y).report_
 
@@ -110,22 +119,37 @@ class LabelAuditor(ClassifierMixin, BaseEstimator):
 
     # -- fitting ------------------------------------------------------------------------------
 
-    def fit(self, X: Any, y: Any) -> LabelAuditor:
+    def fit(self, X: Any, y: Any = None) -> LabelAuditor:
         """Audit `X` with labels `y` (every row, cross-fitted; see `dm_audit.audit`)."""
         from dm_audit.audit import run_audit
 
         config = AuditConfig(**self.get_params())
-        labels = np.asarray(y, dtype=object) if not isinstance(y, np.ndarray) else y
-        if labels.ndim != 1:
-            raise DataError(f"y must be one-dimensional, got shape {labels.shape}")
-        index = X.index if isinstance(X, pd.DataFrame) else pd.RangeIndex(len(labels))
-        if len(index) != len(labels):
-            raise DataError(f"X has {len(index)} rows but y has {len(labels)} labels")
-        self.classes_, codes = np.unique(labels, return_inverse=True)
-        names = [str(c) for c in self.classes_]
-        if len(set(names)) != len(names):
-            raise DataError(f"labels {list(self.classes_)} are distinct values with equal text")
-        dataset, self._input_kind = _dataset(X, codes, names)
+        self._encoding = None
+        if isinstance(X, str | os.PathLike):
+            if y is not None:
+                raise ConfigError("an image folder's labels are its subfolder names: pass no y")
+            dataset, index = _folder_dataset(Path(X))
+            self.classes_ = np.asarray(dataset.classes, dtype=object)
+            names = list(dataset.classes)
+            self._input_kind = "image"
+        else:
+            if _is_torch_dataset(X):
+                X, y = _dataset_items(X, y)
+            if y is None:
+                raise ConfigError("y, the given labels, is required for arrays and DataFrames")
+            labels = np.asarray(y, dtype=object) if not isinstance(y, np.ndarray) else y
+            if labels.ndim != 1:
+                raise DataError(f"y must be one-dimensional, got shape {labels.shape}")
+            index = X.index if isinstance(X, pd.DataFrame) else pd.RangeIndex(len(labels))
+            if len(index) != len(labels):
+                raise DataError(f"X has {len(index)} rows but y has {len(labels)} labels")
+            self.classes_, codes = np.unique(labels, return_inverse=True)
+            names = [str(c) for c in self.classes_]
+            if len(set(names)) != len(names):
+                raise DataError(f"labels {list(self.classes_)} are distinct values with equal text")
+            dataset, self._input_kind = _dataset(X, codes, names)
+            if isinstance(X, pd.DataFrame):
+                self._encoding = dataset.notes.get("inputs")
         report = run_audit(dataset, config)
         self._models = report.final_models
         examples = report.examples.copy()
@@ -150,10 +174,15 @@ class LabelAuditor(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "_models") or self._models is None:
             raise ConfigError("call fit before predict_proba")
         if isinstance(X, pd.DataFrame):
-            raise ConfigError(
-                "predict and predict_proba take arrays (N, D) of numeric features; a DataFrame's "
-                "categorical columns would need the encoding fit chose"
+            if self._encoding is None:
+                raise ConfigError("this auditor was fit on arrays: pass an array, not a DataFrame")
+            from dm_audit.tabular import apply_encoding
+
+            return self._models.predict_proba(
+                apply_encoding(X, self._encoding, "X").astype(np.float32), device=self.device
             )
+        if _is_torch_dataset(X):
+            X, _ = _dataset_items(X, np.zeros(len(X)))
         array = np.asarray(X)
         if self._input_kind == "features":
             inputs = array.astype(np.float32)
@@ -194,3 +223,56 @@ def _dataset(X: Any, codes: np.ndarray, names: list[str]) -> tuple[Any, str]:
         f"X must be a numeric (N, D) array, a uint8 (N, H, W[, C]) image array or a DataFrame; "
         f"got {array.dtype} of shape {array.shape}"
     )
+
+
+def _is_torch_dataset(X: Any) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # a Dataset exists only where torch is imported
+    return torch is not None and isinstance(X, torch.utils.data.Dataset)
+
+
+def _as_array(item: Any) -> np.ndarray:
+    """One input as numpy: image tensors (C, H, W) in [0, 1] become uint8 (H, W, C)."""
+    if hasattr(item, "detach"):  # a torch tensor
+        array = item.detach().cpu().numpy()
+        if array.ndim == 3 and array.dtype.kind == "f":
+            # torchvision's ToTensor layout: channels first, intensities in [0, 1].
+            return np.clip(np.round(array.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+        return array
+    return np.asarray(item)  # PIL images and arrays
+
+
+def _dataset_items(X: Any, y: Any) -> tuple[np.ndarray, Any]:
+    """The inputs of a torch Dataset as one array, and its labels unless `y` is given."""
+    inputs, labels = [], []
+    for i in range(len(X)):
+        item = X[i]
+        if isinstance(item, tuple | list):
+            inputs.append(_as_array(item[0]))
+            if y is None:
+                if len(item) < 2:
+                    raise DataError(f"dataset item {i} has no label: pass y")
+                label = item[1]
+                labels.append(label.item() if hasattr(label, "item") else label)
+        else:
+            if y is None:
+                raise DataError(f"dataset item {i} is not an (input, label) pair: pass y")
+            inputs.append(_as_array(item))
+    shapes = {a.shape for a in inputs}
+    if len(shapes) > 1:
+        raise DataError(f"the dataset's inputs differ in shape: {sorted(shapes)[:3]}")
+    stacked = np.stack(inputs) if inputs else np.zeros((0, 0), dtype=np.float32)
+    if stacked.ndim == 2 and stacked.dtype.kind not in "f":
+        stacked = stacked.astype(np.float32)
+    return stacked, (y if y is not None else np.asarray(labels))
+
+
+def _folder_dataset(path: Path) -> tuple[Any, pd.Index]:
+    """An image folder, every row audited; the report is indexed by the files' ids."""
+    from dm_audit.sources import load_source
+
+    if not path.is_dir():
+        raise DataError(f"{path} is not a folder of images (one subfolder per class)")
+    dataset = load_source(str(path), test_size=0.0)
+    return dataset, pd.Index(dataset.example_ids, name="example_id")

@@ -616,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
             "Audit every row of a dataset (a split column only annotates the report) and "
             "write examples.parquet (one row per input row), label_issues.parquet, "
-            "corrected_labels.parquet, metrics.parquet, summary.json and plots into --out. "
+            "corrected_labels.parquet, metrics.parquet, classes.parquet (class health), "
+            "report.html (open it in a browser), summary.json and plots into --out. "
             "Each row is scored by a model that never trained on it (2-fold cross-fitting). "
             "The input files are only read. An interrupted run (crash, kill) resumes when the "
             "same command is run again."

@@ -33,7 +33,7 @@ import pandas as pd
 
 from dm_audit.errors import DataError
 
-__all__ = ["EncodedColumns", "encode_tabular"]
+__all__ = ["EncodedColumns", "apply_encoding", "encode_tabular"]
 
 # A category seen in fewer rows than this goes to the shared "infrequent" column: with one row
 # it can only be memorised, and under 2-fold cross-fitting it would sit in one fold only.
@@ -215,3 +215,61 @@ def _one_hot(
     # Feature names read "<column>_<value>"; the report lists the values.
     values = [c[len(name) + 1 :] for c in categories]
     return block, values
+
+
+def apply_encoding(
+    frame: pd.DataFrame, inputs: Sequence[dict[str, Any]], source: str
+) -> np.ndarray:
+    """Encode new rows the way `encode_tabular` encoded the table it recorded `inputs` for.
+
+    Each column is encoded as recorded: numbers and booleans as they are, dates as days since
+    1970, one-hot over the recorded categories, a value the table never had (or had too rarely)
+    going to the ``infrequent`` column when there is one, else to no column (as scikit-learn's
+    ``handle_unknown="infrequent_if_exist"`` does).
+
+    Parameters
+    ----------
+    frame : DataFrame
+        New rows holding every recorded column.
+    inputs : sequence of dict
+        ``EncodedColumns.inputs`` of the table the model was trained on.
+    source : str
+        The rows' name, for messages.
+
+    Returns
+    -------
+    ndarray (N, D) float64
+    """
+    missing = [e["column"] for e in inputs if e["column"] not in frame.columns]
+    if missing:
+        raise DataError(f"{source} lacks the input column(s) {missing} the audit was trained on")
+    blocks: list[np.ndarray] = []
+    for entry in inputs:
+        name, encoding = entry["column"], entry["encoding"]
+        column = frame[name]
+        if encoding == "numeric":
+            block = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)[:, None]
+        elif encoding.startswith("boolean"):
+            block = column.astype(bool).to_numpy(dtype=np.float64)[:, None]
+        elif encoding.startswith("date"):
+            dates = pd.to_datetime(column, format="ISO8601", errors="coerce", utc=True)
+            days = (dates - pd.Timestamp(0, tz="UTC")).dt.total_seconds() / 86400.0
+            block = days.to_numpy(dtype=np.float64)[:, None]
+        else:
+            block = _one_hot_known(column, entry["categories"])
+        blocks.append(block)
+    return np.hstack(blocks) if blocks else np.empty((len(frame), 0))
+
+
+# scikit-learn names the shared column of rare categories "<column>_infrequent_sklearn".
+_INFREQUENT = "infrequent_sklearn"
+
+
+def _one_hot_known(column: pd.Series, categories: Sequence[str]) -> np.ndarray:
+    text = column.astype(object).where(column.notna(), _MISSING).astype(str).to_numpy()
+    known = [c for c in categories if c != _INFREQUENT]
+    block = np.stack([text == c for c in known], axis=1).astype(np.float64)
+    if _INFREQUENT in categories:
+        rare = ~np.isin(text, known)
+        block = np.insert(block, list(categories).index(_INFREQUENT), rare, axis=1)
+    return block

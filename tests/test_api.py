@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ from sklearn.base import clone
 
 import dm_audit
 from dm_audit.config import AuditConfig
-from dm_audit.errors import DataError
+from dm_audit.errors import ConfigError, DataError
 from dm_audit.noise import inject_symmetric
 
 FAST = {"epochs": 6, "device": "cpu", "seed": 0}
@@ -97,5 +98,77 @@ def test_a_dataframe_is_read_like_a_table_and_its_index_names_the_rows() -> None
     assert auditor.report_["example_id"].tolist() == frame.index.tolist()
     read = auditor.summary_["input"]
     assert [e["column"] for e in read["ignored_columns"]] == ["notes"]
-    with pytest.raises(Exception, match="predict and predict_proba take arrays"):
-        auditor.predict(frame)
+    # New rows are encoded as fit encoded the table (free text left out again).
+    assert (auditor.predict(frame.iloc[:40]) == truth[:40]).mean() > 0.9
+
+
+def test_a_dataframe_with_categories_predicts_new_rows() -> None:
+    x, truth = _blobs()
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(x[:, :3], columns=["a", "b", "c"])
+    # A categorical column that carries the class (with some disagreement).
+    frame["colour"] = np.where(rng.random(len(truth)) < 0.8, np.array(["r", "g", "b"])[truth], "r")
+    auditor = dm_audit.LabelAuditor(**FAST).fit(frame, truth)
+    new = frame.iloc[:30].copy()
+    new.loc[new.index[0], "colour"] = "never seen"  # an unknown category encodes as no column
+    proba = auditor.predict_proba(new)
+    assert proba.shape == (30, 3)
+    assert (proba.argmax(axis=1) == truth[:30]).mean() > 0.9
+    with pytest.raises(DataError, match=r"lacks the input column\(s\) \['colour'\]"):
+        auditor.predict(new.drop(columns="colour"))
+
+
+def test_a_torch_dataset_of_image_tensors(make_colour_images) -> None:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    images, truth = make_colour_images(n_per_class=20, size=8, seed=1)
+    given = truth.copy()
+    given[:4] = (given[:4] + 1) % 3
+    tensors = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # ToTensor layout
+    data = TensorDataset(tensors, torch.from_numpy(given))
+    auditor = dm_audit.LabelAuditor(**FAST).fit(data)
+    issues = auditor.report_
+    assert issues.index.tolist() == list(range(60))
+    assert issues["given_label"].tolist() == given.tolist()  # the items' labels, as ints
+    assert auditor.summary_["input"] == {} or "inputs" not in auditor.summary_["input"]
+    assert issues["is_label_issue"].to_numpy()[:4].sum() >= 3  # six epochs of a small CNN
+    assert auditor.predict_proba(data).shape == (60, 3)
+
+
+def test_an_image_folder_path(tmp_path, make_colour_images) -> None:
+    from PIL import Image
+
+    images, truth = make_colour_images(n_per_class=15, size=8, seed=2)
+    names = ["red", "green", "blue"]
+    for i, (image, label) in enumerate(zip(images, truth, strict=True)):
+        wrong = i % 15 == 0  # one file per class in the wrong folder
+        folder = tmp_path / "photos" / names[(label + 1) % 3 if wrong else label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"img{i:03d}.png")
+    issues = dm_audit.find_label_issues(tmp_path / "photos", **FAST)
+    assert len(issues) == 45 and issues.index.name == "example_id"
+    # Each file's given label is its folder's name (the moved files carry the wrong one).
+    by_file = {Path(i).name: label for i, label in issues["given_label"].items()}
+    assert by_file["img000.png"] == "green" and by_file["img001.png"] == "red"
+    with pytest.raises(ConfigError, match="subfolder names: pass no y"):
+        dm_audit.find_label_issues(tmp_path / "photos", truth, **FAST)
+
+
+@pytest.mark.slow
+def test_the_api_gives_the_command_lines_flags(tmp_path) -> None:
+    from sklearn.datasets import load_digits
+
+    from dm_audit.cli import main
+
+    out = tmp_path / "cli"
+    args = ["audit", "--input", "digits", "--inject-noise", "symmetric", "--noise-rate", "0.4"]
+    assert main([*args, "--seed", "0", "--quiet", "--out", str(out)]) == 0
+    cli = pd.read_parquet(out / "examples.parquet")
+    x, _ = load_digits(return_X_y=True)
+    api = dm_audit.find_label_issues(x, cli["given_label"].to_numpy(dtype=object), seed=0)
+    assert api["is_label_issue"].tolist() == cli["is_label_issue"].tolist()
+    # The report stores float32; the neighbours' order may differ at exact ties of distance.
+    np.testing.assert_allclose(
+        api["label_issue_score"].to_numpy(), cli["label_issue_score"].to_numpy(), atol=1e-3
+    )
