@@ -94,13 +94,16 @@ def _fit_metadata(models: audit.CrossFit, seconds: float) -> dict[str, Any]:
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"})
-def dataset(config: DatasetConfig, runtime: AuditRuntime) -> dg.Output[AuditDataset]:
+def dataset(
+    config: DatasetConfig, audit_settings: AuditSettings, runtime: AuditRuntime
+) -> dg.Output[AuditDataset]:
     """The canonical dataset table, with synthetic noise injected when configured."""
     # Reports written into an image folder would become part of its data.
     check_output_location(runtime.output_root, inputs=[config.source])
-    data = load_source(config.source, **config.load_options())
+    seed = audit_settings.seed  # one seed, as on the command line
+    data = load_source(config.source, **config.load_options(seed))
     if config.noise_kind != "none":
-        data = add_noise(data, **config.noise_options())
+        data = add_noise(data, **config.noise_options(seed))
     table = data.table
     counts = table.groupby(["label", "split"]).size().unstack(fill_value=0).reset_index()
     meta: dict[str, Any] = {

@@ -66,7 +66,6 @@ class DatasetConfig(dg.Config):
             "audited either way; ignored when the source fixes the split)."
         ),
     )
-    split_seed: int = Field(default=0, description="Seed of the train/test split.")
     noise_kind: str = Field(
         default="none",
         description=(
@@ -75,7 +74,6 @@ class DatasetConfig(dg.Config):
         ),
     )
     noise_rate: float = Field(default=0.0, description="Share of training labels corrupted.")
-    noise_seed: int = Field(default=0, description="Seed of the synthetic noise.")
     open_set_classes: list[str] | None = Field(
         default=None, description="Classes held out and mixed in as out-of-distribution inputs."
     )
@@ -83,8 +81,12 @@ class DatasetConfig(dg.Config):
         default=None, description="Share of the training split made of held-out-class inputs."
     )
 
-    def load_options(self) -> dict[str, Any]:
-        """Keyword arguments of `dm_audit.sources.load_source` (the spec excluded)."""
+    def load_options(self, seed: int) -> dict[str, Any]:
+        """Keyword arguments of `dm_audit.sources.load_source` (the spec excluded).
+
+        `seed` is the audit's one seed (`AuditSettings.seed`), as on the command line: the
+        split, the noise and the training all follow it.
+        """
         return {
             "label_column": self.label_column,
             "id_column": self.id_column,
@@ -93,15 +95,15 @@ class DatasetConfig(dg.Config):
             "image_root": self.image_root,
             "split_column": self.split_column,
             "test_size": self.test_size,
-            "seed": self.split_seed,
+            "seed": seed,
         }
 
-    def noise_options(self) -> dict[str, Any]:
+    def noise_options(self, seed: int) -> dict[str, Any]:
         """Keyword arguments of `dm_audit.noise.add_noise` (the dataset excluded)."""
         return {
             "kind": self.noise_kind,
             "rate": self.noise_rate,
-            "seed": self.noise_seed,
+            "seed": seed,
             "open_set_classes": self.open_set_classes,
             "open_set_fraction": self.open_set_fraction,
         }
