@@ -49,14 +49,14 @@ _BLOB_NAME = re.compile(r"blob-\d+\.(npy|parquet|pt)")
 # The dataclasses a stage result may contain, as "module:qualname". Only these names are
 # accepted from a file; the modules are dm-audit's own and are imported from this list.
 _ALLOWED_DATACLASSES = (
-    "dm_audit.audit:ProbeResult",
-    "dm_audit.audit:CrossFit",
-    "dm_audit.audit:AuditFit",
-    "dm_audit.audit:ExampleScores",
-    "dm_audit.audit:Flags",
-    "dm_audit.audit:Corrections",
-    "dm_audit.audit:Retrained",
-    "dm_audit.audit:AuditReport",
+    "dm_audit.stage_results:ProbeResult",
+    "dm_audit.stage_results:CrossFit",
+    "dm_audit.stage_results:AuditFit",
+    "dm_audit.stage_results:ExampleScores",
+    "dm_audit.stage_results:Flags",
+    "dm_audit.stage_results:Corrections",
+    "dm_audit.stage_results:Retrained",
+    "dm_audit.stage_results:AuditReport",
     "dm_audit.correction:CorrectionPlan",
     "dm_audit.estimate:NoiseEstimate",
     "dm_audit.estimate:EmphasisChoice",
@@ -68,6 +68,21 @@ _ALLOWED_DATACLASSES = (
     "dm_audit.training:FitResult",
     "dm_audit.training:TrainConfig",
 )
+# Names under which earlier versions stored a class that has since moved: folders they wrote
+# (an unfinished run, a Dagster run's stage results) read back as the class's new home.
+_MOVED_DATACLASSES = {
+    f"dm_audit.audit.{name}": f"dm_audit.stage_results.{name}"
+    for name in (
+        "ProbeResult",
+        "CrossFit",
+        "AuditFit",
+        "ExampleScores",
+        "Flags",
+        "Corrections",
+        "Retrained",
+        "AuditReport",
+    )
+}
 
 
 @cache
@@ -77,6 +92,8 @@ def _dataclass_registry() -> dict[str, type]:
         module, name = entry.split(":")
         cls = getattr(importlib.import_module(module), name)
         registry[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    for old, new in _MOVED_DATACLASSES.items():
+        registry[old] = registry[new]
     return registry
 
 

@@ -188,7 +188,7 @@ def test_probe_warns_that_a_small_training_set_makes_the_estimate_unreliable(cap
     digits = load_source("digits", seed=0)
     small = digits.subset(np.arange(300))
     assert len(small) < SMALL_TRAINING_SET
-    with caplog.at_level(logging.WARNING, logger="dm_audit.audit"):
+    with caplog.at_level(logging.WARNING, logger="dm_audit.stage_training"):
         probe(small, AuditConfig(seed=0, epochs=8, probe_epochs=5, progress=False, device="cpu"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"only {len(small)} rows" in m and "uncertain" in m for m in warnings), warnings

@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 
 from dm_audit import audit as audit_module
+from dm_audit import stage_scoring
 from dm_audit.atomic import RUN_MARKER, STAGING_PREFIX
 from dm_audit.cli import EXIT_BAD_INPUT, main
 from dm_audit.faults import KILL_ENV
@@ -296,7 +297,7 @@ def test_streamed_scores_live_in_the_work_folder_so_a_resume_can_read_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Stream from 100 training examples on, so a small dataset takes the large-data path.
-    monkeypatch.setattr(audit_module, "STREAM_THRESHOLD", 100)
+    monkeypatch.setattr(stage_scoring, "STREAM_THRESHOLD", 100)
     digits = load_source("digits", seed=0)
     data = add_noise(digits.subset(np.arange(400)), kind="symmetric", rate=0.3)
     config = audit_module.AuditConfig(

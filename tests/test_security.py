@@ -201,6 +201,26 @@ def test_stage_results_round_trip_as_data(tmp_path: Path) -> None:
     )
 
 
+def test_stage_results_stored_under_their_earlier_module_still_load(tmp_path: Path) -> None:
+    probe = ProbeResult(
+        noise_rate=0.1,
+        estimate=None,
+        choice=estimate.EmphasisChoice(0.5, 8.0, "test"),
+        adaptive=False,
+        seconds=2.0,
+    )
+    folder = save_stage_folder(probe, tmp_path / "probe")
+    text = (folder / STAGE_FILE).read_text()
+    assert '"dm_audit.stage_results.ProbeResult"' in text
+    # A work folder written before the stage results moved out of dm_audit.audit.
+    (folder / STAGE_FILE).write_text(
+        text.replace("dm_audit.stage_results.ProbeResult", "dm_audit.audit.ProbeResult")
+    )
+    loaded = load_stage_folder(folder)
+    assert type(loaded) is ProbeResult
+    assert (loaded.noise_rate, loaded.choice, loaded.adaptive) == (0.1, probe.choice, False)
+
+
 def test_an_unknown_type_is_refused_when_saving(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="cannot be stored"):
         save_stage_folder({"payload": _Payload(tmp_path / "x")}, tmp_path / "stage")

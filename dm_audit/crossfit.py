@@ -1,0 +1,200 @@
+"""Cross-fitting: every row trained on by one model and scored out of sample by another.
+
+The rows are dealt into `CROSSFIT_FOLDS` stratified folds (`fold_assignment`) and model k trains
+on every row outside fold k (`train_crossfit`), so each row has an in-sample trajectory under the
+model that trains on it and an out-of-sample prediction (`out_of_sample_probs`) from the one
+that never saw it. Also here: how many epochs a training of a given size gets and the training
+options each stage derives from the audit's configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dm_audit import estimate
+from dm_audit.config import AuditConfig
+from dm_audit.dataset import AuditDataset
+from dm_audit.errors import ConfigError
+from dm_audit.stage_results import CrossFit
+from dm_audit.training import FitResult, TrainConfig, fit, predict_proba
+
+# Two folds: two models on halves cost one training on all rows (the product's budget), and
+# every row is trained on by exactly one model (its dynamics) and scored by the other.
+CROSSFIT_FOLDS = 2
+
+
+def auto_epochs(n: int) -> int:
+    """Epochs for a training set of n examples: small sets need more passes to converge."""
+    if n <= 5_000:
+        return 60
+    if n <= 50_000:
+        return 40
+    if n <= 500_000:
+        return 20
+    return 8
+
+
+def training_epochs(config: AuditConfig, n: int) -> int:
+    """Epochs of the audit training or the retrain on n rows: the user's, else by size."""
+    return config.epochs if config.epochs is not None else auto_epochs(n)
+
+
+def probe_epochs(config: AuditConfig, n: int) -> int:
+    """Epochs of the probe on n rows: the user's, else a quarter of a training (at least 5)."""
+    if config.probe_epochs is not None:
+        return config.probe_epochs
+    # Short on purpose: the probe must stop before the network starts to memorise the noise.
+    return max(5, training_epochs(config, n) // 4)
+
+
+def make_train_config(
+    config: AuditConfig,
+    *,
+    loss: str,
+    loss_params: dict[str, Any],
+    epochs: int,
+    seed_offset: int = 0,
+    label: str = "",
+) -> TrainConfig:
+    """The options of one fold's training: the audit's model, batch size, device and learning
+    rate, with this training's loss, epochs, seed offset and progress label."""
+    options: dict[str, Any] = {
+        "model": config.model,
+        "loss": loss,
+        "loss_params": loss_params,
+        "epochs": epochs,
+        "batch_size": config.batch_size,
+        "device": config.device,
+        "seed": config.seed + seed_offset,
+        "progress": config.progress,
+        "progress_label": label,
+    }
+    if config.lr is not None:
+        options["lr"] = config.lr
+    return TrainConfig(**options)
+
+
+def dm_params(choice: estimate.EmphasisChoice) -> dict[str, Any]:
+    """The DM loss's options for an emphasis choice."""
+    return {"lam": float(choice.lam), "beta": float(choice.beta)}
+
+
+def audited(dataset: AuditDataset) -> AuditDataset:
+    """Every row of the dataset: the audit covers the training and the test split alike."""
+    if len(dataset) == 0:
+        raise ConfigError(f"dataset {dataset.source!r} has no rows to audit")
+    return dataset
+
+
+def true_codes(dataset: AuditDataset) -> np.ndarray | None:
+    """The true label codes when the noise was synthetic (-1 for an open-set row), else None."""
+    return dataset.true_label_codes() if dataset.has_truth else None
+
+
+def fold_assignment(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Stratified cross-fitting folds: each class's rows dealt to the folds in a seeded order.
+
+    Every class with at least `n_folds` rows appears in every fold, so each model trains on
+    every such class. Each class continues where the previous one stopped, so the fold sizes
+    differ by at most one.
+
+    Parameters
+    ----------
+    labels : ndarray (N,) int
+    n_folds : int
+        Number of folds, at least 2.
+    seed : int
+
+    Returns
+    -------
+    ndarray (N,) int64
+        The fold of every row, in ``0..n_folds-1``.
+    """
+    if n_folds < 2:
+        raise ConfigError(f"cross-fitting needs at least 2 folds, got {n_folds}")
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    folds = np.empty(y.size, dtype=np.int64)
+    offset = 0
+    for cls in np.unique(y):
+        rows = np.flatnonzero(y == cls)
+        rows = rows[rng.permutation(rows.size)]
+        # Start each class where the previous one stopped, so small classes do not all put
+        # their single extra row into fold 0.
+        folds[rows] = (np.arange(rows.size) + offset) % n_folds
+        offset = (offset + rows.size) % n_folds
+    return folds
+
+
+def dataset_folds(dataset: AuditDataset, config: AuditConfig) -> np.ndarray:
+    """The cross-fitting folds of the dataset's rows, stratified by the given label."""
+    return fold_assignment(dataset.label_codes(), CROSSFIT_FOLDS, config.seed)
+
+
+def _fold_checkpoint(checkpoint_dir: str | Path | None, k: int) -> Path | None:
+    return None if checkpoint_dir is None else Path(checkpoint_dir) / f"fold{k}"
+
+
+def train_crossfit(
+    dataset: AuditDataset,
+    inputs: np.ndarray,
+    folds: np.ndarray,
+    make_config: Callable[[int], TrainConfig],
+    *,
+    labels: np.ndarray | None = None,
+    keep: np.ndarray | None = None,
+    evaluate: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> CrossFit:
+    """Train one model per fold on the rows outside it (and inside `keep`).
+
+    `inputs` are the dataset's decoded inputs (decoded once per stage: images are costly);
+    `make_config(k)` gives fold k's training options. With `evaluate`, each model is evaluated
+    after every epoch on its own fold (kept rows, given or corrected `labels`): the
+    ``eval_acc`` of its history is out of sample.
+    """
+    y = dataset.label_codes() if labels is None else np.asarray(labels)
+    keep = np.ones(y.size, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    truth = true_codes(dataset)
+    fits: list[FitResult] = []
+    for k in range(int(folds.max()) + 1):
+        train_rows = np.flatnonzero((folds != k) & keep)
+        held_out = np.flatnonzero((folds == k) & keep)
+        if train_rows.size < 2:
+            raise ConfigError(
+                f"cross-fitting fold {k} leaves {train_rows.size} row(s) to train on; "
+                "an audit needs more rows"
+            )
+        fits.append(
+            fit(
+                inputs[train_rows],
+                y[train_rows],
+                make_config(k),
+                num_classes=dataset.n_classes,
+                eval_inputs=inputs[held_out] if evaluate and held_out.size else None,
+                eval_labels=y[held_out] if evaluate and held_out.size else None,
+                true_labels=None if truth is None else truth[train_rows],
+                checkpoint_dir=_fold_checkpoint(checkpoint_dir, k),
+                resume=resume,
+                on_epoch_end=on_epoch_end,
+            )
+        )
+    return CrossFit(fits, folds)
+
+
+def out_of_sample_probs(
+    models: CrossFit, inputs: np.ndarray, n_classes: int, device: str
+) -> np.ndarray:
+    """Class probabilities of every row under the model that did not train on its fold."""
+    probs = np.zeros((len(inputs), n_classes), dtype=np.float32)
+    for k, f in enumerate(models.fits):
+        rows = np.flatnonzero(models.folds == k)
+        if rows.size:
+            probs[rows], _ = predict_proba(f.model, inputs[rows], device=device, batch_size=1024)
+    return probs

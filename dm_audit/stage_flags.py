@@ -1,0 +1,258 @@
+"""Flag stage: label issues, out-of-distribution examples and duplicates of every row.
+
+`flag_examples` combines the array functions of `dm_audit.flags` (scores, counts, the OOD test)
+and `dm_audit.duplicates` (copies in the input space) into the ``Flags`` of an audit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dm_audit import duplicates, estimate, flags
+from dm_audit.config import AuditConfig
+from dm_audit.crossfit import CROSSFIT_FOLDS
+from dm_audit.dataset import AuditDataset
+from dm_audit.stage_results import ExampleScores, Flags
+
+# The OOD distance is to the nearest trusted example: the sharpest on digits (AUROC 0.91 at k=1,
+# 0.90 at 3, 0.89 at 10).
+OOD_NEIGHBOUR = 1
+# False discovery rate of the OOD test (Benjamini-Hochberg on conformal p-values against the
+# unflagged rows): the conventional 5 %; on in-distribution data the chance of any OOD flag is
+# then at most about 5 %, whatever the size of the table.
+OOD_FDR = 0.05
+# A flagged example whose OOD score exceeds that of 75 % of the unflagged examples is sent to
+# review instead of being corrected automatically.
+OOD_REVIEW_FPR = 0.25
+# Columns `flag_examples` adds from `dm_audit.duplicates`.
+DUPLICATE_COLUMNS = (
+    "near_duplicate_score",
+    "is_near_duplicate",
+    "near_duplicate_set",
+    "is_leaked_duplicate",
+)
+
+
+def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditConfig) -> Flags:
+    """Flag label issues and out-of-distribution examples of every row.
+
+    * **Score**: `flags.label_issue_scores` of the out-of-sample prediction (normalised margin),
+      the in-sample training dynamics (mean p_i under DM, which learns clean examples early and
+      mislabelled ones late or never) and the label agreement of the row's nearest neighbours
+      among its fold in the fold model's embedding space. The dynamics weigh as much as the
+      other two together, scaled down by `flags.dynamics_reliability` when the in-sample
+      models memorised the rows their out-of-sample twins doubt. A row labelled against its
+      duplicate set's consensus has that evidence averaged in (`duplicates.conflict_evidence`).
+    * **How many**: confident learning's calibrated confident joint of the out-of-sample
+      probabilities estimates, per given class, how many of its labels are wrong
+      (`estimate.estimate_noise`); each class's most suspicious rows up to that count are
+      flagged (`flags.flag_by_class_counts`), if their score leans towards another label
+      (`flags.NEUTRAL_ISSUE_SCORE`). A fixed threshold or top k overrides both.
+    * **OOD**: `flags.ood_scores` per fold against the fold's trusted rows, and a conformal
+      test (`flags.conformal_ood_flags`): an example is flagged when its score is too high for
+      the unflagged rows at a false discovery rate of `OOD_FDR`, so in-distribution data gets
+      (almost) no OOD flags.
+    """
+    table = scores.table
+    labels = table["given"].to_numpy()
+    agreement, votes = _neighbour_agreement(scores, labels, config)
+    issue_score, weights = _label_issue_score(scores, labels, agreement)
+    dups = duplicates.find_duplicates(
+        dataset.inputs(),
+        seed=config.seed,
+        progress="flags: duplicates" if config.progress else None,
+    )
+    conflict = duplicates.conflict_evidence(dups, labels, scores.ensemble_probs())
+    has_conflict = ~np.isnan(conflict)
+    # A copy of an input labelled otherwise is direct evidence that one of the two labels is
+    # wrong, not a model's estimate: it weighs as much as all the other evidence together.
+    issue_score[has_conflict] = (issue_score[has_conflict] + conflict[has_conflict]) / 2.0
+    # How many rows to flag: the confident joint of two models of each fold, the probe's and
+    # the audit's, averaged. Each fold model errs confidently on some rows it never saw; two
+    # independently trained ones rarely agree on those, so the mean counts fewer model errors
+    # as noise. Chosen on the development data (benchmarks/results/flag_rules.md): clean
+    # tables flagged 1.2 -> 0.6 % (digits), 5.6 -> 4.0 % (raw binary), 16.7 -> 12.5 % (tiny
+    # and wide); F1 at 20-40 % noise up on five of seven settings, within 0.011 on the others.
+    noise = estimate.estimate_noise(scores.ensemble_probs(), labels, min_class_rows=CROSSFIT_FOLDS)
+    is_issue, threshold = _flag_label_issues(issue_score, labels, noise, conflict, config)
+    ood = _ood_scores(scores, labels, votes, is_issue, config)
+    is_ood, ood_threshold, review_threshold = _ood_flags(ood, is_issue, config)
+    ids = table["example_id"].to_numpy(dtype=object)
+    out = pd.DataFrame(
+        {
+            "example_id": ids,
+            "knn_agreement": agreement,
+            "label_issue_score": issue_score,
+            "is_label_issue": is_issue,
+            "ood_score": ood,
+            "is_ood": is_ood,
+            **_duplicate_columns(dups, ids, dataset.table["split"].to_numpy()),
+        }
+    )
+    return Flags(
+        out,
+        float(threshold),
+        float(ood_threshold),
+        float(review_threshold),
+        float(noise.rate),
+        noise,
+        votes,
+        weights,
+        duplicates={
+            **dups.summary(labels),
+            "leaked_rows": int(out["is_leaked_duplicate"].sum()),
+        },
+    )
+
+
+def _neighbour_agreement(
+    scores: ExampleScores, labels: np.ndarray, config: AuditConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's kNN label agreement (N,) and votes (N, C) among its fold, in the fold model's
+    embedding space; a fold too small for neighbours agrees with itself."""
+    n, c = scores.probs.shape
+    agreement = np.zeros(n)
+    votes = np.zeros((n, c))
+    fold_rows = scores.fold_rows()
+    for k, rows in enumerate(fold_rows):
+        if rows.size < 2:
+            agreement[rows], votes[rows, labels[rows]] = 1.0, 1.0
+            continue
+        knn = flags.knn_label_agreement(
+            scores.embeddings[k],
+            labels[rows],
+            n_classes=c,
+            k=min(config.knn_k, rows.size - 1),
+            seed=config.seed,
+            progress=f"flags: neighbours {k + 1}/{len(fold_rows)}" if config.progress else None,
+        )
+        agreement[rows], votes[rows] = knn.agreement, knn.votes
+    return agreement, votes
+
+
+def _label_issue_score(
+    scores: ExampleScores, labels: np.ndarray, agreement: np.ndarray
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The label-issue score of every row from the model evidence, and the weights used.
+
+    The trajectory's weight shrinks by `flags.dynamics_reliability`: a tiny, wide table is
+    memorised and its in-sample trajectories carry no signal.
+    """
+    table = scores.table
+    mean_p = table["mean_p"].to_numpy() if "mean_p" in table else None
+    if mean_p is not None:
+        # A row no model trained on (a singleton class) has no trajectory: use its p_i.
+        mean_p = np.where(np.isnan(mean_p), table["p_given"].to_numpy(), mean_p)
+    weights = dict(flags.DEFAULT_ISSUE_WEIGHTS)
+    reliability = 1.0
+    if mean_p is not None:
+        reliability = flags.dynamics_reliability(mean_p, scores.probs, labels)
+        weights["dynamics"] *= reliability
+    issue_score = flags.label_issue_scores(
+        table["p_given"].to_numpy(),
+        scores.probs,
+        labels,
+        mean_p=mean_p,
+        knn_agreement=agreement,
+        weights=weights,
+    )
+    return issue_score, weights
+
+
+def _flag_label_issues(
+    issue_score: np.ndarray,
+    labels: np.ndarray,
+    noise: estimate.NoiseEstimate,
+    conflict: np.ndarray,
+    config: AuditConfig,
+) -> tuple[np.ndarray, float]:
+    """How many to flag: the rows flagged as label issues (N,) bool, and the lowest flagged
+    score (1.0 when none is flagged, the user's threshold when one is fixed)."""
+    if config.top_k is not None:
+        is_issue = flags.flag_label_issues(issue_score, top_k=config.top_k)
+        threshold = float(np.min(issue_score[is_issue])) if is_issue.any() else 1.0
+    elif config.label_issue_threshold is not None:
+        threshold = float(config.label_issue_threshold)
+        is_issue = issue_score >= threshold
+    else:
+        # The confident joint counts a weak model's errors as noise too: of each class's
+        # counted rows, only those whose evidence leans towards another label are flagged.
+        is_issue = flags.flag_by_class_counts(
+            issue_score, labels, flags.issue_counts_per_class(noise, labels)
+        ) & (issue_score >= flags.NEUTRAL_ISSUE_SCORE)
+        # The confident joint counts what the models doubt; a duplicate labelled against its
+        # set's consensus is flagged on its own evidence, counted or not.
+        is_issue |= (conflict == 1.0) & (issue_score >= flags.NEUTRAL_ISSUE_SCORE)
+        threshold = float(np.min(issue_score[is_issue])) if is_issue.any() else 1.0
+    return is_issue, threshold
+
+
+def _ood_scores(
+    scores: ExampleScores,
+    labels: np.ndarray,
+    votes: np.ndarray,
+    is_issue: np.ndarray,
+    config: AuditConfig,
+) -> np.ndarray:
+    """The OOD score of every row, per fold against the fold's trusted rows (0 in a fold with
+    nothing to compare with)."""
+    table = scores.table
+    p_given = table["p_given"].to_numpy()
+    trusted = flags.select_trusted(p_given, is_issue)
+    std_p = table["std_p"].to_numpy() if "std_p" in table else None
+    ood = np.zeros(len(labels))
+    fold_rows = scores.fold_rows()
+    for k, rows in enumerate(fold_rows):
+        fold_trusted = trusted[rows]
+        if fold_trusted.sum() <= OOD_NEIGHBOUR or (~is_issue[rows]).sum() == 0:
+            continue  # nothing in this fold to compare with: no OOD evidence
+        ood[rows] = flags.ood_scores(
+            scores.probs[rows],
+            scores.embeddings[k],
+            labels[rows],
+            trusted_mask=fold_trusted,
+            k=OOD_NEIGHBOUR,
+            knn_votes=votes[rows],
+            p_std=None if std_p is None else np.nan_to_num(std_p[rows], nan=0.0),
+            reference_mask=~is_issue[rows],
+            seed=config.seed,
+            progress=f"flags: OOD distance {k + 1}/{len(fold_rows)}" if config.progress else None,
+        )
+    return ood
+
+
+def _ood_flags(
+    ood: np.ndarray, is_issue: np.ndarray, config: AuditConfig
+) -> tuple[np.ndarray, float, float]:
+    """The OOD test: the rows flagged OOD, the OOD threshold, and the score above which a
+    suggestion goes to review."""
+    if config.ood_threshold is not None:
+        ood_threshold = float(config.ood_threshold)
+        is_ood = flags.flag_ood(ood, threshold=ood_threshold)
+    else:
+        is_ood, ood_threshold = flags.conformal_ood_flags(
+            ood, reference_mask=~is_issue, fdr=OOD_FDR
+        )
+    # Suggestions for examples more atypical than most unflagged ones go to a person: an OOD
+    # input the OOD test missed would otherwise be "corrected" into a class.
+    review_threshold = min(
+        ood_threshold,
+        flags.auto_ood_threshold(ood, reference_mask=~is_issue, fpr=OOD_REVIEW_FPR),
+    )
+    return is_ood, ood_threshold, review_threshold
+
+
+def _duplicate_columns(
+    dups: duplicates.Duplicates, ids: np.ndarray, split: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The duplicate columns of examples.parquet: a set is named by its first member's id."""
+    set_names = np.full(len(ids), None, dtype=object)
+    member = dups.set_id >= 0
+    set_names[member] = ids[dups.set_id[member]]
+    return {
+        "near_duplicate_score": dups.score,
+        "is_near_duplicate": dups.is_near_duplicate,
+        "near_duplicate_set": set_names,
+        "is_leaked_duplicate": duplicates.leaked_rows(dups, split),
+    }
