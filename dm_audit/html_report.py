@@ -97,6 +97,7 @@ def _cards(summary: Mapping[str, Any]) -> str:
         ("need review", _num(int(counts.get("needs_review", 0)))),
         ("set aside (OOD)", _num(int(counts.get("ood", 0)))),
         ("duplicate rows", _num(int(dups.get("near_duplicate_rows", 0)))),
+        ("held-out rows leaked", _num(int(dups.get("leaked_rows", 0)))),
         ("accuracy before", _num(quality.get("accuracy_before"), 3)),
         ("accuracy after", _num(quality.get("accuracy_after"), 3)),
     ]
