@@ -424,17 +424,7 @@ def add_noise(
             raise ConfigError("noise kind 'none' takes no open-set options")
         return dataset.subset(np.ones(len(dataset), dtype=bool))
     if kind == "open_set":
-        if open_set_fraction is not None and rate not in (0.0, open_set_fraction):
-            raise ConfigError(
-                f"open_set noise got rate={rate} and open_set_fraction={open_set_fraction}; "
-                "give one of them"
-            )
-        fraction = open_set_fraction if open_set_fraction is not None else rate
-        if not open_set_classes:
-            raise ConfigError("open_set noise needs open_set_classes (the classes to hold out)")
-        noisy = make_open_set(dataset, open_set_classes, fraction, seed)
-        noisy.source = f"{dataset.source} + open-set noise {fraction:g} {list(open_set_classes)}"
-        return noisy
+        return _open_set_noise(dataset, rate, seed, open_set_classes, open_set_fraction)
     description = f"{dataset.source} + {kind} noise {rate:g}"
     if open_set_classes:
         if open_set_fraction is None:
@@ -450,3 +440,24 @@ def add_noise(
     noisy = _flip_train(noisy, kind, rate, flip_seed, mapping)
     noisy.source = f"{description} (seed {seed})"
     return noisy.validate()
+
+
+def _open_set_noise(
+    dataset: AuditDataset,
+    rate: float,
+    seed: int,
+    open_set_classes: Sequence[str] | None,
+    open_set_fraction: float | None,
+) -> AuditDataset:
+    """``kind="open_set"`` of `add_noise`: held-out classes only, no flips."""
+    if open_set_fraction is not None and rate not in (0.0, open_set_fraction):
+        raise ConfigError(
+            f"open_set noise got rate={rate} and open_set_fraction={open_set_fraction}; "
+            "give one of them"
+        )
+    fraction = open_set_fraction if open_set_fraction is not None else rate
+    if not open_set_classes:
+        raise ConfigError("open_set noise needs open_set_classes (the classes to hold out)")
+    noisy = make_open_set(dataset, open_set_classes, fraction, seed)
+    noisy.source = f"{dataset.source} + open-set noise {fraction:g} {list(open_set_classes)}"
+    return noisy

@@ -395,6 +395,21 @@ class ReportPaths:
     classes: Path | None = None
     html: Path | None = None
 
+    @classmethod
+    def in_folder(cls, final: Path, plot_paths: Mapping[str, Path]) -> ReportPaths:
+        """The report files in `final`; `plot_paths` are relative to it."""
+        return cls(
+            out_dir=final,
+            examples=final / "examples.parquet",
+            label_issues=final / "label_issues.parquet",
+            corrected_labels=final / "corrected_labels.parquet",
+            metrics=final / "metrics.parquet",
+            summary=final / "summary.json",
+            plots={k: final / v for k, v in plot_paths.items()},
+            classes=final / "classes.parquet",
+            html=final / "report.html",
+        )
+
 
 _PLOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -452,6 +467,40 @@ def write_reports(
     ReportPaths
         Final paths (with ``if_exists="version"`` the folder may differ from `out_dir`).
     """
+    tables = _validated_tables(examples_df, label_issues_df, corrected_df, metrics_df, classes_df)
+    summary_out = {"dm_audit_schema_version": SCHEMA_VERSION, **dict(summary or {})}
+    plot_items = _checked_plots(plots or {})
+    if html is None:
+        from dm_audit.html_report import render_report
+
+        frames = (tables["examples"].to_pandas(), tables["classes"].to_pandas())
+        html = render_report(summary_out, *frames, dict(plot_items))
+
+    with staged_output_dir(
+        out_dir, if_exists=if_exists, names=REPORT_FILES, owned=REPORT_OWNED_FILES
+    ) as stage:
+        root = stage.path
+        atomic_write_parquet(root / "examples.parquet", tables["examples"])
+        kill_point("report")
+        for name in ("label_issues", "corrected_labels", "metrics", "classes"):
+            atomic_write_parquet(root / f"{name}.parquet", tables[name])
+        atomic_write_text(root / "report.html", html)
+        plot_paths = _write_plots(root, plot_items)
+        # summary.json last: readers that poll for it find the tables already in place.
+        summary_out["files"] = [*REPORT_FILES, *(p.as_posix() for p in plot_paths.values())]
+        atomic_write_json(root / "summary.json", summary_out)
+        stage.commit()
+    return ReportPaths.in_folder(stage.final_dir, plot_paths)
+
+
+def _validated_tables(
+    examples_df: pd.DataFrame,
+    label_issues_df: pd.DataFrame | None,
+    corrected_df: pd.DataFrame | None,
+    metrics_df: pd.DataFrame | None,
+    classes_df: pd.DataFrame | None,
+) -> dict[str, pa.Table]:
+    """Each report table (keyed by its name) checked against its schema, defaults filled in."""
     examples = table_from_frame(examples_df, EXAMPLES_SCHEMA)
     if label_issues_df is None:
         label_issues_df = label_issues_frame(examples_df)
@@ -459,17 +508,7 @@ def write_reports(
     # Enforce the contract "most suspicious first" whatever order the caller used.
     issues = issues.sort_by([("label_issue_score", "descending"), ("example_id", "ascending")])
     if corrected_df is None:
-        if {"corrected_label", "correction_source"} <= set(examples_df.columns):
-            corrected_df = corrected_labels_frame(examples_df)
-        else:
-            corrected_df = pd.DataFrame(
-                {
-                    "example_id": examples_df["example_id"].to_numpy(),
-                    "original_label": examples_df["given_label"].to_numpy(),
-                    "corrected_label": examples_df["given_label"].to_numpy(),
-                    "source": "kept",
-                }
-            )
+        corrected_df = _default_corrected(examples_df)
     corrected = table_from_frame(corrected_df, CORRECTED_LABELS_SCHEMA)
     if metrics_df is None:
         metrics_df = pd.DataFrame(
@@ -479,10 +518,33 @@ def write_reports(
     if classes_df is None:
         classes_df = pd.DataFrame({f.name: pd.Series([], dtype=object) for f in CLASSES_SCHEMA})
     classes = table_from_frame(classes_df, CLASSES_SCHEMA)
-    summary_out = {"dm_audit_schema_version": SCHEMA_VERSION, **dict(summary or {})}
+    return {
+        "examples": examples,
+        "label_issues": issues,
+        "corrected_labels": corrected,
+        "metrics": metrics,
+        "classes": classes,
+    }
 
+
+def _default_corrected(examples_df: pd.DataFrame) -> pd.DataFrame:
+    """The corrected labels of `examples_df`, or every example with its label kept."""
+    if {"corrected_label", "correction_source"} <= set(examples_df.columns):
+        return corrected_labels_frame(examples_df)
+    return pd.DataFrame(
+        {
+            "example_id": examples_df["example_id"].to_numpy(),
+            "original_label": examples_df["given_label"].to_numpy(),
+            "corrected_label": examples_df["given_label"].to_numpy(),
+            "source": "kept",
+        }
+    )
+
+
+def _checked_plots(plots: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(file stem, Figure or PNG path) of each plot, refusing bad names and missing files."""
     plot_items: list[tuple[str, Any]] = []
-    for name, fig in (plots or {}).items():
+    for name, fig in plots.items():
         stem = name[:-4] if name.lower().endswith(".png") else name
         if not _PLOT_NAME.match(stem):
             raise DataError(f"plot name {name!r} must be letters, digits, '_', '-' or '.'")
@@ -492,50 +554,22 @@ def write_reports(
         elif not hasattr(fig, "savefig"):
             raise DataError(f"plot {name!r} must be a matplotlib Figure or a PNG path")
         plot_items.append((stem, fig))
-    if html is None:
-        from dm_audit.html_report import render_report
+    return plot_items
 
-        html = render_report(
-            summary_out, examples.to_pandas(), classes.to_pandas(), dict(plot_items)
-        )
 
-    with staged_output_dir(
-        out_dir, if_exists=if_exists, names=REPORT_FILES, owned=REPORT_OWNED_FILES
-    ) as stage:
-        root = stage.path
-        atomic_write_parquet(root / "examples.parquet", examples)
-        kill_point("report")
-        atomic_write_parquet(root / "label_issues.parquet", issues)
-        atomic_write_parquet(root / "corrected_labels.parquet", corrected)
-        atomic_write_parquet(root / "metrics.parquet", metrics)
-        atomic_write_parquet(root / "classes.parquet", classes)
-        atomic_write_text(root / "report.html", html)
-        plot_paths: dict[str, Path] = {}
-        if plot_items:
-            (root / "plots").mkdir()
-        for stem, fig in plot_items:
-            target = root / "plots" / f"{stem}.png"
-            if isinstance(fig, str | os.PathLike):
-                shutil.copyfile(fig, target)
-            else:
-                atomic_write_png(target, fig)
-            plot_paths[stem] = Path("plots") / f"{stem}.png"
-        # summary.json last: readers that poll for it find the tables already in place.
-        summary_out["files"] = [*REPORT_FILES, *(p.as_posix() for p in plot_paths.values())]
-        atomic_write_json(root / "summary.json", summary_out)
-        stage.commit()
-    final = stage.final_dir
-    return ReportPaths(
-        out_dir=final,
-        examples=final / "examples.parquet",
-        label_issues=final / "label_issues.parquet",
-        corrected_labels=final / "corrected_labels.parquet",
-        metrics=final / "metrics.parquet",
-        summary=final / "summary.json",
-        plots={k: final / v for k, v in plot_paths.items()},
-        classes=final / "classes.parquet",
-        html=final / "report.html",
-    )
+def _write_plots(root: Path, plot_items: list[tuple[str, Any]]) -> dict[str, Path]:
+    """Write each plot to ``root/plots/<stem>.png``; return the paths relative to `root`."""
+    plot_paths: dict[str, Path] = {}
+    if plot_items:
+        (root / "plots").mkdir()
+    for stem, fig in plot_items:
+        target = root / "plots" / f"{stem}.png"
+        if isinstance(fig, str | os.PathLike):
+            shutil.copyfile(fig, target)
+        else:
+            atomic_write_png(target, fig)
+        plot_paths[stem] = Path("plots") / f"{stem}.png"
+    return plot_paths
 
 
 def read_report(path: str | os.PathLike[str], schema: pa.Schema | None = None) -> pd.DataFrame:

@@ -23,8 +23,8 @@ from typing import Literal
 
 import pandas as pd
 
-from dm_audit.dataset import canonical_label
 from dm_audit.errors import ConfigError, DataError
+from dm_audit.label_names import canonical_label
 
 __all__ = ["REVIEW_COLUMNS", "ReviewProblem", "ReviewReport", "Reviews", "read_reviews"]
 
@@ -263,34 +263,14 @@ def read_reviews(
     if not p.is_file():
         raise DataError(f"review file {p} does not exist")
     df = _read_table(p)
-    columns = [str(c) for c in df.columns]
-    for col in REVIEW_COLUMNS:
-        if col not in columns:
-            raise DataError(
-                f"review file {p} has no column {col!r} (columns: {', '.join(columns) or 'none'}); "
-                f"{_suggest(col, columns)}"
-            )
+    _require_columns(p, [str(c) for c in df.columns])
     ids = _as_text(df["example_id"])
     # Labels in the dataset's spelling: spaces around and the Unicode form are no part of a name.
     labels = [canonical_label(v) for v in _as_text(df["label"])]
     known = {str(i) for i in known_ids}
     class_set = {str(c) for c in classes}
 
-    problems: list[ReviewProblem] = []
-    last_row: dict[str, int] = {}
-    valid_rows: list[int] = []
-    for i, (eid, lab) in enumerate(zip(ids, labels, strict=True)):
-        row = i + 1
-        if not eid or not lab:
-            problems.append(ReviewProblem(row, eid, lab, "empty"))
-        elif eid not in known:
-            problems.append(ReviewProblem(row, eid, lab, "unknown_id"))
-        elif lab not in class_set:
-            problems.append(ReviewProblem(row, eid, lab, "unknown_label"))
-        else:
-            valid_rows.append(i)
-            last_row[eid] = i
-
+    problems, valid_rows, last_row = _sort_rows(ids, labels, known, class_set)
     bad = [q for q in problems if q.problem != "superseded"]
     if strict and bad:
         listed = "; ".join(str(q) for q in bad[:10])
@@ -309,3 +289,37 @@ def read_reviews(
     accepted = {ids[i]: labels[i] for i in valid_rows if last_row[ids[i]] == i}
     report = ReviewReport(path=p, n_rows=len(ids), n_accepted=len(accepted), problems=problems)
     return Reviews(labels=accepted, report=report)
+
+
+def _require_columns(path: Path, columns: list[str]) -> None:
+    """Refuse a review file without the columns ``example_id`` and ``label``, naming the rename."""
+    for col in REVIEW_COLUMNS:
+        if col not in columns:
+            raise DataError(
+                f"review file {path} has no column {col!r} (columns: "
+                f"{', '.join(columns) or 'none'}); {_suggest(col, columns)}"
+            )
+
+
+def _sort_rows(
+    ids: list[str], labels: list[str], known: set[str], class_set: set[str]
+) -> tuple[list[ReviewProblem], list[int], dict[str, int]]:
+    """Each row's fate: a problem (empty, unknown id or label), or a valid review.
+
+    Returns the problems, the valid rows (0-based) and the last valid row of each id.
+    """
+    problems: list[ReviewProblem] = []
+    last_row: dict[str, int] = {}
+    valid_rows: list[int] = []
+    for i, (eid, lab) in enumerate(zip(ids, labels, strict=True)):
+        row = i + 1
+        if not eid or not lab:
+            problems.append(ReviewProblem(row, eid, lab, "empty"))
+        elif eid not in known:
+            problems.append(ReviewProblem(row, eid, lab, "unknown_id"))
+        elif lab not in class_set:
+            problems.append(ReviewProblem(row, eid, lab, "unknown_label"))
+        else:
+            valid_rows.append(i)
+            last_row[eid] = i
+    return problems, valid_rows, last_row

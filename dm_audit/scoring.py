@@ -236,33 +236,50 @@ def write_scores_stream(
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    probs: np.ndarray | None = None
     try:
         with pq.ParquetWriter(tmp, SCORES_SCHEMA) as writer:
-            for start in range(0, max(n, 1), chunk):
-                stop = min(n, start + chunk)
-                p, emb = predict_proba(model, inputs[start:stop], device, batch_size)
-                if probs is None:
-                    probs = np.empty((n, p.shape[1]), dtype=np.float32)
-                probs[start:stop] = p
-                yc = y[start:stop]
-                bad = np.flatnonzero((yc < 0) | (yc >= p.shape[1]))
-                if bad.size:
-                    row = start + int(bad[0])
-                    raise DataError(
-                        f"labels: row {row} has label {y[row]}, outside 0..{p.shape[1] - 1}"
-                    )
-                ids = range(start, stop) if example_ids is None else example_ids[start:stop]
-                columns = score_columns(p, yc, weighting=weighting)
-                writer.write_table(_chunk_table(ids, columns, emb))
-                if stop >= n:
-                    break
+            probs = _score_chunks(
+                writer, model, inputs, y, weighting, device, batch_size, chunk, example_ids
+            )
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    assert probs is not None
     return out, probs
+
+
+def _score_chunks(
+    writer: pq.ParquetWriter,
+    model: AuditModel,
+    inputs: np.ndarray,
+    y: np.ndarray,
+    weighting: WeightFn,
+    device: str | torch.device,
+    batch_size: int,
+    chunk: int,
+    example_ids: Sequence[str] | None,
+) -> np.ndarray:
+    """Score `chunk` rows at a time, writing each chunk to `writer`; return every row's probs."""
+    n = len(inputs)
+    probs: np.ndarray | None = None
+    for start in range(0, max(n, 1), chunk):
+        stop = min(n, start + chunk)
+        p, emb = predict_proba(model, inputs[start:stop], device, batch_size)
+        if probs is None:
+            probs = np.empty((n, p.shape[1]), dtype=np.float32)
+        probs[start:stop] = p
+        yc = y[start:stop]
+        bad = np.flatnonzero((yc < 0) | (yc >= p.shape[1]))
+        if bad.size:
+            row = start + int(bad[0])
+            raise DataError(f"labels: row {row} has label {y[row]}, outside 0..{p.shape[1] - 1}")
+        ids = range(start, stop) if example_ids is None else example_ids[start:stop]
+        columns = score_columns(p, yc, weighting=weighting)
+        writer.write_table(_chunk_table(ids, columns, emb))
+        if stop >= n:
+            break
+    assert probs is not None
+    return probs
 
 
 def score(

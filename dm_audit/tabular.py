@@ -134,52 +134,10 @@ def encode_tabular(
     origin: list[str] = []
     out = EncodedColumns(np.empty((len(frame), 0)), [])
     for name in names:
-        column = frame[name]
-        entry: dict[str, Any] = {"column": name}
-        if column.isna().all():
-            if strict:
-                raise DataError(f"feature column {name!r} of {source} holds no value at all")
-            out.ignored.append({"column": name, "reason": "empty (no value in any row)"})
+        block, entry = _encode_column(frame[name], name, ids, source, strict=strict)
+        if block is None:
+            out.ignored.append(entry)
             continue
-        if _is_bool(column):
-            block = column.astype(bool).to_numpy(dtype=np.float64)[:, None]
-            entry["encoding"] = "boolean (0/1)"
-        elif pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-            block = column.to_numpy(dtype=np.float64, na_value=np.nan)[:, None]
-            entry["encoding"] = "numeric"
-        elif (dates := _as_dates(column)) is not None:
-            if dates.isna().any():
-                row = int(np.flatnonzero(dates.isna().to_numpy())[0])
-                raise DataError(
-                    f"date column {name!r} of {source} has a missing value at row {row} "
-                    f"(example_id {ids[row]!r})"
-                )
-            days = (dates - pd.Timestamp(0, tz=dates.dt.tz)).dt.total_seconds() / 86400.0
-            block = days.to_numpy(dtype=np.float64)[:, None]
-            entry["encoding"] = "date (days since 1970-01-01)"
-        else:
-            if strict and _text_numbers_share(column) >= 0.5:
-                parsed = pd.to_numeric(column, errors="coerce")
-                bad = (parsed.isna() & column.notna()).to_numpy()
-                row = int(np.flatnonzero(bad)[0]) if bad.any() else 0
-                raise DataError(
-                    f"feature column {name!r} is not numeric: row {row} (example_id "
-                    f"{ids[row]!r}) holds {column.iloc[row]!r}"
-                )
-            encoded = _one_hot(column, name, source, strict=strict)
-            if encoded is None:
-                n_distinct = int(column.nunique(dropna=False))
-                out.ignored.append(
-                    {
-                        "column": name,
-                        "reason": f"{n_distinct} distinct values in {len(column)} rows: an "
-                        "identifier or free text, not a category",
-                    }
-                )
-                continue
-            block, categories = encoded
-            entry["encoding"] = "one-hot"
-            entry["categories"] = categories
         blocks.append(block)
         origin += [name] * block.shape[1]
         out.inputs.append(entry)
@@ -187,6 +145,54 @@ def encode_tabular(
         out.matrix = np.hstack(blocks)
     out.column_of_feature = origin
     return out
+
+
+def _encode_column(
+    column: pd.Series, name: str, ids: Sequence[str], source: str, *, strict: bool
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """One column's features (N, k) and what it became, or (None, why it was left out)."""
+    entry: dict[str, Any] = {"column": name}
+    if column.isna().all():
+        if strict:
+            raise DataError(f"feature column {name!r} of {source} holds no value at all")
+        return None, {"column": name, "reason": "empty (no value in any row)"}
+    if _is_bool(column):
+        block = column.astype(bool).to_numpy(dtype=np.float64)[:, None]
+        entry["encoding"] = "boolean (0/1)"
+    elif pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        block = column.to_numpy(dtype=np.float64, na_value=np.nan)[:, None]
+        entry["encoding"] = "numeric"
+    elif (dates := _as_dates(column)) is not None:
+        if dates.isna().any():
+            row = int(np.flatnonzero(dates.isna().to_numpy())[0])
+            raise DataError(
+                f"date column {name!r} of {source} has a missing value at row {row} "
+                f"(example_id {ids[row]!r})"
+            )
+        days = (dates - pd.Timestamp(0, tz=dates.dt.tz)).dt.total_seconds() / 86400.0
+        block = days.to_numpy(dtype=np.float64)[:, None]
+        entry["encoding"] = "date (days since 1970-01-01)"
+    else:
+        if strict and _text_numbers_share(column) >= 0.5:
+            parsed = pd.to_numeric(column, errors="coerce")
+            bad = (parsed.isna() & column.notna()).to_numpy()
+            row = int(np.flatnonzero(bad)[0]) if bad.any() else 0
+            raise DataError(
+                f"feature column {name!r} is not numeric: row {row} (example_id "
+                f"{ids[row]!r}) holds {column.iloc[row]!r}"
+            )
+        encoded = _one_hot(column, name, source, strict=strict)
+        if encoded is None:
+            n_distinct = int(column.nunique(dropna=False))
+            reason = (
+                f"{n_distinct} distinct values in {len(column)} rows: an identifier or free "
+                "text, not a category"
+            )
+            return None, {"column": name, "reason": reason}
+        block, categories = encoded
+        entry["encoding"] = "one-hot"
+        entry["categories"] = categories
+    return block, entry
 
 
 def _one_hot(
