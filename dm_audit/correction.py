@@ -251,6 +251,32 @@ def decide_corrections(
     -------
     CorrectionPlan
     """
+    y, s, c = _class_codes(given, suggested, n_classes, reviews)
+    n = y.shape[0]
+    conf = np.asarray(confidence, dtype=np.float64)
+    if conf.shape != (n,) or not np.isfinite(conf).all():
+        raise DataError(f"confidence must be finite with shape ({n},), got {conf.shape}")
+    issue = validate_mask(is_issue, "is_issue", n)
+    ood = validate_mask(is_ood, "is_ood", n)
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ConfigError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+    confident = (s != y) & (conf >= min_confidence)
+    if max_ood_score is not None:
+        confident &= _within_ood_limit(ood_scores, max_ood_score, n)
+    gate = np.ones(n, dtype=bool) if allowed is None else validate_mask(allowed, "allowed", n)
+    corrected, source = _automatic_decisions(y, s, issue, ood, confident & gate, gate)
+    _apply_reviews(corrected, source, reviews or {}, c)
+    include = (source != "ood_set_aside") & (source != "needs_review")
+    return CorrectionPlan(corrected=corrected, source=source, include_in_retrain=include)
+
+
+def _class_codes(
+    given: np.ndarray,
+    suggested: np.ndarray,
+    n_classes: int | None,
+    reviews: Mapping[int, int] | None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Checked given and suggested codes and the number of classes (inferred without one)."""
     y = np.asarray(given)
     n = y.shape[0] if y.ndim == 1 else -1
     if n <= 0:
@@ -263,41 +289,54 @@ def decide_corrections(
         c = max(codes + [int(v) for v in (reviews or {}).values()]) + 1
     y = validate_labels(y, n, c, name="given")
     s = validate_labels(s, n, c, name="suggested")
-    conf = np.asarray(confidence, dtype=np.float64)
-    if conf.shape != (n,) or not np.isfinite(conf).all():
-        raise DataError(f"confidence must be finite with shape ({n},), got {conf.shape}")
-    issue = validate_mask(is_issue, "is_issue", n)
-    ood = validate_mask(is_ood, "is_ood", n)
-    if not 0.0 <= min_confidence <= 1.0:
-        raise ConfigError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+    return y, s, c
 
+
+def _within_ood_limit(ood_scores: np.ndarray | None, max_ood_score: float, n: int) -> np.ndarray:
+    """Rows whose OOD score is at most `max_ood_score`, (N,) bool."""
+    if ood_scores is None:
+        raise ConfigError("max_ood_score needs ood_scores")
+    o = np.asarray(ood_scores, dtype=np.float64)
+    if o.shape != (n,):
+        raise DataError(f"ood_scores must have shape ({n},), got {o.shape}")
+    return o <= max_ood_score
+
+
+def _automatic_decisions(
+    y: np.ndarray,
+    s: np.ndarray,
+    issue: np.ndarray,
+    ood: np.ndarray,
+    confident: np.ndarray,
+    gate: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and provenance before reviews: OOD set aside, confident issues corrected.
+
+    `confident` holds the rows whose suggestion may be applied (confident, within the OOD limit,
+    inside `gate`); outside `gate` nothing is decided automatically, setting aside included.
+    """
     corrected = y.copy()
-    source = np.full(n, "kept", dtype=object)
-    confident = (s != y) & (conf >= min_confidence)
-    if max_ood_score is not None:
-        if ood_scores is None:
-            raise ConfigError("max_ood_score needs ood_scores")
-        o = np.asarray(ood_scores, dtype=np.float64)
-        if o.shape != (n,):
-            raise DataError(f"ood_scores must have shape ({n},), got {o.shape}")
-        confident &= o <= max_ood_score
-    gate = np.ones(n, dtype=bool) if allowed is None else validate_mask(allowed, "allowed", n)
-    confident &= gate
+    source = np.full(y.shape[0], "kept", dtype=object)
     auto = issue & confident
     corrected[auto] = s[auto]
     source[auto] = "auto_corrected"
     source[issue & ~confident] = "needs_review"
     corrected[ood & gate] = -1
     source[ood & gate] = "ood_set_aside"
-    # Outside the gate nothing is decided automatically, setting aside included.
     corrected[ood & ~gate] = y[ood & ~gate]
     source[ood & ~gate] = "needs_review"
-    for row, code in (reviews or {}).items():
+    return corrected, source
+
+
+def _apply_reviews(
+    corrected: np.ndarray, source: np.ndarray, reviews: Mapping[int, int], c: int
+) -> None:
+    """Write the human labels (row -> class code) over the automatic decisions, in place."""
+    n = corrected.shape[0]
+    for row, code in reviews.items():
         if not 0 <= int(row) < n:
             raise DataError(f"review for row {row} is outside the {n} examples")
         if not 0 <= int(code) < c:
             raise DataError(f"review for row {row} has class code {code} outside [0, {c})")
         corrected[int(row)] = int(code)
         source[int(row)] = "reviewed"
-    include = (source != "ood_set_aside") & (source != "needs_review")
-    return CorrectionPlan(corrected=corrected, source=source, include_in_retrain=include)

@@ -170,34 +170,10 @@ def estimate_noise(
     p = validate_probs(probs)
     n, c = p.shape
     y = validate_labels(labels, n, c)
-
     counts = np.bincount(y, minlength=c)
-    sums = np.bincount(y, weights=p[np.arange(n), y], minlength=c)
-    # A class nobody is labelled with has no self-confidence; no example can be counted as
-    # truly belonging to it, which is the conservative choice (it adds no noise).
-    with np.errstate(invalid="ignore", divide="ignore"):
-        thresholds = np.where(
-            counts >= max(1, int(min_class_rows)), sums / np.maximum(counts, 1), np.inf
-        )
-    # The small slack lets an example sitting exactly on its class mean count (constant probs).
-    above = p >= thresholds[None, :] - 1e-6
-    counted = above.any(axis=1)
-    true_guess = np.where(above, p, -1.0).argmax(axis=1)
-
-    cj = np.zeros((c, c), dtype=np.int64)  # [true, given]
-    np.add.at(cj, (true_guess[counted], y[counted]), 1)
-
-    col = cj.sum(axis=0).astype(np.float64)
-    calibrated = np.zeros((c, c), dtype=np.float64)
-    for j in range(c):
-        if counts[j] == 0:
-            continue
-        if col[j] > 0:
-            calibrated[:, j] = cj[:, j] / col[j] * counts[j]
-        else:
-            # No example labelled j reached any threshold: no evidence of noise in this class.
-            calibrated[j, j] = counts[j]
-    joint = calibrated / n
+    thresholds = _class_thresholds(p, y, counts, min_class_rows)
+    cj = _confident_joint(p, y, thresholds)
+    joint = _calibrate(cj, counts) / n
 
     rate = float(np.clip(1.0 - np.trace(joint), 0.0, 1.0))
     row = joint.sum(axis=1, keepdims=True)
@@ -213,6 +189,46 @@ def estimate_noise(
         thresholds=thresholds,
         confident_joint=cj,
     )
+
+
+def _class_thresholds(
+    p: np.ndarray, y: np.ndarray, counts: np.ndarray, min_class_rows: int
+) -> np.ndarray:
+    """Mean self-confidence of each class, (C,); inf for a class with too few labelled rows."""
+    c = p.shape[1]
+    sums = np.bincount(y, weights=p[np.arange(y.size), y], minlength=c)
+    # A class nobody is labelled with has no self-confidence; no example can be counted as
+    # truly belonging to it, which is the conservative choice (it adds no noise).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts >= max(1, int(min_class_rows)), sums / np.maximum(counts, 1), np.inf)
+
+
+def _confident_joint(p: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Counts ``[true, given]`` of the examples reaching some class threshold, (C, C) int64."""
+    c = p.shape[1]
+    # The small slack lets an example sitting exactly on its class mean count (constant probs).
+    above = p >= thresholds[None, :] - 1e-6
+    counted = above.any(axis=1)
+    true_guess = np.where(above, p, -1.0).argmax(axis=1)
+    cj = np.zeros((c, c), dtype=np.int64)  # [true, given]
+    np.add.at(cj, (true_guess[counted], y[counted]), 1)
+    return cj
+
+
+def _calibrate(cj: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Rescale each given-label column of the confident joint to that label's row count."""
+    c = cj.shape[0]
+    col = cj.sum(axis=0).astype(np.float64)
+    calibrated = np.zeros((c, c), dtype=np.float64)
+    for j in range(c):
+        if counts[j] == 0:
+            continue
+        if col[j] > 0:
+            calibrated[:, j] = cj[:, j] / col[j] * counts[j]
+        else:
+            # No example labelled j reached any threshold: no evidence of noise in this class.
+            calibrated[j, j] = counts[j]
+    return calibrated
 
 
 # ----------------------------------------------------------------------------- emphasis choice

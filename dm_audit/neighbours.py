@@ -42,6 +42,7 @@ __all__ = [
     "ParquetEmbeddings",
     "as_chunks",
     "build_index",
+    "checked_embeddings",
     "search",
 ]
 
@@ -207,6 +208,32 @@ def as_chunks(
     return ArrayEmbeddings(np.asarray(embeddings), chunk_rows)
 
 
+def checked_embeddings(x: np.ndarray | EmbeddingChunks, n: int | None = None) -> EmbeddingChunks:
+    """An (N, E) array, checked whole, or a chunked source, checked chunk by chunk when read.
+
+    Parameters
+    ----------
+    x : np.ndarray, shape (N, E), or EmbeddingChunks
+        The embeddings.
+    n : int, optional
+        Required number of rows N.
+
+    Returns
+    -------
+    EmbeddingChunks
+        `ArrayEmbeddings` of the array, or `x` itself.
+    """
+    if isinstance(x, np.ndarray) or not hasattr(x, "chunks"):
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[1] < 1 or (n is not None and arr.shape[0] != n):
+            want = f"({n}, E)" if n is not None else "(N, E)"
+            raise DataError(f"embeddings must have shape {want}, got {arr.shape}")
+        return ArrayEmbeddings(arr)
+    if n is not None and x.n_rows != n:
+        raise DataError(f"embeddings must have shape ({n}, E), got {x.n_rows} rows")
+    return x
+
+
 def normalise(x: np.ndarray) -> np.ndarray:
     """L2-normalise rows (zero rows stay zero) as C-contiguous float32, as faiss wants."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -262,61 +289,92 @@ def build_index(
     -------
     faiss.Index
     """
-    import faiss
-
     if kind not in ("auto", "flat", "ivf"):
         raise ConfigError(f"index must be 'auto', 'flat' or 'ivf', got {kind!r}")
     if metric not in ("cosine", "l2"):
         raise ConfigError(f"metric must be 'cosine' or 'l2', got {metric!r}")
-    flat = faiss.IndexFlatIP if metric == "cosine" else faiss.IndexFlatL2
     rows = None if base_rows is None else np.asarray(base_rows, dtype=np.int64)
     n = source.n_rows if rows is None else int(rows.size)
-    d = source.dim
-    use_ivf = kind == "ivf" or (kind == "auto" and n > ivf_threshold)
-    if not use_ivf:
-        index = flat(d)
-    else:
-        # About 4 sqrt(N) lists, but at least 39 training points per centroid (faiss' minimum).
-        nlist = int(max(1, min(round(IVF_LISTS_PER_SQRT_N * math.sqrt(n)), n // 39)))
-        quantizer = flat(d)
-        # float16 keeps cosine similarities of unit vectors to about 1e-4 (8-bit codes found
-        # only 75 % of the exact neighbours of 1M audit embeddings, which lie very close).
-        index = faiss.IndexIVFScalarQuantizer(
-            quantizer,
-            d,
-            nlist,
-            faiss.ScalarQuantizer.QT_fp16,
-            faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2,
-        )
-        index.cp.seed = seed
-        rng = np.random.default_rng(seed)
-        n_train = min(n, IVF_TRAIN_PER_LIST * nlist)
-        log.info(
-            "building an IVF index of %d rows: %d lists trained on %d rows, %d probed per query",
-            n,
-            nlist,
-            n_train,
-            min(nlist, max(1, nprobe)),
-        )
-        # Positions among the indexed rows, then the row numbers they stand for.
-        picked = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
-        sample_rows = picked if rows is None else rows[picked]
-        sample = np.empty((n_train, d), dtype=np.float32)
-        filled = 0
-        for start, block in source.chunks():
-            part = _prepared(_selected(block, start, sample_rows), metric)
-            sample[filled : filled + len(part)] = part
-            filled += len(part)
-        index.train(sample)
-        del sample
-        index.nprobe = int(min(nlist, max(1, nprobe)))
-        _add_to_reserved_lists(index, source, rows, n, metric)
-        return index
+    if kind == "ivf" or (kind == "auto" and n > ivf_threshold):
+        return _ivf_index(source, rows, n, nprobe=nprobe, seed=seed, metric=metric)
+    index = _flat_index(metric)(source.dim)
     for start, block in source.chunks():
         part = _selected(block, start, rows)
         if len(part):
             index.add(_prepared(part, metric))
     return index
+
+
+def _flat_index(metric: Metric) -> type:
+    """The exact faiss index class of `metric`."""
+    import faiss
+
+    return faiss.IndexFlatIP if metric == "cosine" else faiss.IndexFlatL2
+
+
+def _ivf_index(
+    source: EmbeddingChunks,
+    rows: np.ndarray | None,
+    n: int,
+    *,
+    nprobe: int,
+    seed: int,
+    metric: Metric,
+) -> object:
+    """A trained IVF index of float16 vectors holding the `n` indexed rows (`build_index`)."""
+    import faiss
+
+    d = source.dim
+    # About 4 sqrt(N) lists, but at least 39 training points per centroid (faiss' minimum).
+    nlist = int(max(1, min(round(IVF_LISTS_PER_SQRT_N * math.sqrt(n)), n // 39)))
+    quantizer = _flat_index(metric)(d)
+    # float16 keeps cosine similarities of unit vectors to about 1e-4 (8-bit codes found
+    # only 75 % of the exact neighbours of 1M audit embeddings, which lie very close).
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer,
+        d,
+        nlist,
+        faiss.ScalarQuantizer.QT_fp16,
+        faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2,
+    )
+    index.cp.seed = seed
+    n_train = min(n, IVF_TRAIN_PER_LIST * nlist)
+    log.info(
+        "building an IVF index of %d rows: %d lists trained on %d rows, %d probed per query",
+        n,
+        nlist,
+        n_train,
+        min(nlist, max(1, nprobe)),
+    )
+    sample = _training_sample(source, rows, n, n_train, seed=seed, metric=metric)
+    index.train(sample)
+    del sample
+    index.nprobe = int(min(nlist, max(1, nprobe)))
+    _add_to_reserved_lists(index, source, rows, n, metric)
+    return index
+
+
+def _training_sample(
+    source: EmbeddingChunks,
+    rows: np.ndarray | None,
+    n: int,
+    n_train: int,
+    *,
+    seed: int,
+    metric: Metric,
+) -> np.ndarray:
+    """A seeded sample of `n_train` of the indexed rows, prepared for faiss, (n_train, E)."""
+    rng = np.random.default_rng(seed)
+    # Positions among the indexed rows, then the row numbers they stand for.
+    picked = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
+    sample_rows = picked if rows is None else rows[picked]
+    sample = np.empty((n_train, source.dim), dtype=np.float32)
+    filled = 0
+    for start, block in source.chunks():
+        part = _prepared(_selected(block, start, sample_rows), metric)
+        sample[filled : filled + len(part)] = part
+        filled += len(part)
+    return sample
 
 
 def _add_to_reserved_lists(
@@ -417,9 +475,6 @@ def search(
     width = kk - (1 if self_positions is not None else 0)
     sims = np.empty((n, width), dtype=np.float32)
     ids = np.empty((n, width), dtype=np.int64)
-    done = 0  # queries answered so far
-    pending: list[np.ndarray] = []
-    n_pending = 0
     bar = progress_bar(
         total=n,
         desc=progress,
@@ -429,43 +484,63 @@ def search(
         delay=PROGRESS_DELAY_S,
         dynamic_ncols=True,
     )
-
-    def flush() -> None:
-        nonlocal done, pending, n_pending
-        if not n_pending:
-            return
-        lo, hi = done, done + n_pending
-        s, i = index.search(np.concatenate(pending), kk)  # type: ignore[attr-defined]
-        if metric == "l2":
-            s = -s
-        if self_positions is not None:
-            own = self_positions[lo:hi, None]
-            hit = (i == own) & (own >= 0)
-            hit[~hit.any(axis=1), -1] = True
-            keep = ~hit
-            s = s[keep].reshape(hi - lo, kk - 1)
-            i = i[keep].reshape(hi - lo, kk - 1)
-        sims[lo:hi], ids[lo:hi] = s, i
-        done, pending, n_pending = hi, [], 0
-        bar.update(hi - lo)
-
-    # Batches are filled across chunk boundaries, so faiss sees the same batches whatever the
-    # chunk size (its BLAS kernels may round differently for different batch shapes).
+    done = 0  # queries answered so far
     with bar:
-        for start, block in queries.chunks():
-            block = _selected(block, start, rows)
-            pos = 0
-            while pos < len(block):
-                take = min(batch_size - n_pending, len(block) - pos)
-                pending.append(_prepared(block[pos : pos + take], metric))
-                n_pending += take
-                pos += take
-                if n_pending == batch_size:
-                    flush()
-        flush()
+        for batch in _query_batches(queries, rows, batch_size, metric):
+            lo, hi = done, done + len(batch)
+            own = None if self_positions is None else self_positions[lo:hi, None]
+            sims[lo:hi], ids[lo:hi] = _search_batch(index, batch, kk, own, metric)
+            done = hi
+            bar.update(hi - lo)
     sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
     if sims.shape[1] < k:  # fewer indexed rows than k: pad as missing neighbours
         pad = k - sims.shape[1]
         sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
     return sims, ids
+
+
+def _query_batches(
+    queries: EmbeddingChunks, rows: np.ndarray | None, batch_size: int, metric: Metric
+) -> Iterator[np.ndarray]:
+    """The selected query rows, prepared for faiss, in batches of `batch_size` (the last fewer).
+
+    Batches are filled across chunk boundaries, so faiss sees the same batches whatever the
+    chunk size (its BLAS kernels may round differently for different batch shapes).
+    """
+    pending: list[np.ndarray] = []
+    n_pending = 0
+    for start, block in queries.chunks():
+        block = _selected(block, start, rows)
+        pos = 0
+        while pos < len(block):
+            take = min(batch_size - n_pending, len(block) - pos)
+            pending.append(_prepared(block[pos : pos + take], metric))
+            n_pending += take
+            pos += take
+            if n_pending == batch_size:
+                yield np.concatenate(pending)
+                pending, n_pending = [], 0
+    if n_pending:
+        yield np.concatenate(pending)
+
+
+def _search_batch(
+    index: object, batch: np.ndarray, kk: int, own: np.ndarray | None, metric: Metric
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search one batch for `kk` neighbours; with `own` (m, 1), drop each query's own position.
+
+    Where a query's own position is not among its neighbours the farthest one is dropped, so
+    every query keeps ``kk - 1``.
+    """
+    s, i = index.search(batch, kk)  # type: ignore[attr-defined]
+    if metric == "l2":
+        s = -s
+    if own is not None:
+        m = len(batch)
+        hit = (i == own) & (own >= 0)
+        hit[~hit.any(axis=1), -1] = True
+        keep = ~hit
+        s = s[keep].reshape(m, kk - 1)
+        i = i[keep].reshape(m, kk - 1)
+    return s, i

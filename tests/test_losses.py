@@ -1,14 +1,15 @@
-"""Tests of dm_audit.losses: gradients against closed forms, numerics, ProSelfLC, the factory."""
+"""Tests of dm_audit.losses and its families: DM and baseline gradients, numerics, the factory."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_batches import F64, explicit_dm_grad, grad_of, make_batch
 
+import dm_audit.losses as losses_module
+from dm_audit import baseline_losses, dm_loss, loss_base, proselflc
 from dm_audit.emphasis import create_weighting, edf
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.losses import (
@@ -22,48 +23,11 @@ from dm_audit.losses import (
     IMAELoss,
     LabelLoss,
     LabelSmoothingLoss,
-    LossOutput,
     MAELoss,
     MSELoss,
     ProSelfLCLoss,
     create_loss,
 )
-
-F64 = torch.float64
-
-
-def make_batch(
-    batch: int, classes: int, seed: int, *, dtype=F64, extremes: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded logits (B, C) and labels (B,); with ``extremes`` the first rows have
-    p_i = 1 - 1e-6, p_i = 1 - 1e-3 and p_i ~ 1e-9 exactly by construction."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = 2.0 * torch.randn(batch, classes, generator=gen, dtype=F64)
-    labels = torch.randint(0, classes, (batch,), generator=gen)
-    if extremes and classes > 1:
-        for row, p in zip(range(batch), (1 - 1e-6, 1 - 1e-3, 1e-9), strict=False):
-            logits[row] = 0.0
-            # With the other logits at 0: p = e^z / (e^z + C - 1).
-            logits[row, labels[row]] = math.log(p * (classes - 1) / (1 - p))
-    return logits.to(dtype), labels
-
-
-def grad_of(loss_fn, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, LossOutput]:
-    """Gradient of the (summed) loss w.r.t. the logits, and the loss output."""
-    z = logits.detach().clone().requires_grad_()
-    out = loss_fn(z, labels)
-    (out.loss if out.loss.ndim == 0 else out.loss.sum()).backward()
-    return z.grad, out
-
-
-def explicit_dm_grad(logits, labels, weighting):
-    """The authors' explicit DM gradient: (p - y)/(2(1 - p_i) + 1e-8) · w_i/Σw."""
-    p = torch.softmax(logits.to(F64), dim=1)
-    p_i = p[torch.arange(len(labels)), labels]
-    w = weighting(p_i)
-    onehot = F.one_hot(labels, logits.shape[1]).to(F64)
-    return (p - onehot) / (2 * (1 - p_i) + 1e-8)[:, None] * (w / w.sum())[:, None]
-
 
 # --------------------------------------------------------------------------- DM gradient
 
@@ -306,158 +270,6 @@ def test_confidence_penalty_gradient():
     )
 
 
-def test_proselflc_global_trust_schedule():
-    loss_fn = ProSelfLCLoss(total_iterations=1000, B=12, r=0.5)
-    assert loss_fn.g() == pytest.approx(1 / (1 + math.exp(6)))  # t = 0, no warm-up needed
-    loss_fn.set_progress(500, 1000)
-    assert loss_fn.g() == pytest.approx(0.5)
-    values = []
-    for t in range(0, 1001, 100):
-        loss_fn.set_progress(t, 1000)
-        values.append(loss_fn.g())
-    assert np.all(np.diff(values) > 0) and 0 < values[0] < values[-1] < 1
-    assert values[-1] == pytest.approx(1 / (1 + math.exp(-6)))
-    # set_progress also sets Γ; r moves the midpoint; huge B does not overflow.
-    late = ProSelfLCLoss(r=0.25, B=1e4)
-    late.set_progress(25, 100)
-    assert late.g() == pytest.approx(0.5)
-    late.set_progress(0, 100)
-    assert late.g() == 0.0
-
-
-@pytest.mark.parametrize("trust", ["entropy", "max"])
-@pytest.mark.parametrize("temperature", [0.3, 0.5, 1.0])
-def test_proselflc_target_and_gradient(trust, temperature):
-    logits, labels = make_batch(32, 6, seed=12, extremes=True)
-    loss_fn = ProSelfLCLoss(100, B=10, trust=trust, temperature=temperature, reduction="sum")
-    loss_fn.set_progress(70, 100)
-    grad, out = grad_of(loss_fn, logits, labels)
-    p = torch.softmax(logits, 1)
-    p_t = torch.softmax(logits / temperature, 1)
-    if trust == "entropy":
-        l_expected = 1 + (p_t * torch.log(p_t.clamp_min(1e-300))).sum(1) / math.log(6)
-    else:
-        l_expected = p_t.max(1).values
-    g = 1 / (1 + math.exp(-10 * (0.7 - 0.5)))
-    assert float(out.extras["g"]) == pytest.approx(g)
-    torch.testing.assert_close(out.extras["l"], l_expected)
-    eps = out.extras["epsilon"]
-    torch.testing.assert_close(eps, g * l_expected)
-    assert ((eps >= 0) & (eps <= 1)).all()
-    target = out.extras["target"]
-    assert not target.requires_grad
-    torch.testing.assert_close(
-        target, (1 - eps[:, None]) * F.one_hot(labels, 6) + eps[:, None] * p_t
-    )
-    torch.testing.assert_close(target.sum(1), torch.ones(32, dtype=F64))
-    # log p in the loss is at temperature 1 and the target is constant: gradient p - q̃.
-    torch.testing.assert_close(grad, p - target)
-    torch.testing.assert_close(out.weights, (p - target).abs().sum(1))
-
-
-def test_proselflc_low_temperature_lowers_target_entropy():
-    # A moderately confident model (logit scale 3, 10 classes), late in training.
-    gen = torch.Generator().manual_seed(0)
-    logits = 3.0 * torch.randn(256, 10, generator=gen, dtype=F64)
-
-    def entropy(q):
-        return -(q * torch.log(q.clamp_min(1e-300))).sum(1)
-
-    # The annealed self knowledge p_T is sharper than p for every example.
-    for temperature in (0.5, 0.2):
-        sharper = entropy(torch.softmax(logits / temperature, 1))
-        assert (sharper < entropy(torch.softmax(logits, 1))).all()
-    # Labels that agree with the prediction (clean) and that contradict it (noisy).
-    for labels in (logits.argmax(1), (logits.argmax(1) + 1) % 10):
-        means = []
-        for temperature in (1.0, 0.5, 0.2):
-            loss_fn = ProSelfLCLoss(100, temperature=temperature)
-            loss_fn.set_progress(100, 100)
-            means.append(float(entropy(loss_fn(logits, labels).extras["target"]).mean()))
-        assert means[0] > means[1] > means[2]
-        assert means[2] < 0.5 * means[0]
-
-
-def test_proselflc_low_temperature_trusts_a_flat_prediction_more():
-    # Near-uniform predictions: T < 1 raises l(p_T), hence epsilon, so the target moves further
-    # from the given label (the caveat documented on ProSelfLCLoss).
-    logits = 0.1 * torch.randn(8, 10, generator=torch.Generator().manual_seed(1), dtype=F64)
-    labels = torch.zeros(8, dtype=torch.long)
-    eps = {}
-    for temperature in (1.0, 0.5):
-        loss_fn = ProSelfLCLoss(100, temperature=temperature)
-        loss_fn.set_progress(100, 100)
-        eps[temperature] = loss_fn(logits, labels).extras["epsilon"]
-    assert (eps[0.5] > eps[1.0]).all()
-
-
-def test_proselflc_corrects_a_confidently_contradicted_label():
-    logits = torch.tensor([[8.0, 0.0, 0.0], [0.0, 8.0, 0.0]], dtype=F64)
-    labels = torch.tensor([1, 1])  # row 0 is labelled 1 but predicted 0 with confidence
-    loss_fn = ProSelfLCLoss(100, temperature=0.5)
-    loss_fn.set_progress(100, 100)
-    target = loss_fn(logits, labels).extras["target"]
-    assert target.argmax(1).tolist() == [0, 1]
-    loss_fn.set_progress(0, 100)  # early on the given label still rules
-    assert loss_fn(logits, labels).extras["target"].argmax(1).tolist() == [1, 1]
-
-
-def test_proselflc_with_dm_weighting_rescales_magnitude_keeps_direction():
-    logits, labels = make_batch(40, 5, seed=13, extremes=False)
-    weighting = create_weighting("dm", lam=1.0, beta=8.0)
-    loss_fn = ProSelfLCLoss(100, B=10, weighting=weighting)
-    loss_fn.set_progress(80, 100)
-    grad, out = grad_of(loss_fn, logits, labels)
-    p = torch.softmax(logits, 1)
-    target = out.extras["target"]
-    p_target = (target * p).sum(1)
-    torch.testing.assert_close(out.extras["p_target"], p_target)
-    torch.testing.assert_close(out.weights, weighting(p_target))
-    w_hat = out.weights / out.weights.sum()
-    torch.testing.assert_close(grad.abs().sum(1), w_hat, rtol=1e-6, atol=0)
-    cosine = F.cosine_similarity(grad, p - target, dim=1)
-    torch.testing.assert_close(cosine, torch.ones(40, dtype=F64))
-    # The factory's dm_lam / dm_beta build the same loss.
-    same = create_loss("proselflc", total_iterations=100, B=10, dm_lam=1.0, dm_beta=8.0)
-    same.set_progress(80, 100)
-    torch.testing.assert_close(grad_of(same, logits, labels)[0], grad)
-
-
-def test_proselflc_with_dm_starts_as_dm():
-    # With g(0) ≈ 4e-44 the target is the given label and the combination is DM.
-    logits, labels = make_batch(32, 4, seed=14)
-    weighting = create_weighting("dm", lam=0.5, beta=12.0)
-    combined, _ = grad_of(ProSelfLCLoss(100, B=200, weighting=weighting), logits, labels)
-    dm, _ = grad_of(DMLoss(weighting), logits, labels)
-    torch.testing.assert_close(combined, dm, rtol=1e-6, atol=1e-14)
-
-
-def test_proselflc_with_dm_ramp():
-    loss_fn = ProSelfLCLoss(weighting=create_weighting("dm", lam=2.0, beta=16.0), ramp=0.2)
-    assert loss_fn.emphasis_scale == 0.0
-    loss_fn.set_progress(10, 100)
-    assert loss_fn.emphasis_scale == pytest.approx(0.5)
-    assert loss_fn.iteration == 10 and loss_fn.total_iterations == 100
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"trust": "confidence"}, "trust must be one of"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"B": -1.0}, "B must be"),
-        ({"r": 1.5}, "r must lie"),
-        ({"total_iterations": 0}, "total_iterations"),
-        ({"normalization": "none"}, "only with a weighting"),
-        ({"weighting": create_weighting("dm"), "reduction": "sum"}, "use normalization"),
-        ({"weighting": "dm"}, "must be a Weighting"),
-    ],
-)
-def test_proselflc_rejects_bad_options(kwargs, message):
-    with pytest.raises(ConfigError, match=message):
-        ProSelfLCLoss(**kwargs)
-
-
 # --------------------------------------------------------------------------- numerics
 
 
@@ -579,6 +391,14 @@ def test_create_loss_builds_every_name():
     assert create_loss("proselflc", dm_beta=4.0).weighting == create_weighting("dm", beta=4.0)
     assert create_loss("proselflc").weighting is None
     assert "weighting=dm(lam=1, beta=16)" in repr(dm)
+
+
+def test_losses_exports_every_loss_of_its_family_modules():
+    for module in (loss_base, dm_loss, baseline_losses, proselflc):
+        for name in module.__all__:
+            if name.endswith("Loss") or name in ("LossOutput", "NORMALIZATIONS", "REDUCTIONS"):
+                assert name in losses_module.__all__, name
+                assert getattr(losses_module, name) is getattr(module, name)
 
 
 @pytest.mark.parametrize(

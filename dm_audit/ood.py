@@ -1,0 +1,398 @@
+"""Out-of-distribution (OOD) examples: inputs of no class the table knows.
+
+Kept apart from the label-issue score (`dm_audit.flags`) because an OOD input has no right label
+to suggest: it is set aside, not corrected. `ood_scores` turns each of these components into its
+rank among in-distribution reference examples and averages the ranks:
+
+* ``"distance"``: cosine distance to the k-th nearest *trusted* example (`select_trusted`, self
+  excluded) in the embedding space. A mislabelled example is near trusted examples of its true
+  class; an OOD input is far from all. With ``per_class=True`` only trusted examples labelled
+  with the predicted class are searched (stricter, but it depends on the prediction being right).
+* ``"uncertainty"``: the energy ``-logsumexp(logits)`` when logits are given, else the
+  normalised entropy ``H(p) / log C``. A mislabelled example is still confidently predicted.
+* ``"instability"`` (with `p_std`): the standard deviation of p_i over the training epochs.
+  DM down-weights a mislabelled example steadily; an OOD input's p_i wanders.
+* ``"neighbours"`` (with `knn_votes`): normalised entropy of the neighbours' given labels.
+  OOD inputs cluster with other OOD inputs, whose labels are arbitrary.
+
+How many to flag: `conformal_ood_flags` (a conformal test at a false discovery rate, the audit's
+rule), or `auto_ood_threshold` / `flag_ood` (a quantile of the reference's scores).
+
+Nearest neighbours use faiss (`dm_audit.neighbours`); embeddings may be an array or chunks read
+back from a scores Parquet file, so at millions of rows only the index and one chunk are in
+memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from dm_audit import neighbours
+from dm_audit.errors import ConfigError, DataError
+from dm_audit.estimate import validate_labels, validate_mask, validate_probs
+from dm_audit.neighbours import IVF_THRESHOLD, EmbeddingChunks, IndexKind
+from dm_audit.score_components import combine_components, validate_unit_vector, validate_vector
+
+__all__ = [
+    "DEFAULT_OOD_WEIGHTS",
+    "auto_ood_threshold",
+    "conformal_ood_flags",
+    "flag_ood",
+    "ood_scores",
+    "select_trusted",
+]
+
+# Measured on digits (classes 8, 9 held out as 8 % open set, plus 30 % symmetric noise), AUROC
+# against all / against mislabelled examples: distance (k=1) 0.91 / 0.81, entropy 0.93 / 0.84,
+# neighbours' label entropy 0.64 / 0.60, std of p_i over epochs 0.72 / 0.85; distance + entropy
+# + instability 0.92 / 0.90. Mislabelled examples sit near their true class and DM ignores them
+# steadily; an OOD input's p_i wanders, as nothing in the data supports or contradicts it.
+DEFAULT_OOD_WEIGHTS: dict[str, float] = {
+    "distance": 1.0,
+    "uncertainty": 1.0,
+    "neighbours": 0.0,
+    "instability": 1.0,
+}
+
+
+def select_trusted(
+    p_given: np.ndarray, is_label_issue: np.ndarray, *, min_p: float = 0.5
+) -> np.ndarray:
+    """Examples whose label the audit trusts: not flagged and ``p_given >= min_p``.
+
+    They are the examples `ood_scores` measures distances to: confidently learned examples of
+    the known classes, which out-of-distribution inputs are far from.
+
+    Parameters
+    ----------
+    p_given : np.ndarray, shape (N,)
+    is_label_issue : np.ndarray, shape (N,), bool
+    min_p : float
+        Minimum probability of the given label.
+
+    Returns
+    -------
+    np.ndarray, shape (N,), bool
+    """
+    pg = validate_unit_vector(p_given, "p_given")
+    flagged = validate_mask(is_label_issue, "is_label_issue", pg.size)
+    return (~flagged) & (pg >= min_p)
+
+
+def _ecdf(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Fraction of `reference` at or below each value: a rank against in-distribution examples."""
+    ref = np.sort(reference)
+    return np.searchsorted(ref, values, side="right") / ref.size
+
+
+def ood_scores(
+    probs: np.ndarray,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    trusted_mask: np.ndarray,
+    k: int = 3,
+    logits: np.ndarray | None = None,
+    knn_votes: np.ndarray | None = None,
+    p_std: np.ndarray | None = None,
+    weights: Mapping[str, float] | None = None,
+    reference_mask: np.ndarray | None = None,
+    per_class: bool = False,
+    index: IndexKind = "auto",
+    ivf_threshold: int = IVF_THRESHOLD,
+    nprobe: int = 16,
+    batch_size: int = 16_384,
+    seed: int = 0,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Score how likely each example is out-of-distribution, in [0, 1] (higher = more likely).
+
+    Each component (see the module docstring) becomes its rank among the reference examples
+    (`reference_mask`, by default `trusted_mask`), so 0.99 means "more atypical than 99 % of the
+    examples whose label we trust"; the ranks are averaged with `weights`.
+
+    Parameters
+    ----------
+    probs : np.ndarray, shape (N, C)
+        Class probabilities of the audit model.
+    embeddings : np.ndarray, shape (N, E), or EmbeddingChunks
+        Penultimate-layer embeddings (a chunked source is read chunk by chunk).
+    labels : np.ndarray, shape (N,)
+        Given labels as integer codes (used by ``per_class``).
+    trusted_mask : np.ndarray, shape (N,), bool
+        In-distribution reference, e.g. `select_trusted`; needs more than `k` examples.
+    k : int
+        Which nearest trusted neighbour's distance to use (small k is sharper; measured best
+        at 1-5).
+    logits : np.ndarray, shape (N, C), optional
+        Raw model outputs, for the energy score.
+    knn_votes : np.ndarray, shape (N, C), optional
+        Neighbour label distribution from `knn_label_agreement`.
+    p_std : np.ndarray, shape (N,), optional
+        Standard deviation of p_i over the training epochs (`TrainingDynamics.summary`).
+    weights : mapping, optional
+        Component weights; default `DEFAULT_OOD_WEIGHTS` (distance, uncertainty and
+        instability 1, neighbours 0); absent components are skipped and the rest renormalised.
+    reference_mask : np.ndarray, shape (N,), bool, optional
+        Examples whose component values define the ranks (default: `trusted_mask`). Passing
+        all unflagged examples (``~is_label_issue``) makes the reference cover hard but correct
+        in-distribution examples too, which keeps `auto_ood_threshold`'s false-positive rate
+        near its target when the model is unsure of many clean examples.
+    per_class : bool
+        Search only trusted examples of the predicted class.
+    index, ivf_threshold, nprobe, batch_size, seed, progress
+        faiss options and the search's progress bar, see `knn_label_agreement`.
+
+    Returns
+    -------
+    np.ndarray, shape (N,)
+        Scores in [0, 1], float64.
+    """
+    p = validate_probs(probs)
+    n, c = p.shape
+    source = neighbours.checked_embeddings(embeddings, n)
+    y = validate_labels(labels, n, c)
+    trusted = validate_mask(trusted_mask, "trusted_mask", n)
+    _check_ood_options(trusted, k, weights, batch_size)
+    search = _Search(k, index, ivf_threshold, nprobe, batch_size, seed, progress)
+    components = {
+        "distance": _trusted_distance(source, p, y, trusted, per_class, search),
+        "uncertainty": _uncertainty(p, logits),
+        **_dynamics_and_neighbours(p, knn_votes, p_std),
+    }
+    ref = trusted if reference_mask is None else validate_mask(reference_mask, "reference_mask", n)
+    if not ref.any():
+        raise DataError("reference_mask selects no example")
+    ranked = {name: _ecdf(v, v[ref]) for name, v in components.items()}
+    return combine_components(ranked, DEFAULT_OOD_WEIGHTS if weights is None else weights)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """The nearest-neighbour options of `ood_scores`."""
+
+    k: int
+    kind: IndexKind
+    ivf_threshold: int
+    nprobe: int
+    batch_size: int
+    seed: int
+    progress: str | None
+
+
+def _check_ood_options(
+    trusted: np.ndarray, k: int, weights: Mapping[str, float] | None, batch_size: int
+) -> None:
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    if trusted.sum() <= k:
+        raise DataError(
+            f"ood_scores needs more than k={k} trusted examples, got {int(trusted.sum())}; "
+            "lower k or loosen the trusted selection"
+        )
+    unknown = set(weights or {}) - set(DEFAULT_OOD_WEIGHTS)
+    if unknown:
+        raise ConfigError(
+            f"unknown OOD weight(s) {sorted(unknown)}; use {sorted(DEFAULT_OOD_WEIGHTS)}"
+        )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _trusted_distance(
+    source: EmbeddingChunks,
+    p: np.ndarray,
+    y: np.ndarray,
+    trusted: np.ndarray,
+    per_class: bool,
+    search: _Search,
+) -> np.ndarray:
+    """The "distance" component: to the k-th nearest trusted row (of the predicted class)."""
+    n, c = p.shape
+    if not per_class:
+        return _kth_distance(source, np.flatnonzero(trusted), np.arange(n), search)
+    pred = p.argmax(axis=1)
+    # A predicted class with k or fewer trusted examples offers no reference: its examples keep
+    # the largest cosine distance (2), i.e. count as far from every known class.
+    distance = np.full(n, 2.0)
+    for cls in range(c):
+        queries = np.flatnonzero(pred == cls)
+        base = np.flatnonzero(trusted & (y == cls))
+        if queries.size and base.size > search.k:
+            distance[queries] = _kth_distance(source, base, queries, search)
+    return distance
+
+
+def _kth_distance(
+    source: EmbeddingChunks, base_rows: np.ndarray, query_rows: np.ndarray, search: _Search
+) -> np.ndarray:
+    """Cosine distance of each query row to its k-th nearest base row, itself excluded.
+
+    A missing neighbour (IVF with too few candidates) counts as the farthest, distance 2.
+    """
+    n = source.n_rows
+    # Base row numbers of the queries that are themselves in the base (to exclude them).
+    pos = np.full(n, -1, dtype=np.int64)
+    pos[base_rows] = np.arange(base_rows.size)
+    idx = neighbours.build_index(
+        source,
+        base_rows,
+        kind=search.kind,
+        ivf_threshold=search.ivf_threshold,
+        nprobe=search.nprobe,
+        seed=search.seed,
+    )
+    every = query_rows.size == n
+    sims, _ = neighbours.search(
+        idx,
+        source,
+        search.k,
+        query_rows=None if every else query_rows,
+        self_positions=pos[query_rows],
+        batch_size=search.batch_size,
+        progress=search.progress,
+    )
+    kth = sims[:, search.k - 1].astype(np.float64)
+    return 1.0 - np.where(np.isfinite(kth), kth, -1.0)
+
+
+def _uncertainty(p: np.ndarray, logits: np.ndarray | None) -> np.ndarray:
+    """Energy ``-logsumexp(logits)`` with logits, else the normalised entropy of `p`."""
+    n, c = p.shape
+    if logits is not None:
+        z = np.asarray(logits, dtype=np.float64)
+        if z.shape != (n, c) or not np.isfinite(z).all():
+            raise DataError(f"logits must be finite with shape ({n}, {c}), got {z.shape}")
+        zmax = z.max(axis=1)
+        return -(zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1)))
+    return -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1) / math.log(c)
+
+
+def _dynamics_and_neighbours(
+    p: np.ndarray, knn_votes: np.ndarray | None, p_std: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """The optional components: "neighbours" with `knn_votes`, "instability" with `p_std`."""
+    n, c = p.shape
+    components: dict[str, np.ndarray] = {}
+    if knn_votes is not None:
+        v = validate_probs(knn_votes, name="knn_votes")
+        if v.shape != (n, c):
+            raise DataError(f"knn_votes must have shape ({n}, {c}), got {v.shape}")
+        components["neighbours"] = -(v * np.log(np.clip(v, 1e-12, 1.0))).sum(axis=1) / math.log(c)
+    if p_std is not None:
+        components["instability"] = np.nan_to_num(validate_vector(p_std, "p_std", n), nan=0.0)
+    return components
+
+
+def auto_ood_threshold(
+    scores: np.ndarray, *, reference_mask: np.ndarray, fpr: float = 0.01
+) -> float:
+    """OOD threshold at the ``1 - fpr`` quantile of the in-distribution reference's scores.
+
+    The reference examples are in-distribution by construction, so about `fpr` of them end
+    above the threshold; flag ``scores > threshold``. Use the same mask as the reference of
+    `ood_scores` (its `reference_mask`, else its `trusted_mask`). OOD inputs left unflagged
+    are still protected from relabelling: they are uncertain and their neighbours disagree, so
+    `correction.suggest_labels` gives them a low confidence and they go to review.
+
+    Parameters
+    ----------
+    scores : np.ndarray, shape (N,)
+        OOD scores in [0, 1] (`ood_scores`).
+    reference_mask : np.ndarray, shape (N,), bool
+        The in-distribution reference used for `ood_scores`.
+    fpr : float
+        Tolerated false-positive rate on the reference, in (0, 1).
+
+    Returns
+    -------
+    float
+    """
+    s = validate_unit_vector(scores, "scores")
+    ref = validate_mask(reference_mask, "reference_mask", s.size)
+    if not ref.any():
+        raise DataError("auto_ood_threshold needs at least one reference example")
+    if not 0.0 < fpr < 1.0:
+        raise ConfigError(f"fpr must be in (0, 1), got {fpr!r}")
+    return float(np.quantile(s[ref], 1.0 - fpr, method="higher"))
+
+
+def conformal_ood_flags(
+    scores: np.ndarray, *, reference_mask: np.ndarray, fdr: float = 0.05
+) -> tuple[np.ndarray, float]:
+    """Flag OOD examples by a conformal test against in-distribution references, at an FDR.
+
+    The reference rows calibrate; every other row is tested. A tested row's p-value is the
+    share of reference scores at least as high as its own, ``(1 + #{ref >= s}) / (n_ref + 1)``,
+    valid when the reference rows are exchangeable with in-distribution rows. The
+    Benjamini-Hochberg procedure over the m tested rows then flags those whose p-values are too
+    small for the false discovery rate `fdr`; reference rows are never flagged. There is no
+    quota: on in-distribution data the p-values are near uniform and, with probability about
+    1 - fdr, nothing is flagged; a cluster of inputs of no known class, scored above almost
+    every reference row, is flagged whatever share of the table it is, from about
+    ``m / (fdr * (n_ref + 1))`` rows on (the smallest possible p-value is ``1 / (n_ref + 1)``).
+    A few isolated strangers are left to the review threshold.
+
+    Parameters
+    ----------
+    scores : np.ndarray, shape (N,)
+        OOD scores in [0, 1] (`ood_scores`).
+    reference_mask : np.ndarray, shape (N,), bool
+        In-distribution reference rows (e.g. those not flagged as label issues); the others
+        are tested.
+    fdr : float
+        Target false discovery rate, in (0, 1).
+
+    Returns
+    -------
+    (np.ndarray of bool, shape (N,), float)
+        The flags, and the threshold they correspond to (``scores > threshold``).
+    """
+    s = validate_unit_vector(scores, "scores")
+    ref = validate_mask(reference_mask, "reference_mask", s.size)
+    if not ref.any():
+        raise DataError("conformal_ood_flags needs at least one reference example")
+    if not 0.0 < fdr < 1.0:
+        raise ConfigError(f"fdr must be in (0, 1), got {fdr!r}")
+    reference = np.sort(s[ref])
+    tested = np.flatnonzero(~ref)
+    flagged = np.zeros(s.size, dtype=bool)
+    if tested.size:
+        at_least = reference.size - np.searchsorted(reference, s[tested], side="left")
+        p_values = (1.0 + at_least) / (reference.size + 1.0)
+        m = tested.size
+        ordered = np.sort(p_values)
+        passed = ordered <= fdr * np.arange(1, m + 1) / m
+        if passed.any():
+            flagged[tested] = p_values <= ordered[np.flatnonzero(passed).max()]
+    # A reference row scoring as high as a flagged one stays unflagged: the threshold is the
+    # lowest flagged score (flags are ``scores > threshold`` for every tested row).
+    threshold = float(np.nextafter(s[flagged].min(), -np.inf)) if flagged.any() else 1.0
+    return flagged, threshold
+
+
+def flag_ood(
+    scores: np.ndarray,
+    *,
+    threshold: float | None = None,
+    reference_mask: np.ndarray | None = None,
+    fpr: float = 0.01,
+) -> np.ndarray:
+    """Boolean mask of OOD examples: ``scores > threshold``.
+
+    Without `threshold`, it comes from `auto_ood_threshold` (which needs `reference_mask`).
+
+    Returns
+    -------
+    np.ndarray, shape (N,), bool
+    """
+    s = validate_unit_vector(scores, "scores")
+    if threshold is None:
+        if reference_mask is None:
+            raise ConfigError("flag_ood needs a threshold or a reference_mask")
+        threshold = auto_ood_threshold(s, reference_mask=reference_mask, fpr=fpr)
+    return s > float(threshold)
