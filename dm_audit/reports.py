@@ -1,13 +1,12 @@
-"""Report schemas and the writer of a run's output folder.
+"""The writer and reader of a run's report folder.
 
-Other tools and our own checks read these files, so every schema is defined once, here, as a
-pyarrow schema carrying ``dm_audit_schema_version`` (and ``dm_audit_table``) in its metadata. A
-change that renames, removes or retypes a column bumps `SCHEMA_VERSION`; adding a nullable
-column does not.
+Other tools and our own checks read these files, so every schema is defined once
+(`dm_audit.report_schemas`, re-exported here).
 
 `write_reports` validates the tables against the schemas (naming the missing or bad column),
 then writes ``examples.parquet``, ``label_issues.parquet``, ``corrected_labels.parquet``,
-``metrics.parquet``, ``summary.json`` and ``plots/<name>.png`` into a staging folder and moves
+``metrics.parquet``, ``classes.parquet``, ``report.html``, ``summary.json`` and
+``plots/<name>.png`` into a staging folder and moves
 them into place together (`dm_audit.atomic.staged_output_dir`), so a crash never leaves a
 half-written report visible.
 """
@@ -38,6 +37,20 @@ from dm_audit.atomic import (
 from dm_audit.correction import CORRECTION_SOURCES
 from dm_audit.errors import DataError
 from dm_audit.faults import kill_point
+from dm_audit.report_schemas import (
+    CLASSES_SCHEMA,
+    CORRECTED_LABELS_SCHEMA,
+    EXAMPLES_SCHEMA,
+    LABEL_ISSUES_SCHEMA,
+    METRICS_SCHEMA,
+    REPORT_FILES,
+    REPORT_OWNED_FILES,
+    SCHEMA_VERSION,
+    SCHEMAS,
+    TABLE_KEY,
+    UNIT_COLUMNS,
+    VERSION_KEY,
+)
 
 __all__ = [
     "CLASSES_SCHEMA",
@@ -56,134 +69,6 @@ __all__ = [
     "table_from_frame",
     "write_reports",
 ]
-
-SCHEMA_VERSION = "1"
-VERSION_KEY = b"dm_audit_schema_version"
-TABLE_KEY = b"dm_audit_table"
-
-
-def _schema(table: str, fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema(
-        fields, metadata={VERSION_KEY: SCHEMA_VERSION.encode(), TABLE_KEY: table.encode()}
-    )
-
-
-def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable)
-
-
-# One row per training example. Non-nullable fields are required in the input frame; nullable
-# ones are filled with nulls when absent (true_label / is_noisy are known only for synthetic
-# noise, mean_p only when dynamics were recorded).
-EXAMPLES_SCHEMA = _schema(
-    "examples",
-    [
-        _f("example_id", pa.string()),
-        _f("split", pa.string(), True),
-        _f("fold", pa.int32(), True),
-        _f("given_label", pa.string()),
-        _f("true_label", pa.string(), True),
-        _f("is_noisy", pa.bool_(), True),
-        _f("p_given", pa.float32()),
-        _f("mean_p", pa.float32(), True),
-        _f("emphasis_weight", pa.float32()),
-        _f("predicted_label", pa.string()),
-        _f("predicted_prob", pa.float32(), True),
-        _f("knn_agreement", pa.float32(), True),
-        _f("label_issue_score", pa.float32()),
-        _f("is_label_issue", pa.bool_()),
-        _f("ood_score", pa.float32()),
-        _f("is_ood", pa.bool_()),
-        # Exact and near copies (`dm_audit.duplicates`); the set is named by one member's id.
-        _f("near_duplicate_score", pa.float32(), True),
-        _f("is_near_duplicate", pa.bool_(), True),
-        _f("near_duplicate_set", pa.string(), True),
-        # A row outside the training split with a copy inside it.
-        _f("is_leaked_duplicate", pa.bool_(), True),
-        _f("suggested_label", pa.string()),
-        _f("suggestion_confidence", pa.float32(), True),
-        _f("corrected_label", pa.string(), True),
-        _f("correction_source", pa.string(), True),
-    ],
-)
-
-# The export for human review: flagged examples, most suspicious first.
-LABEL_ISSUES_SCHEMA = _schema(
-    "label_issues",
-    [
-        _f("example_id", pa.string()),
-        _f("given_label", pa.string()),
-        _f("suggested_label", pa.string()),
-        _f("label_issue_score", pa.float32()),
-        _f("suggestion_confidence", pa.float32(), True),
-        _f("p_given", pa.float32(), True),
-        # What the audit did with the row: auto_corrected, needs_review, ood_set_aside, ...
-        _f("correction_source", pa.string(), True),
-    ],
-)
-
-# The label each example carries into the retrain; corrected_label is null when set aside.
-CORRECTED_LABELS_SCHEMA = _schema(
-    "corrected_labels",
-    [
-        _f("example_id", pa.string()),
-        _f("original_label", pa.string()),
-        _f("corrected_label", pa.string(), True),
-        _f("source", pa.string()),
-    ],
-)
-
-# Per-epoch metrics: stage and epoch, then any number of numeric columns stored as float64.
-METRICS_SCHEMA = _schema(
-    "metrics", [_f("stage", pa.string()), _f("fold", pa.int32(), True), _f("epoch", pa.int32())]
-)
-
-# One row per class, worst label quality first (`dm_audit.class_health`).
-CLASSES_SCHEMA = _schema(
-    "classes",
-    [
-        _f("class", pa.string()),
-        _f("rows", pa.int64()),
-        _f("share", pa.float32()),
-        _f("label_quality", pa.float32()),
-        _f("noise_rate", pa.float32()),
-        _f("label_issues", pa.int64()),
-        _f("ood", pa.int64()),
-        # Where the wrongly labelled rows of the class truly belong, largest share first.
-        _f("confused_with", pa.list_(pa.string())),
-        _f("confused_share", pa.list_(pa.float32())),
-        _f("overlaps_most_with", pa.string(), True),
-    ],
-)
-
-SCHEMAS: dict[str, pa.Schema] = {
-    "examples": EXAMPLES_SCHEMA,
-    "label_issues": LABEL_ISSUES_SCHEMA,
-    "corrected_labels": CORRECTED_LABELS_SCHEMA,
-    "metrics": METRICS_SCHEMA,
-    "classes": CLASSES_SCHEMA,
-}
-REPORT_FILES = (
-    "examples.parquet",
-    "label_issues.parquet",
-    "corrected_labels.parquet",
-    "metrics.parquet",
-    "classes.parquet",
-    "report.html",
-    "summary.json",
-)
-#: Every file a report writes (glob patterns): the only files replacing a report may remove.
-REPORT_OWNED_FILES = (*REPORT_FILES, "plots/*.png")
-_UNIT_COLUMNS = (
-    "p_given",
-    "mean_p",
-    "knn_agreement",
-    "label_issue_score",
-    "ood_score",
-    "near_duplicate_score",
-    "suggestion_confidence",
-    "predicted_prob",
-)
 
 
 def _column(df: pd.DataFrame, field: pa.Field, table: str) -> pa.Array:
@@ -294,7 +179,7 @@ def table_from_frame(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
 
 
 def _check_values(t: pa.Table, table: str) -> None:
-    for name in _UNIT_COLUMNS:
+    for name in UNIT_COLUMNS:
         if name in t.column_names:
             v = t.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
             bad = ~np.isnan(v) & ((v < 0) | (v > 1))
