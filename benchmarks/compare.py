@@ -49,16 +49,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
-from dm_audit.audit import (
-    AuditConfig,
-    correct_labels,
-    flag_examples,
-    probe,
-    proselflc_targets,
-    retrain,
-    score_examples,
-    train_audit_model,
-)
+from dm_audit.audit import AuditConfig, proselflc_targets, run_audit
 from dm_audit.dataset import AuditDataset
 from dm_audit.metrics import accuracy
 from dm_audit.noise import add_noise
@@ -317,17 +308,21 @@ def run_dm_audit(ctx: Context, correction_source: str = "model") -> dict[str, Ru
     # The audit sees the training split only, like every other method; the test split
     # measures its final models (the mean of the cross-fitted retrained models).
     data = ctx.dataset.train()
+    results: dict[str, Any] = {}
+    ended: dict[str, float] = {}
+
+    def told(name: str, result: Any) -> None:
+        results[name], ended[name] = result, time.perf_counter() - start
+
     start = time.perf_counter()
-    probe_result = probe(data, config)
-    audit_fit = train_audit_model(data, probe_result, config)
-    adaptive_seconds = time.perf_counter() - start
-    scores = score_examples(data, audit_fit, config)
-    flag_result = flag_examples(data, scores, config)
-    detection_seconds = time.perf_counter() - start
-    corrections = correct_labels(data, scores, flag_result, config)
-    retrained = retrain(data, scores, corrections, config)
+    run_audit(data, config, on_stage=told)  # the library's own chain of stages
+    audit_fit, scores, flag_result, corrections, retrained = (
+        results[name] for name in ("audit", "scores", "flags", "corrections", "retrain")
+    )
+    adaptive_seconds = ended["audit"]
+    detection_seconds = ended["flags"]
     # The report's tables and plots are left out of the clock: cleanlab writes none.
-    seconds = time.perf_counter() - start
+    seconds = ended["retrain"]
 
     def test_accuracy(models: Any) -> float | None:
         if models is None or len(ctx.y_test) == 0:

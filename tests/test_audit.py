@@ -225,3 +225,16 @@ def test_the_emphasis_reported_is_the_one_that_trained_the_models() -> None:
     assert "softened by the collapse guard (fold 1)" in effective.reason
     untouched = AuditFit(CrossFit(fits[:1], np.array([0, 0])), requested, 0.0)
     assert untouched.effective_choice == requested
+
+
+def test_on_stage_is_told_every_stage_in_order(blobs_dataset) -> None:
+    from dm_audit.audit import STAGES
+
+    told: list[tuple[str, type]] = []
+    report = run_audit(
+        blobs_dataset,
+        AuditConfig(seed=0, progress=False, device="cpu", epochs=4, probe_epochs=2),
+        on_stage=lambda name, result: told.append((name, type(result))),
+    )
+    assert [name for name, _ in told] == list(STAGES)
+    assert told[-1][1] is type(report)
