@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from dm_audit.array_checks import validate_labels, validate_mask, validate_probs
 from dm_audit.errors import ConfigError, DataError
-from dm_audit.estimate import validate_labels, validate_mask, validate_probs
 from dm_audit.metrics import balanced_accuracy_vs_chance
 
 __all__ = [

@@ -23,8 +23,9 @@ from typing import Literal
 
 import numpy as np
 
+from dm_audit.array_checks import validate_labels, validate_probs
 from dm_audit.errors import ConfigError, DataError
-from dm_audit.estimate import NoiseEstimate, validate_labels, validate_probs
+from dm_audit.estimate import NoiseEstimate
 from dm_audit.issue_thresholds import ScoreSplit, auto_threshold, mixture_split
 from dm_audit.neighbour_labels import KnnLabelAgreement, knn_label_agreement
 from dm_audit.neighbours import IVF_THRESHOLD

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dm_audit import neighbours
+from dm_audit.array_checks import validate_labels
 from dm_audit.errors import ConfigError, DataError
-from dm_audit.estimate import validate_labels
 from dm_audit.neighbours import IVF_THRESHOLD, IndexKind
 
 __all__ = ["KnnLabelAgreement", "knn_label_agreement"]

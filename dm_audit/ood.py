@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dm_audit import neighbours
+from dm_audit.array_checks import validate_labels, validate_mask, validate_probs
 from dm_audit.errors import ConfigError, DataError
-from dm_audit.estimate import validate_labels, validate_mask, validate_probs
 from dm_audit.neighbours import IVF_THRESHOLD, EmbeddingChunks, IndexKind
 from dm_audit.score_components import combine_components, validate_unit_vector, validate_vector
 
