@@ -54,6 +54,11 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{float(value):.{digits}f}"
 
 
+def _text_or_dash(value: Any) -> str:
+    """A cell's text; a missing value (None, or NaN after a Parquet round trip) as a dash."""
+    return "–" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join(
@@ -122,7 +127,7 @@ def _classes_section(classes: pd.DataFrame, health: Mapping[str, Any]) -> str:
         )
         rows.append(
             [_e(r[0]), _num(int(r.rows)), quality, _num(int(r.label_issues)), _num(int(r.ood)),
-             confused or '<span class="muted">–</span>', _e(r.overlaps_most_with or "–")]
+             confused or '<span class="muted">–</span>', _e(_text_or_dash(r.overlaps_most_with))]
         )  # fmt: skip
     table = _table(
         ["class", "rows", "label quality", "label issues", "OOD", "confused with", "overlaps most"],

@@ -317,13 +317,17 @@ def _html_page(
 
 
 def _weighting_figure(audit: estimate.EmphasisChoice, final: estimate.EmphasisChoice | None) -> Any:
+    same = final is not None and (final.lam, final.beta) == (audit.lam, audit.beta)
+    # One line for both trainings when they used the same emphasis: a second, identical curve
+    # would hide the first.
+    who = "audit and retrain" if same else "audit"
     curves = {
-        f"audit: DM λ={audit.lam:g}, β={audit.beta:g}": create_weighting(
+        f"{who}: DM λ={audit.lam:g}, β={audit.beta:g}": create_weighting(
             "dm", lam=audit.lam, beta=audit.beta
         ),
         "CCE": create_weighting("cce"),
     }
-    if final is not None:
+    if final is not None and not same:
         curves[f"retrain: DM λ={final.lam:g}, β={final.beta:g}"] = create_weighting(
             "dm", lam=final.lam, beta=final.beta
         )

@@ -238,8 +238,8 @@ def flags(
 def _suspects_view(
     dataset: AuditDataset, scores: audit.ExampleScores, table: pd.DataFrame
 ) -> pd.DataFrame:
-    """The flagged rows as a reviewer reads them: most suspicious first, labels by name,
-    numbers to three decimals."""
+    """The flagged rows as a reviewer reads them: most suspicious first, labels by name
+    (numbers to four significant digits, as in every table)."""
     classes = np.asarray(dataset.classes, dtype=object)
     given = scores.table["given"].to_numpy()
     predicted = scores.probs.argmax(axis=1)
@@ -258,7 +258,7 @@ def _suspects_view(
         "p_given",
         "predicted_prob",
     ]
-    return view[columns].round(3)
+    return view[columns]
 
 
 @dg.asset(group_name=GROUP)

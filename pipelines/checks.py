@@ -106,7 +106,14 @@ def flag_rate_is_plausible(
         {"flagged_share": share, "estimated_noise_rate": rate, "allowed_share": limit}
     )
     if share <= limit:
-        return dg.AssetCheckResult(passed=True, metadata=metadata)
+        return dg.AssetCheckResult(
+            passed=True,
+            description=(
+                f"{share:.1%} of the examples are flagged; the estimated noise rate is "
+                f"{rate:.1%} (allowed up to {limit:.1%})"
+            ),
+            metadata=metadata,
+        )
     return dg.AssetCheckResult(
         passed=False,
         severity=dg.AssetCheckSeverity.ERROR if share > 2 * limit else dg.AssetCheckSeverity.WARN,
@@ -150,7 +157,7 @@ def retrain_not_worse(
     only the retrained model gets right). Fails when the drop is above ``max_accuracy_drop``
     and the one-sided exact McNemar p-value that the retrained model is worse is at most
     ``retrain_check_alpha``: a drop of a few examples is within sampling error and passes.
-    Reports without the paired counts are compared as before, on ``test_accuracy_before`` /
+    A report without the paired counts is compared on ``test_accuracy_before`` /
     ``test_accuracy_after`` alone (blocking on any drop above ``max_accuracy_drop``).
 
     Blocking: when it fails, ``mislabel_export`` is not published (the reports stay in the

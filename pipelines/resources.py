@@ -38,9 +38,9 @@ DEFAULT_DEVICE = "auto"
 class AuditRuntime(dg.ConfigurableResource):
     """Where a run writes its reports and intermediate results, and which device it trains on.
 
-    A run writes under ``<output_root>/<run_id>/``: ``report/`` holds the Parquet reports,
-    ``summary.json`` and plots; ``stages/`` holds the intermediate results passed between
-    assets. The review export is published at ``<output_root>/exports/label_issues.parquet``.
+    A run writes under <output_root>/<run_id>/: report/ holds the Parquet reports, report.html,
+    summary.json and plots; stages/ holds the intermediate results passed between assets. The
+    review export is published at <output_root>/exports/label_issues.parquet.
     """
 
     output_root: str = Field(
@@ -99,7 +99,11 @@ class AuditSettings(dg.ConfigurableResource):
         default=None, description="Flag exactly the k most suspicious examples instead."
     )
     ood_threshold: float | None = Field(
-        default=None, description="Flag out-of-distribution examples at this score or above."
+        default=None,
+        description=(
+            "Flag out-of-distribution examples at this score or above; None: auto (a "
+            "conformal test against the unflagged rows at a 5 % false discovery rate)."
+        ),
     )
     min_correction_confidence: float = Field(
         default=0.8, description="Apply a suggested label automatically at this confidence."
