@@ -1,12 +1,16 @@
 """Devices for training and inference: which one, its mixed precision, its determinism.
 
-``auto`` picks CUDA, then MPS, then CPU. Mixed precision applies on CUDA only (bf16 where the
-GPU supports it, else fp16 with a gradient scaler); elsewhere every pass runs in float32.
+``auto`` picks CUDA, then MPS, then CPU. Mixed precision: on CUDA bf16 where the GPU supports
+it, else fp16 with a gradient scaler; on a CPU with native bf16 (AVX-512 BF16 or AMX) the
+convolutional networks run in bf16 autocast, about twice as fast as float32 there (ResNet-20,
+2 cores with AMX: 832 -> 1,598 images/s at 28 x 28, 678 -> 1,215 at 32 x 32 x 3); MLPs, and
+every pass on other CPUs or MPS, run in float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -17,7 +21,14 @@ import torch
 
 from dm_audit.errors import ConfigError
 
-__all__ = ["DEVICE_PATTERN", "amp_dtype", "autocast", "determinism", "resolve_device"]
+__all__ = [
+    "DEVICE_PATTERN",
+    "amp_dtype",
+    "autocast",
+    "cpu_supports_bf16",
+    "determinism",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +72,30 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``amp`` ("auto", "off", "bf16", "fp16") on ``device``; None: off."""
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's check: AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
+def amp_dtype(amp: str, device: torch.device, *, convnet: bool = False) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` ("auto", "off", "bf16", "fp16") on ``device``; None: off.
+
+    On a CPU, "auto" means bf16 for a convolutional network (`convnet`) where the CPU computes
+    bf16 natively, and float32 otherwise: an MLP's small matrix products gain little and its
+    p_i, which the audit reads closely, keep float32's precision. "bf16" asks for it on any
+    model where supported.
+    """
+    if device.type == "cpu" and amp in ("auto", "bf16"):
+        wanted = amp == "bf16" or convnet
+        if wanted and cpu_supports_bf16():
+            return torch.bfloat16
+        if amp == "bf16":
+            log.info("mixed precision bf16 ignored: this CPU has no native bf16")
+        return None
     if device.type != "cuda" or amp == "off":
         if amp in ("bf16", "fp16") and device.type != "cuda":
             log.info("mixed precision %s ignored on device %s", amp, device)

@@ -93,6 +93,6 @@ def predict_proba(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     model.to(dev)
-    probs, emb = forward_all(model, x, dev, batch_size, amp_dtype(amp, dev))
+    probs, emb = forward_all(model, x, dev, batch_size, amp_dtype(amp, dev, convnet=x.ndim == 4))
     assert emb is not None
     return probs, emb

@@ -87,8 +87,9 @@ class TrainConfig:
     device : str
         "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
     amp : {"auto", "off", "bf16", "fp16"}
-        Mixed precision on CUDA ("auto": bf16 where supported, else fp16 with a gradient
-        scaler); ignored on other devices.
+        Mixed precision. CUDA: "auto" is bf16 where supported, else fp16 with a gradient
+        scaler. CPU: "auto" is bf16 for convolutional networks on a CPU with native bf16
+        (`dm_audit.devices.amp_dtype`), float32 otherwise; "bf16" asks for it on any model.
     num_workers : int
         DataLoader workers for augmented images; -1: ``min(8, cpu_count)`` on CUDA, 0 elsewhere.
     seed : int
