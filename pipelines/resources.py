@@ -151,27 +151,19 @@ class AuditSettings(dg.ConfigurableResource):
             For invalid combinations (e.g. lam without beta), as the CLI would.
         """
         # Imported here so that loading the definitions (sensors, schedule) stays light.
+        import dataclasses
+
         from dm_audit.config import AuditConfig
 
-        return AuditConfig(
-            model=self.model,
-            epochs=self.epochs,
-            probe_epochs=self.probe_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            device=device,
-            seed=self.seed,
-            lam=self.lam,
-            beta=self.beta,
-            label_issue_threshold=self.label_issue_threshold,
-            top_k=self.top_k,
-            ood_threshold=self.ood_threshold,
-            min_correction_confidence=self.min_correction_confidence,
-            correction_source=self.correction_source,
-            knn_k=self.knn_k,
-            retrain=True,
-            progress=True,
-        )
+        # The settings carry AuditConfig's own field names (a test keeps the two in step); the
+        # device comes from the runtime, the retrain always runs here (the relabel job needs
+        # it) and progress goes to the run's log.
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(AuditConfig)
+            if f.name in type(self).model_fields and f.name not in {"device", "retrain", "progress"}
+        }
+        return AuditConfig(**shared, device=device, retrain=True, progress=True)
 
 
 def runtime_from_env() -> AuditRuntime:
