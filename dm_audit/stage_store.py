@@ -66,7 +66,7 @@ _ALLOWED_DATACLASSES = (
     "dm_audit.reviews:ReviewProblem",
     "dm_audit.reviews:ReviewReport",
     "dm_audit.training:FitResult",
-    "dm_audit.training:TrainConfig",
+    "dm_audit.train_config:TrainConfig",
 )
 # Names under which earlier versions stored a class that has since moved: folders they wrote
 # (an unfinished run, a Dagster run's stage results) read back as the class's new home.
@@ -83,6 +83,7 @@ _MOVED_DATACLASSES = {
         "AuditReport",
     )
 }
+_MOVED_DATACLASSES["dm_audit.training.TrainConfig"] = "dm_audit.train_config.TrainConfig"
 
 
 @cache

@@ -355,3 +355,15 @@ def test_a_work_folder_identity_that_is_not_an_object_is_refused(tmp_path: Path)
     (work / "run.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="--restart"):
         WorkDir.open(tmp_path / "o", {"format": "test"})
+
+
+def test_a_train_config_stored_before_it_moved_still_loads(tmp_path: Path) -> None:
+    from dm_audit.training import TrainConfig
+
+    folder = save_stage_folder({"config": TrainConfig(epochs=3)}, tmp_path / "stage")
+    text = (folder / STAGE_FILE).read_text()
+    assert '"dm_audit.train_config.TrainConfig"' in text
+    (folder / STAGE_FILE).write_text(
+        text.replace("dm_audit.train_config.TrainConfig", "dm_audit.training.TrainConfig")
+    )
+    assert load_stage_folder(folder)["config"] == TrainConfig(epochs=3)
