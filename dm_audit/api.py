@@ -179,7 +179,7 @@ class LabelAuditor(ClassifierMixin, BaseEstimator):
             from dm_audit.tabular import apply_encoding
 
             return self._models.predict_proba(
-                apply_encoding(X, self._encoding, "X").astype(np.float32), device=self.device
+                apply_encoding(X, self._encoding, "X"), device=self.device
             )
         if _is_torch_dataset(X):
             X, _ = _dataset_items(X, np.zeros(len(X)))

@@ -269,18 +269,9 @@ def read_tabular(
 
 def _finite_rows(matrix: np.ndarray, column_of_feature: Sequence[str], ids: Sequence[str]) -> list:
     """One float32 vector per row, refusing a missing or non-finite value by column and row."""
-    with np.errstate(over="ignore"):
-        matrix32 = matrix.astype(np.float32)
-    finite = np.isfinite(matrix32)
-    if not finite.all():
-        row, col = (int(x) for x in np.argwhere(~finite)[0])
-        n_bad = int((~finite[:, col]).sum())
-        raise DataError(
-            f"feature column {column_of_feature[col]!r} has {n_bad} missing or non-finite "
-            f"value(s) (NaN, inf, or beyond float32); the first is {matrix[row, col]} at row "
-            f"{row} (example_id {ids[row]!r})"
-        )
-    return list(matrix32)
+    from dm_audit.tabular import check_finite
+
+    return list(check_finite(matrix, column_of_feature, ids))
 
 
 _VECTOR_SPLIT = re.compile(r"[,;\s]+")

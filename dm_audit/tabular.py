@@ -33,7 +33,7 @@ import pandas as pd
 
 from dm_audit.errors import DataError
 
-__all__ = ["EncodedColumns", "apply_encoding", "encode_tabular"]
+__all__ = ["EncodedColumns", "apply_encoding", "check_finite", "encode_tabular"]
 
 # A category seen in fewer rows than this goes to the shared "infrequent" column: with one row
 # it can only be memorised, and under 2-fold cross-fitting it would sit in one fold only.
@@ -169,8 +169,7 @@ def _encode_column(
                 f"date column {name!r} of {source} has a missing value at row {row} "
                 f"(example_id {ids[row]!r})"
             )
-        days = (dates - pd.Timestamp(0, tz=dates.dt.tz)).dt.total_seconds() / 86400.0
-        block = days.to_numpy(dtype=np.float64)[:, None]
+        block = _days_since_epoch(dates)
         entry["encoding"] = "date (days since 1970-01-01)"
     else:
         if strict and _text_numbers_share(column) >= 0.5:
@@ -200,7 +199,7 @@ def _one_hot(
 ) -> tuple[np.ndarray, list[str]] | None:
     from sklearn.preprocessing import OneHotEncoder
 
-    text = column.astype(object).where(column.notna(), _MISSING).astype(str).to_numpy()
+    text = _category_text(column)
     n_distinct = len(set(text))
     if n_distinct > _ID_LIKE_SHARE * len(text):
         if strict:
@@ -221,6 +220,35 @@ def _one_hot(
     # Feature names read "<column>_<value>"; the report lists the values.
     values = [c[len(name) + 1 :] for c in categories]
     return block, values
+
+
+def _days_since_epoch(dates: pd.Series) -> np.ndarray:
+    """Datetimes as days since 1970-01-01 (UTC for zoned ones), shape (N, 1)."""
+    days = (dates - pd.Timestamp(0, tz=dates.dt.tz)).dt.total_seconds() / 86400.0
+    return days.to_numpy(dtype=np.float64)[:, None]
+
+
+def _category_text(column: pd.Series) -> np.ndarray:
+    """A categorical column as text, a missing value being a category of its own."""
+    return column.astype(object).where(column.notna(), _MISSING).astype(str).to_numpy()
+
+
+def check_finite(
+    matrix: np.ndarray, column_of_feature: Sequence[str], ids: Sequence[str]
+) -> np.ndarray:
+    """The matrix as float32, refusing a missing or non-finite value by column and row."""
+    with np.errstate(over="ignore"):
+        matrix32 = matrix.astype(np.float32)
+    finite = np.isfinite(matrix32)
+    if not finite.all():
+        row, col = (int(x) for x in np.argwhere(~finite)[0])
+        n_bad = int((~finite[:, col]).sum())
+        raise DataError(
+            f"feature column {column_of_feature[col]!r} has {n_bad} missing or non-finite "
+            f"value(s) (NaN, inf, or beyond float32); the first is {matrix[row, col]} at row "
+            f"{row} (example_id {ids[row]!r})"
+        )
+    return matrix32
 
 
 def apply_encoding(
@@ -244,12 +272,19 @@ def apply_encoding(
 
     Returns
     -------
-    ndarray (N, D) float64
+    ndarray (N, D) float32
+
+    Raises
+    ------
+    DataError
+        A recorded column is missing, or a value cannot be encoded (text in a numeric column,
+        a missing date), naming the column and the row.
     """
     missing = [e["column"] for e in inputs if e["column"] not in frame.columns]
     if missing:
         raise DataError(f"{source} lacks the input column(s) {missing} the audit was trained on")
     blocks: list[np.ndarray] = []
+    origin: list[str] = []
     for entry in inputs:
         name, encoding = entry["column"], entry["encoding"]
         column = frame[name]
@@ -259,12 +294,13 @@ def apply_encoding(
             block = column.astype(bool).to_numpy(dtype=np.float64)[:, None]
         elif encoding.startswith("date"):
             dates = pd.to_datetime(column, format="ISO8601", errors="coerce", utc=True)
-            days = (dates - pd.Timestamp(0, tz="UTC")).dt.total_seconds() / 86400.0
-            block = days.to_numpy(dtype=np.float64)[:, None]
+            block = _days_since_epoch(dates)
         else:
             block = _one_hot_known(column, entry["categories"])
         blocks.append(block)
-    return np.hstack(blocks) if blocks else np.empty((len(frame), 0))
+        origin += [name] * block.shape[1]
+    matrix = np.hstack(blocks) if blocks else np.empty((len(frame), 0))
+    return check_finite(matrix, origin, [str(i) for i in frame.index])
 
 
 # scikit-learn names the shared column of rare categories "<column>_infrequent_sklearn".
@@ -272,7 +308,7 @@ _INFREQUENT = "infrequent_sklearn"
 
 
 def _one_hot_known(column: pd.Series, categories: Sequence[str]) -> np.ndarray:
-    text = column.astype(object).where(column.notna(), _MISSING).astype(str).to_numpy()
+    text = _category_text(column)
     known = [c for c in categories if c != _INFREQUENT]
     block = np.stack([text == c for c in known], axis=1).astype(np.float64)
     if _INFREQUENT in categories:

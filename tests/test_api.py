@@ -116,6 +116,10 @@ def test_a_dataframe_with_categories_predicts_new_rows() -> None:
     assert (proba.argmax(axis=1) == truth[:30]).mean() > 0.9
     with pytest.raises(DataError, match=r"lacks the input column\(s\) \['colour'\]"):
         auditor.predict(new.drop(columns="colour"))
+    broken = new.astype({"a": object})
+    broken.loc[broken.index[2], "a"] = "n/a"  # text where fit saw numbers: named, not NaN
+    with pytest.raises(DataError, match=r"feature column 'a' .* at row 2 \(example_id '2'\)"):
+        auditor.predict(broken)
 
 
 def test_a_torch_dataset_of_image_tensors(make_colour_images) -> None:
