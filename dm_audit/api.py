@@ -21,6 +21,7 @@ names, so no ``y``).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -226,8 +227,6 @@ def _dataset(X: Any, codes: np.ndarray, names: list[str]) -> tuple[Any, str]:
 
 
 def _is_torch_dataset(X: Any) -> bool:
-    import sys
-
     torch = sys.modules.get("torch")  # a Dataset exists only where torch is imported
     return torch is not None and isinstance(X, torch.utils.data.Dataset)
 
