@@ -182,8 +182,9 @@ def _flag_label_issues(
             issue_score, labels, flags.issue_counts_per_class(noise, labels)
         ) & (issue_score >= flags.NEUTRAL_ISSUE_SCORE)
         # The confident joint counts what the models doubt; a duplicate labelled against its
-        # set's consensus is flagged on its own evidence, counted or not.
-        is_issue |= (conflict == 1.0) & (issue_score >= flags.NEUTRAL_ISSUE_SCORE)
+        # set's consensus is flagged on its own evidence, counted or not (its score, averaged
+        # with that evidence of 1, is at least the neutral 0.5 already).
+        is_issue |= conflict == 1.0
         threshold = float(np.min(issue_score[is_issue])) if is_issue.any() else 1.0
     return is_issue, threshold
 
