@@ -97,6 +97,7 @@ class LabelAuditor(ClassifierMixin, BaseEstimator):
         min_correction_confidence: float = 0.8,
         correction_source: str = "model",
         knn_k: int = 10,
+        linear_reference: bool = True,
         retrain: bool = True,
         progress: bool = False,
     ) -> None:
@@ -115,6 +116,7 @@ class LabelAuditor(ClassifierMixin, BaseEstimator):
         self.min_correction_confidence = min_correction_confidence
         self.correction_source = correction_source
         self.knn_k = knn_k
+        self.linear_reference = linear_reference
         self.retrain = retrain
         self.progress = progress
 

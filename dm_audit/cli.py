@@ -94,6 +94,7 @@ def _audit_config(args: argparse.Namespace):
         correction_source=args.correction_source,
         knn_k=args.knn_k,
         retrain=not args.no_retrain,
+        linear_reference=not args.no_linear_reference,
         progress=not args.quiet,
     )
 

@@ -218,6 +218,12 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         default=10,
         help="neighbours per example for the embedding-space label agreement (default 10)",
     )
+    group.add_argument(
+        "--no-linear-reference",
+        action="store_true",
+        help="score with the DM network alone: no cross-fitted logistic regression averaged "
+        "into the flags and suggestions of a feature table",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

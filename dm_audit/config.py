@@ -55,6 +55,10 @@ class AuditConfig:
         targets of a ProSelfLC (annealed temperature) training.
     knn_k : int
         Neighbours per example for the embedding-space label agreement and OOD distance.
+    linear_reference : bool
+        Average a cross-fitted logistic regression's out-of-sample probabilities with the
+        network's for the flags, the noise count and the suggested labels
+        (`dm_audit.linear_reference`; feature tables up to 200,000 rows).
     retrain : bool
         Retrain on the corrected labels (the final model); False stops after the corrections.
     progress : bool
@@ -76,6 +80,7 @@ class AuditConfig:
     min_correction_confidence: float = 0.8
     correction_source: str = "model"
     knn_k: int = 10
+    linear_reference: bool = True
     retrain: bool = True
     progress: bool = True
 

@@ -158,6 +158,9 @@ def _summary(
             "folds": CROSSFIT_FOLDS,
             "rows_per_fold": np.bincount(scores.folds, minlength=CROSSFIT_FOLDS).tolist(),
         },
+        # Whether the flags and suggestions averaged in the linear reference model's
+        # out-of-sample probabilities (dm_audit.linear_reference).
+        "linear_reference": scores.reference_probs is not None,
         "n_classes": data.n_classes,
         "classes": list(data.classes),
         "config": config.to_dict(),

@@ -22,8 +22,9 @@ from dm_audit.stage_results import Corrections, ExampleScores, Flags
 
 log = logging.getLogger(__name__)
 
-# Sharpens the audit model's prediction into a suggestion, as ProSelfLC's annealed temperature
-# sharpens its self-knowledge (METHOD.md §3 uses T = 0.5 on image data).
+# Sharpens the out-of-sample prediction (the network's, averaged with the linear reference's
+# where there is one) into a suggestion, as ProSelfLC's annealed temperature sharpens its
+# self-knowledge (METHOD.md §3 uses T = 0.5 on image data).
 SUGGESTION_TEMPERATURE = 0.5
 
 
@@ -45,7 +46,7 @@ def correct_labels(
     data = audited(dataset)
     labels = scores.table["given"].to_numpy()
     suggested, confidence = correction.suggest_labels(
-        scores.probs,
+        scores.combined_probs(),
         temperature=SUGGESTION_TEMPERATURE,
         knn_votes=flag_result.knn_votes,
         proselflc_targets=scores.proselflc_targets,
@@ -61,7 +62,7 @@ def correct_labels(
         review_report = reviews.report
         review_positions = reviews.to_positions(data.example_ids, dataset.classes)
     allowed, gate = correction.automatic_correction_gate(
-        labels, scores.probs, scores.folds, dataset.classes
+        labels, scores.combined_probs(), scores.folds, dataset.classes
     )
     _warn_about_gate(gate, int((~allowed).sum()))
     plan = correction.decide_corrections(

@@ -149,9 +149,12 @@ def _label_issue_score(
     if mean_p is not None:
         reliability = flags.dynamics_reliability(mean_p, scores.probs, labels)
         weights["dynamics"] *= reliability
+    # The prediction's evidence is both model families' (the network's alone without a linear
+    # reference); the trajectory and its reliability are the DM network's own.
+    combined = scores.combined_probs()
     issue_score = flags.label_issue_scores(
-        table["p_given"].to_numpy(),
-        scores.probs,
+        combined[np.arange(len(labels)), labels],
+        combined,
         labels,
         mean_p=mean_p,
         knn_agreement=agreement,

@@ -167,6 +167,9 @@ class ExampleScores:
     probe_probs : ndarray (N, C) or None
         The probe's out-of-sample probabilities: a second, independently trained model of each
         fold (see `flag_examples`).
+    reference_probs : ndarray (N, C) or None
+        Out-of-sample probabilities of the linear reference model (`dm_audit.linear_reference`),
+        a second model family; None for images, very large tables, or when switched off.
     """
 
     table: pd.DataFrame
@@ -174,13 +177,29 @@ class ExampleScores:
     embeddings: list[np.ndarray | neighbours.EmbeddingChunks]
     proselflc_targets: np.ndarray | None = None
     probe_probs: np.ndarray | None = None
+    reference_probs: np.ndarray | None = None
+
+    def _with_reference(self, network: np.ndarray) -> np.ndarray:
+        """Equal-weight mean of the network's probabilities and the linear reference's."""
+        ref = self.reference_probs
+        if ref is None or ref.shape != network.shape:
+            return network
+        return ((network.astype(np.float64) + ref) / 2.0).astype(np.float32)
+
+    def combined_probs(self) -> np.ndarray:
+        """The audit network's out-of-sample probabilities averaged with the linear
+        reference's (the network's alone without one): what the label-issue score's prediction
+        and the suggested labels read."""
+        return self._with_reference(self.probs)
 
     def ensemble_probs(self) -> np.ndarray:
-        """Mean of the audit's and the probe's out-of-sample probabilities (the audit's alone
-        when the probe's are unknown)."""
-        if self.probe_probs is None or self.probe_probs.shape != self.probs.shape:
-            return self.probs
-        return ((self.probs.astype(np.float64) + self.probe_probs) / 2.0).astype(np.float32)
+        """The network family's probabilities (the audit's and the probe's, averaged)
+        averaged with the linear reference's: what the noise count reads. Each family weighs
+        half; a missing member is left out."""
+        network = self.probs
+        if self.probe_probs is not None and self.probe_probs.shape == self.probs.shape:
+            network = ((self.probs.astype(np.float64) + self.probe_probs) / 2.0).astype(np.float32)
+        return self._with_reference(network)
 
     @property
     def folds(self) -> np.ndarray:

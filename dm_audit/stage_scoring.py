@@ -1,7 +1,9 @@
 """Scoring stage: every row scored out of sample by the audit model that never saw it.
 
 Fold k's rows are scored by model k (`dm_audit.scoring` computes the per-row columns); above
-`STREAM_THRESHOLD` rows the scores and embeddings stream to Parquet files chunk by chunk.
+`STREAM_THRESHOLD` rows the scores and embeddings stream to Parquet files chunk by chunk. A
+feature table also gets the linear reference model's out-of-sample probabilities
+(`dm_audit.linear_reference`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from dm_audit import neighbours
+from dm_audit import linear_reference, neighbours
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import audited
 from dm_audit.dataset import AuditDataset
@@ -101,7 +103,29 @@ def score_examples(
     dynamics = models.in_sample_summary(n)
     for column in dynamics.columns:
         table[column] = dynamics[column].to_numpy()
-    return ExampleScores(table, probs, embeddings, targets, audit_fit.probe_probs)
+    return ExampleScores(
+        table,
+        probs,
+        embeddings,
+        targets,
+        audit_fit.probe_probs,
+        _reference_probs(data, labels, config),
+    )
+
+
+def _reference_probs(
+    data: AuditDataset, labels: np.ndarray, config: AuditConfig
+) -> np.ndarray | None:
+    """The linear reference's out-of-sample probabilities, where the audit uses one."""
+    if not linear_reference.uses_reference(data.input_kind, len(labels), config.linear_reference):
+        return None
+    return linear_reference.reference_probs(
+        data.features(),
+        labels,
+        data.n_classes,
+        seed=config.seed,
+        progress="scores: linear reference" if config.progress else None,
+    )
 
 
 def _score_pass(

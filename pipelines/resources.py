@@ -112,6 +112,13 @@ class AuditSettings(dg.ConfigurableResource):
         default="model", description='Suggested labels from "model" or "proselflc".'
     )
     knn_k: int = Field(default=10, description="Neighbours for the embedding-space scores.")
+    linear_reference: bool = Field(
+        default=True,
+        description=(
+            "Average a cross-fitted logistic regression's out-of-sample probabilities with the "
+            "network's for the flags and suggestions (feature tables up to 200,000 rows)."
+        ),
+    )
     max_flag_rate_ratio: float = Field(
         default=2.0,
         description=(

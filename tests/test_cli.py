@@ -223,7 +223,8 @@ def test_every_audit_option_is_settable_from_the_cli_and_dagster() -> None:
         "ood_threshold": ["--ood-threshold", "0.9"],
         "min_correction_confidence": ["--min-confidence", "0.7"],
         "correction_source": ["--correction-source", "proselflc"], "knn_k": ["--knn-k", "5"],
-        "retrain": ["--no-retrain"], "progress": ["--quiet"],
+        "linear_reference": ["--no-linear-reference"], "retrain": ["--no-retrain"],
+        "progress": ["--quiet"],
     }  # fmt: skip
     assert set(changed) | {"top_k"} == fields  # --top-k excludes --threshold: checked below
     flags = [flag for given in changed.values() for flag in given]

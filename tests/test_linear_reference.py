@@ -1,0 +1,119 @@
+"""The linear reference model: out of sample, seeded, robust to tiny classes, used by the audit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import make_classification
+
+from dm_audit import linear_reference
+from dm_audit.audit import AuditConfig, run_audit
+from dm_audit.cli_parser import build_parser
+from dm_audit.dataset import AuditDataset
+from dm_audit.errors import DataError
+from dm_audit.stage_results import ExampleScores
+
+
+def test_probabilities_are_out_of_sample() -> None:
+    # Labels independent of 60 random features: a logistic regression fits most of its own
+    # training rows, but a model that never saw a row can only guess it.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 60)).astype(np.float32)
+    y = rng.integers(0, 2, size=200)
+    probs = linear_reference.reference_probs(x, y, 2, seed=0)
+    assert probs is not None and probs.shape == (200, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert np.mean(probs.argmax(axis=1) == y) < 0.65
+
+
+def test_separable_classes_get_their_label() -> None:
+    x, y = make_classification(300, 8, n_informative=4, n_classes=3, class_sep=3.0, random_state=1)
+    probs = linear_reference.reference_probs(x * 1e4 + 5e3, y, 3, seed=0)  # raw, unscaled
+    assert probs is not None
+    assert np.mean(probs.argmax(axis=1) == y) > 0.9
+
+
+def test_same_seed_same_probabilities() -> None:
+    x, y = make_classification(150, 5, n_informative=3, random_state=2)
+    a = linear_reference.reference_probs(x, y, 2, seed=3)
+    b = linear_reference.reference_probs(x, y, 2, seed=3)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_class_missing_from_a_folds_training_rows_gets_probability_zero() -> None:
+    x, y = make_classification(100, 4, n_informative=2, n_redundant=0, random_state=4)
+    x = np.vstack([x, [[9.0, 9.0, 9.0, 9.0]]])
+    y = np.append(y, 2)  # a class of one row: the fold holding it trains without it
+    probs = linear_reference.reference_probs(x, y, 3, seed=0)
+    assert probs is not None
+    assert probs[-1, 2] == 0.0
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_no_reference_when_a_fold_trains_on_one_class() -> None:
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    y = np.array([0] * 9 + [1])
+    assert linear_reference.reference_probs(x, y, 2, seed=0) is None
+
+
+def test_bad_inputs_are_named() -> None:
+    with pytest.raises(DataError, match="features"):
+        linear_reference.reference_probs(np.zeros(5), np.zeros(5, dtype=int), 2)
+    with pytest.raises(DataError, match="folds"):
+        linear_reference.reference_probs(np.zeros((3, 2)), np.array([0, 1, 0]), 2)
+
+
+def test_which_audits_use_a_reference() -> None:
+    assert linear_reference.uses_reference("features", 1_000)
+    assert not linear_reference.uses_reference("features", 1_000, enabled=False)
+    assert not linear_reference.uses_reference("image", 1_000)
+    assert not linear_reference.uses_reference("features", linear_reference.MAX_REFERENCE_ROWS + 1)
+    assert not linear_reference.uses_reference("features", 2 * linear_reference.REFERENCE_FOLDS - 1)
+
+
+def test_combined_and_ensemble_probabilities_weigh_each_family_half() -> None:
+    audit = np.array([[0.8, 0.2], [0.4, 0.6]], dtype=np.float32)
+    probe = np.array([[0.6, 0.4], [0.2, 0.8]], dtype=np.float32)
+    ref = np.array([[0.2, 0.8], [1.0, 0.0]], dtype=np.float32)
+    table = pd.DataFrame({"fold": [0, 1]})
+    scores = ExampleScores(table, audit, [], None, probe, ref)
+    np.testing.assert_allclose(scores.combined_probs(), (audit + ref) / 2, atol=1e-6)
+    np.testing.assert_allclose(scores.ensemble_probs(), ((audit + probe) / 2 + ref) / 2, atol=1e-6)
+    alone = ExampleScores(table, audit, [], None, probe, None)
+    np.testing.assert_array_equal(alone.combined_probs(), audit)
+    np.testing.assert_allclose(alone.ensemble_probs(), (audit + probe) / 2, atol=1e-6)
+
+
+def _table(seed: int = 0) -> AuditDataset:
+    x, y = make_classification(
+        240, 10, n_informative=5, n_classes=3, class_sep=2.0, flip_y=0.0, random_state=seed
+    )
+    noisy = y.copy()
+    flip = np.random.default_rng(seed).choice(len(y), 24, replace=False)
+    noisy[flip] = (y[flip] + 1) % 3
+    return AuditDataset.from_arrays(noisy, features=x.astype(np.float32), classes=["a", "b", "c"])
+
+
+def test_the_audit_averages_the_reference_in_and_can_switch_it_off() -> None:
+    dataset = _table()
+    stages: dict[str, object] = {}
+    config = AuditConfig(progress=False, epochs=8, retrain=False)
+    run_audit(dataset, config, on_stage=stages.__setitem__)
+    scores = stages["scores"]
+    assert isinstance(scores, ExampleScores) and scores.reference_probs is not None
+    assert stages["report"].summary["linear_reference"] is True
+    assert scores.reference_probs.shape == scores.probs.shape
+    stages.clear()
+    off = AuditConfig(progress=False, epochs=8, retrain=False, linear_reference=False)
+    run_audit(dataset, off, on_stage=stages.__setitem__)
+    assert stages["scores"].reference_probs is None
+
+
+def test_the_command_line_switches_the_reference_off() -> None:
+    args = build_parser().parse_args(
+        ["audit", "--input", "digits", "--out", "o", "--no-linear-reference"]
+    )
+    assert args.no_linear_reference
+    plain = build_parser().parse_args(["audit", "--input", "digits", "--out", "o"])
+    assert not plain.no_linear_reference
