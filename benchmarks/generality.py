@@ -409,6 +409,9 @@ class Detection:
     covered : numpy.ndarray of bool, shape (N,)
         Rows the method returned a verdict for.
     seconds : float
+    seconds_to_flags : float or None
+        Seconds until the flags were known (dm-audit: the end of its flags stage, before the
+        corrections, the retrain and the report); None: the same as `seconds`.
     """
 
     flags: np.ndarray
@@ -416,6 +419,7 @@ class Detection:
     suggested: np.ndarray
     covered: np.ndarray
     seconds: float
+    seconds_to_flags: float | None = None
 
 
 def audit_epochs(n: int) -> int:
@@ -437,8 +441,14 @@ def run_dm_audit(data: BenchData, noisy: np.ndarray, seed: int) -> Detection:
     from dm_audit.audit import AuditConfig, run_audit
 
     dataset = with_labels(data.dataset, noisy)
+    flags_done: list[float] = []
+
+    def on_stage(name: str, _result: object) -> None:
+        if name == "flags":
+            flags_done.append(time.perf_counter())
+
     start = time.perf_counter()
-    report = run_audit(dataset, AuditConfig(progress=False, seed=seed))
+    report = run_audit(dataset, AuditConfig(progress=False, seed=seed), on_stage=on_stage)
     seconds = time.perf_counter() - start
     examples = report.examples
     n = len(noisy)
@@ -456,7 +466,8 @@ def run_dm_audit(data: BenchData, noisy: np.ndarray, seed: int) -> Detection:
     if "suggested_label" in examples:
         names = examples["suggested_label"].to_numpy(dtype=object)[known]
         suggested[rows] = [code.get(str(s), -1) for s in names]
-    return Detection(flags, scores, suggested, covered, seconds)
+    to_flags = flags_done[0] - start if flags_done else None
+    return Detection(flags, scores, suggested, covered, seconds, to_flags)
 
 
 def logistic() -> Pipeline:
@@ -596,6 +607,8 @@ def measure(detection: Detection, noisy: np.ndarray, truth: np.ndarray) -> dict[
     out["flagged"] = int(flags.sum())
     out["flagged_share"] = float(flags.mean())
     out["seconds"] = float(detection.seconds)
+    to_flags = detection.seconds_to_flags
+    out["seconds_to_flags"] = float(detection.seconds if to_flags is None else to_flags)
     return out
 
 
@@ -754,12 +767,75 @@ def split_tables(rows: Sequence[dict[str, Any]], split: str) -> list[str]:
     ]
 
 
+def time_to_flags(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per dataset: dm-audit's seconds to its flags, cleanlab + torch's 5 trainings and
+    `find_label_issues`, and their ratio, each the median over the dataset's settings."""
+    out: dict[str, dict[str, float]] = {}
+    grouped = group([r for r in rows if not r["error"]])
+    by_dataset: dict[str, list[tuple[float, float]]] = {}
+    for (dataset, setting, method), of in grouped.items():
+        if method != DM_AUDIT or (dataset, setting, CL_TORCH) not in grouped:
+            continue
+        ours = _mean(of, "seconds_to_flags")
+        theirs = _mean(grouped[(dataset, setting, CL_TORCH)], "seconds")
+        if math.isfinite(ours) and math.isfinite(theirs) and theirs > 0:
+            by_dataset.setdefault(dataset, []).append((ours, theirs))
+    for dataset, pairs in by_dataset.items():
+        ours, theirs = np.array(pairs).T
+        out[dataset] = {
+            "dm_audit_to_flags": float(np.median(ours)),
+            "cleanlab_torch": float(np.median(theirs)),
+            "ratio": float(np.median(ours / theirs)),
+        }
+    return out
+
+
+def time_to_flags_lines(
+    rows: Sequence[dict[str, Any]], run_names: Sequence[str], markdown_table: Callable
+) -> list[str]:
+    """The time-to-flags section of generality.md (empty without both methods)."""
+    times = time_to_flags(rows)
+    if not times:
+        return []
+    return [
+        "## Time to the flags",
+        "",
+        "dm-audit's seconds from the start of `run_audit` to the end of its flags stage (probe, "
+        "audit training, scoring with the linear reference, flags; not the corrections, the "
+        "retrain or the report) against cleanlab + torch's 5 trainings of the same model family "
+        "and `find_label_issues`, measured in the same run; medians over each dataset's "
+        "settings, and the median of the per-setting ratios.",
+        "",
+        markdown_table(
+            ["dataset", "split", "dm-audit to flags (s)", "cleanlab + torch (s)", "ratio"],
+            [
+                [
+                    name,
+                    SPECS[name].split if name in SPECS else "?",
+                    _fmt(t["dm_audit_to_flags"], 1),
+                    _fmt(t["cleanlab_torch"], 1),
+                    _fmt(t["ratio"], 2),
+                ]
+                for name in run_names
+                if (t := times.get(name))
+            ],
+        ),
+        "",
+    ]
+
+
 def write_results(out: Path, provenance: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Write ``generality.md`` and ``generality.json`` into `out`."""
     markdown_table = compare_module().markdown_table
     summary = {split: summary_f1(rows, split) for split in SPLITS}
     per_dataset = wins(rows)
-    document = {**provenance, "summary": summary, "wins": per_dataset, "rows": rows}
+    document = {
+        **provenance,
+        "summary": summary,
+        "wins": per_dataset,
+        "time_to_flags": time_to_flags(rows),
+        "rows": rows,
+    }
     (out / "generality.json").write_text(
         json.dumps(to_jsonable(document), indent=1, allow_nan=False)
     )
@@ -836,7 +912,8 @@ def write_results(out: Path, provenance: dict[str, Any], rows: list[dict[str, An
         f"* **{DM_AUDIT}**: `run_audit(dataset, AuditConfig(progress=False, seed=seed))`, every "
         "other option at its default, no output folder; `is_label_issue`, `label_issue_score` "
         "and `suggested_label` of `report.examples`, aligned by `example_id`. Seconds: the whole "
-        "`run_audit` (probe, audit training, flags, corrections, retrain, report tables).",
+        "`run_audit` (probe, audit training, flags, corrections, retrain, report tables); the "
+        "time to its flags is in its own section.",
         f"* **{CL_LR}**, **{CL_HGB}**, **{CL_TORCH}**: cleanlab `find_label_issues` (defaults) "
         f"on {CV_FOLDS}-fold stratified out-of-sample `predict_proba` of a `LogisticRegression` "
         "after a `StandardScaler`, a `HistGradientBoostingClassifier`, and the model family "
@@ -893,6 +970,7 @@ def write_results(out: Path, provenance: dict[str, Any], rows: list[dict[str, An
             ),
             "",
         ]
+    lines += time_to_flags_lines(rows, run_names, markdown_table)
     for split in SPLITS:
         lines += [
             f"## Results: {split} split",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 from pathlib import Path
 
@@ -168,6 +169,9 @@ def test_measure_counts_missing_rows_as_unflagged(generality):
     assert m["auroc"] == pytest.approx((5 + 4 + 0.5) / 15)
     assert m["suggestion_acc"] == 1.0  # row 1: suggested 0, true 0
     assert m["seconds"] == 1.5
+    assert m["seconds_to_flags"] == 1.5  # no separate time to the flags: the whole run
+    early = generality.measure(dataclasses.replace(detection, seconds_to_flags=0.5), noisy, truth)
+    assert early["seconds_to_flags"] == 0.5 and early["seconds"] == 1.5
     clean = generality.measure(detection, truth, truth)
     assert clean["f1"] is None and clean["auroc"] is None and clean["suggestion_acc"] is None
     assert clean["flagged_share"] == pytest.approx(0.25)
@@ -209,3 +213,19 @@ def test_summary_and_wins(generality):
     assert wins["a"]["best"] == audit
     assert wins["b"]["best"] == lr and wins["b"]["wins"][audit] == 0
     assert math.isclose(wins["b"]["mean_f1"][lr], 0.6)
+
+
+def test_time_to_flags_pairs_each_setting_with_cleanlab_on_the_same_model(generality):
+    audit, torch_cl = generality.DM_AUDIT, generality.CL_TORCH
+    rows = [
+        {**_row("a", "symmetric 20%", 0.2, audit, 0.9), "seconds_to_flags": 2.0},
+        {**_row("a", "symmetric 20%", 0.2, torch_cl, 0.7), "seconds": 10.0},
+        {**_row("a", "pair 20%", 0.2, audit, 0.9), "seconds_to_flags": 3.0},
+        {**_row("a", "pair 20%", 0.2, torch_cl, 0.7), "seconds": 5.0},
+        {**_row("b", "pair 20%", 0.2, audit, 0.9), "seconds_to_flags": 3.0},  # no cleanlab
+    ]
+    times = generality.time_to_flags(rows)
+    assert set(times) == {"a"}
+    assert times["a"]["ratio"] == pytest.approx((0.2 + 0.6) / 2)
+    assert times["a"]["dm_audit_to_flags"] == pytest.approx(2.5)
+    assert times["a"]["cleanlab_torch"] == pytest.approx(7.5)
