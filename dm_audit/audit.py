@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,17 @@ def _run_stages(
     on_stage: StageHook | None = None,
 ) -> AuditReport:
     """The stages of `run_audit`, each kept in `work` (when given) once finished."""
-    told = on_stage or (lambda name, result: None)
+    hook = on_stage or (lambda name, result: None)
+    # Wall seconds of each stage, measured between the ends of consecutive stages (a stage
+    # read back from the work folder of a resumed run takes almost none).
+    stage_seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def told(name: str, result: Any) -> None:
+        now = time.perf_counter()
+        stage_seconds[name] = round(now - clock[0], 3)
+        clock[0] = now
+        hook(name, result)
 
     def training(name: str) -> dict[str, Any]:
         if work is None:
@@ -279,7 +290,12 @@ def _run_stages(
         dataset, probe_result, audit_fit, scores, flag_result, corrections, retrained, config
     )
     report.summary["resumed"] = resumed
-    told("report", report)
+    stage_seconds["report"] = round(time.perf_counter() - clock[0], 3)
+    report.summary["seconds"]["stages"] = dict(stage_seconds)
+    report.summary["seconds"]["to_flags"] = round(
+        sum(stage_seconds[name] for name in STAGES[: STAGES.index("flags") + 1]), 3
+    )
+    hook("report", report)
     return report
 
 

@@ -138,6 +138,15 @@ def _print_audit(report, out_dir: Path | None) -> None:
             f"(out of sample, {quality['n_compared']} rows whose label was kept)",
         )
     )
+    stages = summary.get("seconds", {}).get("stages")
+    if stages:
+        rows.append(
+            (
+                "time",
+                " · ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items())
+                + f" (flags after {summary['seconds']['to_flags']:.1f} s)",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -213,9 +222,9 @@ def _refuse_previous_run(args: argparse.Namespace) -> None:
 
 def _announce(text: str) -> None:
     """One timestamped line on stderr, like the progress lines that follow it."""
-    from datetime import datetime
+    from dm_audit.progress import announce
 
-    print(f"{datetime.now():%Y-%m-%d %H:%M:%S} dm-audit: {text}", file=sys.stderr, flush=True)
+    announce(text)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -16,14 +16,15 @@ import time
 from datetime import datetime
 from typing import IO, Any
 
-__all__ = ["LOG_INTERVAL_S", "LogProgress", "progress_bar"]
+__all__ = ["LOG_INTERVAL_S", "LogProgress", "announce", "duration", "progress_bar"]
 
 # One line every 30 s: a 20-minute training writes 40 lines, enough to see it move and to
 # estimate its end, few enough to read.
 LOG_INTERVAL_S = 30.0
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A duration as people read it: seconds, minutes or hours."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -117,9 +118,9 @@ class LogProgress:
             parts[0] += f" ({100.0 * self.n / self.total:.0f}%)"
         parts.append(f"{rate:.1f} {self.unit}/s")
         if final:
-            parts.append(f"done in {_duration(elapsed)}")
+            parts.append(f"done in {duration(elapsed)}")
         elif self.total and rate > 0:
-            parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
+            parts.append(f"ETA {duration((self.total - self.n) / rate)}")
         if self.postfix:
             parts.append(self.postfix)
         return f"{stamp} {self.desc}: {', '.join(parts)}"
@@ -157,3 +158,9 @@ def progress_bar(**options: Any) -> Any:
 
         return tqdm(**options)
     return LogProgress(**options)
+
+
+def announce(text: str, stream: IO[str] | None = None) -> None:
+    """One timestamped line on stderr (or `stream`), like the plain progress lines."""
+    out = sys.stderr if stream is None else stream
+    print(f"{datetime.now():%Y-%m-%d %H:%M:%S} dm-audit: {text}", file=out, flush=True)

@@ -30,6 +30,7 @@ from dm_audit.crossfit import (
 )
 from dm_audit.dataset import AuditDataset
 from dm_audit.errors import ConfigError
+from dm_audit.progress import announce, duration
 from dm_audit.stage_results import AuditFit, Corrections, ExampleScores, ProbeResult, Retrained
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ def train_audit_model(
     else:
         loss, params = "dm", dm_params(choice)
     epochs = training_epochs(config, len(data))
+    if config.progress:
+        announce(training_plan(probe_result, config, len(data), epochs))
     models = train_crossfit(
         data,
         data.inputs(),
@@ -167,6 +170,26 @@ def train_audit_model(
         on_epoch_end=on_epoch_end,
     )
     return AuditFit(models, choice, time.perf_counter() - start, probe_result.probs)
+
+
+def training_plan(probe_result: ProbeResult, config: AuditConfig, n_rows: int, epochs: int) -> str:
+    """The audit's remaining training, and its expected time read off the probe's.
+
+    The probe trained the same model on the same folds, so its seconds per epoch, measured on
+    this machine, times the epochs still to come estimate the rest: the audit training and
+    (unless switched off) the retrain, each `epochs` long.
+    """
+    probe_epochs_done = probe_epochs(config, n_rows)
+    per_epoch = probe_result.seconds / max(probe_epochs_done, 1)
+    trainings = 2 if config.retrain else 1
+    expected = per_epoch * epochs * trainings
+    what = "audit training and retrain" if config.retrain else "audit training"
+    return (
+        f"{what}: {trainings} x {CROSSFIT_FOLDS} cross-fitted models of {epochs} epochs on "
+        f"{n_rows} rows; expected about {duration(expected)} from the probe's "
+        f"{duration(probe_result.seconds)} for {probe_epochs_done} epochs "
+        "(--epochs sets a shorter or fuller run)"
+    )
 
 
 def retrain(

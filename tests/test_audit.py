@@ -181,6 +181,8 @@ def test_demo_command_prints_the_quality_table(
     printed = capsys.readouterr().out
     for row in ("detection F1", "OOD AUROC", "label accuracy before/after", "accuracy before"):
         assert row in printed
+    for row in ("time", "probe", "flags after"):
+        assert row in printed
     assert (tmp_path / "demo" / "summary.json").is_file()
 
 
@@ -238,3 +240,32 @@ def test_on_stage_is_told_every_stage_in_order(blobs_dataset) -> None:
     )
     assert [name for name, _ in told] == list(STAGES)
     assert told[-1][1] is type(report)
+    # Every stage's wall time is in the summary; the flags are known before the rest.
+    seconds = report.summary["seconds"]
+    assert list(seconds["stages"]) == list(STAGES)
+    assert all(s >= 0 for s in seconds["stages"].values())
+    to_flags = sum(seconds["stages"][name] for name in STAGES[: STAGES.index("flags") + 1])
+    assert seconds["to_flags"] == pytest.approx(to_flags, abs=1e-2)
+    assert seconds["to_flags"] <= sum(seconds["stages"].values())
+
+
+def test_the_plan_and_its_expected_time_are_announced_before_the_audit_training(
+    blobs_dataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from dm_audit.stage_training import training_plan
+
+    run_audit(
+        blobs_dataset,
+        AuditConfig(seed=0, progress=True, device="cpu", epochs=4, probe_epochs=2),
+    )
+    err = capsys.readouterr().err
+    plan = next(line for line in err.splitlines() if "expected about" in line)
+    assert "2 x 2 cross-fitted models of 4 epochs" in plan
+    # The plan comes after the probe's lines and before the audit training's.
+    assert err.index("1/3 probe") < err.index(plan) < err.index("2/3 audit")
+    probe = SimpleNamespace(seconds=12.0)
+    text = training_plan(probe, AuditConfig(epochs=60, probe_epochs=15, retrain=False), 900, 60)
+    assert "1 x 2 cross-fitted models of 60 epochs on 900 rows" in text
+    assert "expected about 48 s" in text  # 12 s / 15 epochs x 60 epochs
