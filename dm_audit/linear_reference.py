@@ -12,8 +12,9 @@ Chosen on the development split of benchmarks/generality.py (results/generality.
 label-issue ranking's AUROC at 20-40 % noise rose from 0.908 to 0.919 (mean), rows flagged on
 clean tables fell from 3.6 to 2.1 % (mean), and the suggested label of a correctly flagged row
 at 20 % noise was the true one more often (92 -> 94 %); the mean F1 moved from 0.688 to 0.681,
-as fewer rows are counted under instance-dependent noise that a logistic regression chose. Equal weights: a stacking weight fitted to the noisy labels' log-loss
-gave a lower F1 on the same tables. Images keep the network alone: a linear model of raw pixels
+as fewer rows are counted under instance-dependent noise that a logistic regression chose.
+Equal weights: a stacking weight fitted to the noisy labels' log-loss gave a lower F1 on the same
+tables. Images keep the network alone: a linear model of raw pixels
 is not a reference worth averaging with a convolutional network.
 """
 
