@@ -135,11 +135,38 @@ def duplicate_space(inputs: np.ndarray) -> np.ndarray:
     x = np.asarray(inputs)
     if x.ndim == 4:
         return _small_images(x)
-    x = x.reshape(len(x), -1).astype(np.float64)
-    mean = x.mean(axis=0) if len(x) else 0.0
-    std = x.std(axis=0) if len(x) else 1.0
+    x = x.reshape(len(x), -1)
+    out = np.empty(x.shape, dtype=np.float32)
+    if len(x) == 0:
+        return out
+    # Chunk by chunk in float64: a float64 copy of a million-row table (and of its centred
+    # version) would cost several times the float32 result's memory.
+    mean, std = _column_moments(x)
     # A constant column carries no distance; dividing by 1 keeps it at 0.
-    return ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    scale = np.where(std > 0, std, 1.0)
+    for start in range(0, len(x), neighbours.DEFAULT_CHUNK_ROWS):
+        chunk = x[start : start + neighbours.DEFAULT_CHUNK_ROWS].astype(np.float64)
+        out[start : start + len(chunk)] = (chunk - mean) / scale
+    return out
+
+
+def _column_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) standard deviation, computed chunk by chunk with the
+    pairwise update of Chan et al., so no full-size float64 copy is made."""
+    count = 0
+    mean = np.zeros(x.shape[1])
+    m2 = np.zeros(x.shape[1])
+    for start in range(0, len(x), neighbours.DEFAULT_CHUNK_ROWS):
+        chunk = x[start : start + neighbours.DEFAULT_CHUNK_ROWS].astype(np.float64)
+        n_b = len(chunk)
+        mean_b = chunk.mean(axis=0)
+        m2_b = ((chunk - mean_b) ** 2).sum(axis=0)
+        delta = mean_b - mean
+        total = count + n_b
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta**2 * (count * n_b / total)
+        count = total
+    return mean, np.sqrt(m2 / count)
 
 
 def _small_images(images: np.ndarray) -> np.ndarray:

@@ -146,3 +146,18 @@ def test_audit_flags_wrongly_labelled_copies(name: str) -> None:
         int((s == "test").sum()) for _, s in by_set if (s == "train").any() and (s == "test").any()
     )
     assert summary["leaked_rows"] == expected == int(ex["is_leaked_duplicate"].sum())
+
+
+def test_the_duplicate_space_standardises_chunk_by_chunk_as_in_one_pass() -> None:
+    # Rows across several chunks, columns of very different scale and offset, one constant.
+    rng = np.random.default_rng(0)
+    n = 2 * duplicates.neighbours.DEFAULT_CHUNK_ROWS + 123
+    x = rng.normal(size=(n, 4)) * [1e-3, 1.0, 1e4, 0.0] + [5.0, -2.0, 1e6, 7.0]
+    x = x.astype(np.float32)
+    space = duplicates.duplicate_space(x)
+    wide = x.astype(np.float64)
+    std = wide.std(axis=0)
+    expected = (wide - wide.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    assert space.dtype == np.float32 and space.shape == x.shape
+    np.testing.assert_allclose(space, expected, atol=1e-4)
+    assert np.all(space[:, 3] == 0.0)
