@@ -38,6 +38,9 @@ class ProbeResult:
         The cross-fitting fold of every row (the audit training uses the same folds).
     probs : ndarray (N, C) float32
         The probe's out-of-sample probabilities (the flags' count uses them again).
+    epoch_seconds : float or None
+        Seconds one epoch of all the probe's fold models took together (each model's median
+        epoch, start-up excluded): what the audit's expected training time is read from.
     """
 
     noise_rate: float
@@ -47,6 +50,7 @@ class ProbeResult:
     seconds: float
     folds: np.ndarray | None = None
     probs: np.ndarray | None = None
+    epoch_seconds: float | None = None
 
 
 @dataclass

@@ -32,6 +32,7 @@ from dm_audit.dataset import AuditDataset
 from dm_audit.errors import ConfigError
 from dm_audit.progress import announce, duration
 from dm_audit.stage_results import AuditFit, Corrections, ExampleScores, ProbeResult, Retrained
+from dm_audit.training import FitResult
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,26 @@ def probe(
     )
     adaptive = config.lam is None
     return ProbeResult(
-        noise_rate, noise, choice, adaptive, time.perf_counter() - start, folds, probs
+        noise_rate,
+        noise,
+        choice,
+        adaptive,
+        time.perf_counter() - start,
+        folds,
+        probs,
+        _epoch_seconds(models.fits),
     )
+
+
+def _epoch_seconds(fits: list[FitResult]) -> float | None:
+    """Seconds of one epoch of every fold model together: each model's median epoch (the
+    first epoch also pays one-off start-up costs), summed; None without a recorded epoch."""
+    medians = [
+        float(np.median([h["seconds"] for h in f.history if "seconds" in h]))
+        for f in fits
+        if any("seconds" in h for h in f.history)
+    ]
+    return float(sum(medians)) if medians else None
 
 
 def _emphasis(config: AuditConfig, noise_rate: float, n_classes: int) -> estimate.EmphasisChoice:
@@ -176,19 +195,22 @@ def training_plan(probe_result: ProbeResult, config: AuditConfig, n_rows: int, e
     """The audit's remaining training, and its expected time read off the probe's.
 
     The probe trained the same model on the same folds, so its seconds per epoch, measured on
-    this machine, times the epochs still to come estimate the rest: the audit training and
-    (unless switched off) the retrain, each `epochs` long.
+    this machine (`ProbeResult.epoch_seconds`: the median epoch, without the first epoch's
+    start-up costs; else the probe's whole time over its epochs), times the epochs still to
+    come estimate the rest: the audit training and (unless switched off) the retrain, each
+    `epochs` long.
     """
     probe_epochs_done = probe_epochs(config, n_rows)
-    per_epoch = probe_result.seconds / max(probe_epochs_done, 1)
+    per_epoch = probe_result.epoch_seconds
+    if per_epoch is None:
+        per_epoch = probe_result.seconds / max(probe_epochs_done, 1)
     trainings = 2 if config.retrain else 1
     expected = per_epoch * epochs * trainings
     what = "audit training and retrain" if config.retrain else "audit training"
     return (
         f"{what}: {trainings} x {CROSSFIT_FOLDS} cross-fitted models of {epochs} epochs on "
-        f"{n_rows} rows; expected about {duration(expected)} from the probe's "
-        f"{duration(probe_result.seconds)} for {probe_epochs_done} epochs "
-        "(--epochs sets a shorter or fuller run)"
+        f"{n_rows} rows; expected about {duration(expected)} at the probe's "
+        f"{per_epoch:.2g} s per epoch (--epochs sets a shorter or fuller run)"
     )
 
 

@@ -256,16 +256,22 @@ def test_the_plan_and_its_expected_time_are_announced_before_the_audit_training(
 
     from dm_audit.stage_training import training_plan
 
+    stages: dict[str, object] = {}
     run_audit(
         blobs_dataset,
         AuditConfig(seed=0, progress=True, device="cpu", epochs=4, probe_epochs=2),
+        on_stage=stages.__setitem__,
     )
+    assert stages["probe"].epoch_seconds > 0
     err = capsys.readouterr().err
     plan = next(line for line in err.splitlines() if "expected about" in line)
     assert "2 x 2 cross-fitted models of 4 epochs" in plan
     # The plan comes after the probe's lines and before the audit training's.
     assert err.index("1/3 probe") < err.index(plan) < err.index("2/3 audit")
-    probe = SimpleNamespace(seconds=12.0)
-    text = training_plan(probe, AuditConfig(epochs=60, probe_epochs=15, retrain=False), 900, 60)
+    # From the probe's median epoch when known, else its whole time over its epochs.
+    config = AuditConfig(epochs=60, probe_epochs=15, retrain=False)
+    text = training_plan(SimpleNamespace(seconds=30.0, epoch_seconds=0.8), config, 900, 60)
     assert "1 x 2 cross-fitted models of 60 epochs on 900 rows" in text
+    assert "expected about 48 s" in text  # 0.8 s per epoch x 60 epochs
+    text = training_plan(SimpleNamespace(seconds=12.0, epoch_seconds=None), config, 900, 60)
     assert "expected about 48 s" in text  # 12 s / 15 epochs x 60 epochs
