@@ -33,7 +33,14 @@ from dm_audit.array_checks import validate_labels
 from dm_audit.errors import DataError
 from dm_audit.progress import progress_bar
 
-__all__ = ["MAX_REFERENCE_ROWS", "REFERENCE_FOLDS", "reference_probs", "uses_reference"]
+__all__ = [
+    "MAX_REFERENCE_ROWS",
+    "MIN_CLASS_ROWS",
+    "REFERENCE_FOLDS",
+    "reference_probs",
+    "skip_reason",
+    "uses_reference",
+]
 
 # Five folds (scikit-learn's and cleanlab's default): each linear model learns from 80 % of the
 # rows, which matters on the small tables where the reference helps most, and a linear fit is
@@ -44,18 +51,54 @@ REFERENCE_FOLDS = 5
 # standardised float64 copy of the features would cost more memory than the audit's streaming
 # path keeps (the same size as `dm_audit.scoring.STREAM_THRESHOLD`).
 MAX_REFERENCE_ROWS = 200_000
+# Every class needs two rows per fold, so each of the five models trains on at least eight rows
+# of it. With fewer, the L2-regularised fit gives a small class a low probability even on its
+# own rows (p_given 0.17 on classes of 2 rows, 0.40 on classes of 3, on a clean few-shot table),
+# which flags correct rows and corrupts the count (a 2-row class among 300 rows: its per-class
+# threshold fell to 0.006 and the estimated noise rose from 0.7 to 15 %); and a class smaller
+# than the folds cannot be stratified at all. The network alone audits such tables.
+MIN_CLASS_ROWS = 2 * REFERENCE_FOLDS
 # L-BFGS iterations per fit; a noisy table may stop short of full convergence, which changes the
 # probabilities far less than the label noise does.
 MAX_ITER = 1_000
 
 
-def uses_reference(input_kind: str, n_rows: int, enabled: bool = True) -> bool:
-    """Whether an audit of `n_rows` rows of `input_kind` inputs fits the linear reference."""
-    return (
-        enabled
-        and input_kind == "features"
-        and 2 * REFERENCE_FOLDS <= n_rows <= (MAX_REFERENCE_ROWS)
-    )
+def skip_reason(
+    input_kind: str, labels: np.ndarray, n_classes: int, enabled: bool = True
+) -> str | None:
+    """Why an audit of these rows goes without the linear reference; None when it uses one.
+
+    Parameters
+    ----------
+    input_kind : {"features", "image"}
+    labels : np.ndarray, shape (N,)
+        Given labels as integer codes.
+    n_classes : int
+    enabled : bool
+        `AuditConfig.linear_reference`.
+    """
+    if not enabled:
+        return "switched off"
+    if input_kind != "features":
+        return "images are audited by the network alone"
+    n_rows = len(labels)
+    if n_rows > MAX_REFERENCE_ROWS:
+        return f"{n_rows:,} rows, above {MAX_REFERENCE_ROWS:,}"
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
+    small = np.flatnonzero(counts < MIN_CLASS_ROWS)
+    if small.size:
+        return (
+            f"{small.size} class(es) with fewer than {MIN_CLASS_ROWS} rows (smallest "
+            f"{int(counts.min())}): too few for each of its {REFERENCE_FOLDS} fold models"
+        )
+    return None
+
+
+def uses_reference(
+    input_kind: str, labels: np.ndarray, n_classes: int, enabled: bool = True
+) -> bool:
+    """Whether an audit of these rows fits the linear reference (see `skip_reason`)."""
+    return skip_reason(input_kind, labels, n_classes, enabled) is None
 
 
 def reference_probs(

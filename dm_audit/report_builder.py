@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dm_audit import class_health, correction, duplicates, estimate, reports
+from dm_audit import class_health, correction, duplicates, estimate, linear_reference, reports
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import CROSSFIT_FOLDS, audited, true_codes
 from dm_audit.dataset import AuditDataset
@@ -96,6 +96,7 @@ def _examples_frame(
     """examples.parquet: one row per input row, in dataset order."""
     classes = np.asarray(data.classes, dtype=object)
     given = scores.table["given"].to_numpy()
+    combined = scores.combined_probs()
     examples = pd.DataFrame(
         {
             "example_id": scores.table["example_id"].to_numpy(),
@@ -105,8 +106,10 @@ def _examples_frame(
             "p_given": scores.table["p_given"].to_numpy(),
             "mean_p": scores.table["mean_p"].to_numpy() if "mean_p" in scores.table else np.nan,
             "emphasis_weight": scores.table["emphasis_weight"].to_numpy(),
-            "predicted_label": classes[scores.table["predicted"].to_numpy()],
-            "predicted_prob": scores.table["predicted_prob"].to_numpy(),
+            # The prediction the flags and suggestions read: the network's, averaged with the
+            # linear reference's where there is one.
+            "predicted_label": classes[combined.argmax(axis=1)],
+            "predicted_prob": combined.max(axis=1),
         }
     )
     for column in (
@@ -159,8 +162,9 @@ def _summary(
             "rows_per_fold": np.bincount(scores.folds, minlength=CROSSFIT_FOLDS).tolist(),
         },
         # Whether the flags and suggestions averaged in the linear reference model's
-        # out-of-sample probabilities (dm_audit.linear_reference).
+        # out-of-sample probabilities (dm_audit.linear_reference), and why not.
         "linear_reference": scores.reference_probs is not None,
+        "linear_reference_skipped": _reference_skipped(data, scores, config),
         "n_classes": data.n_classes,
         "classes": list(data.classes),
         "config": config.to_dict(),
@@ -200,6 +204,18 @@ def _summary(
             given, truth, scores, flag_result, corrections, retrained
         )
     return summary
+
+
+def _reference_skipped(
+    data: AuditDataset, scores: ExampleScores, config: AuditConfig
+) -> str | None:
+    """Why the audit went without the linear reference (None when it used one)."""
+    if scores.reference_probs is not None:
+        return None
+    reason = linear_reference.skip_reason(
+        data.input_kind, scores.table["given"].to_numpy(), data.n_classes, config.linear_reference
+    )
+    return reason or "a fold's training rows held a single class"
 
 
 def _noise_summary(

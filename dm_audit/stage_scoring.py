@@ -25,6 +25,7 @@ from dm_audit.crossfit import audited
 from dm_audit.dataset import AuditDataset
 from dm_audit.emphasis import create_weighting
 from dm_audit.losses import create_loss
+from dm_audit.progress import announce
 from dm_audit.scoring import (
     SCORES_SCHEMA,
     STREAM_THRESHOLD,
@@ -117,7 +118,12 @@ def _reference_probs(
     data: AuditDataset, labels: np.ndarray, config: AuditConfig
 ) -> np.ndarray | None:
     """The linear reference's out-of-sample probabilities, where the audit uses one."""
-    if not linear_reference.uses_reference(data.input_kind, len(labels), config.linear_reference):
+    reason = linear_reference.skip_reason(
+        data.input_kind, labels, data.n_classes, config.linear_reference
+    )
+    if reason is not None:
+        if config.progress and data.input_kind == "features" and config.linear_reference:
+            announce(f"scores: no linear reference: {reason}")
         return None
     return linear_reference.reference_probs(
         data.features(),

@@ -65,11 +65,16 @@ def test_bad_inputs_are_named() -> None:
 
 
 def test_which_audits_use_a_reference() -> None:
-    assert linear_reference.uses_reference("features", 1_000)
-    assert not linear_reference.uses_reference("features", 1_000, enabled=False)
-    assert not linear_reference.uses_reference("image", 1_000)
-    assert not linear_reference.uses_reference("features", linear_reference.MAX_REFERENCE_ROWS + 1)
-    assert not linear_reference.uses_reference("features", 2 * linear_reference.REFERENCE_FOLDS - 1)
+    big = np.repeat(np.arange(3), 400)
+    assert linear_reference.uses_reference("features", big, 3)
+    assert linear_reference.skip_reason("features", big, 3, enabled=False) == "switched off"
+    assert "images" in linear_reference.skip_reason("image", big, 3)
+    huge = np.zeros(linear_reference.MAX_REFERENCE_ROWS + 1, dtype=np.int64)
+    assert "above" in linear_reference.skip_reason("features", huge, 1)
+    # A class too small for every fold model to learn it, or one never given at all.
+    few = np.append(big, [3] * (linear_reference.MIN_CLASS_ROWS - 1))
+    assert "1 class(es) with fewer than" in linear_reference.skip_reason("features", few, 4)
+    assert not linear_reference.uses_reference("features", big, 4)
 
 
 def test_combined_and_ensemble_probabilities_weigh_each_family_half() -> None:
@@ -117,3 +122,28 @@ def test_the_command_line_switches_the_reference_off() -> None:
     assert args.no_linear_reference
     plain = build_parser().parse_args(["audit", "--input", "digits", "--out", "o"])
     assert not plain.no_linear_reference
+
+
+def test_tables_of_tiny_classes_are_audited_by_the_network_alone() -> None:
+    # 35 classes of 4 rows: fewer rows than folds in every class.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(35), 4)
+    x = (rng.normal(size=(140, 6)) + labels[:, None] * 0.5).astype(np.float32)
+    dataset = AuditDataset.from_arrays(labels, features=x, classes=[f"k{i}" for i in range(35)])
+    report = run_audit(dataset, AuditConfig(progress=False, epochs=6, retrain=False))
+    assert report.summary["linear_reference"] is False
+    assert "fewer than 10 rows" in report.summary["linear_reference_skipped"]
+    assert len(report.examples) == 140
+
+
+def test_a_two_row_minority_class_is_still_flagged() -> None:
+    # Every label "a" but two: those two are the rows to look at, as the network alone finds.
+    x, _ = make_classification(
+        300, 6, n_informative=4, n_redundant=0, n_classes=2, class_sep=2.0, random_state=0
+    )
+    labels = np.zeros(300, dtype=np.int64)
+    labels[[17, 40]] = 1
+    dataset = AuditDataset.from_arrays(labels, features=x.astype(np.float32), classes=["a", "b"])
+    report = run_audit(dataset, AuditConfig(progress=False, epochs=10, retrain=False))
+    flagged = set(report.examples.index[report.examples["is_label_issue"]])
+    assert {17, 40} <= flagged and len(flagged) <= 6
