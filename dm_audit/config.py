@@ -58,7 +58,8 @@ class AuditConfig:
     linear_reference : bool
         Average a cross-fitted logistic regression's out-of-sample probabilities with the
         network's for the flags, the noise count and the suggested labels
-        (`dm_audit.linear_reference`; feature tables up to 200,000 rows).
+        (`dm_audit.linear_reference`; feature tables up to 200,000 rows whose every class has
+        at least 10 rows).
     retrain : bool
         Retrain on the corrected labels (the final model); False stops after the corrections.
     progress : bool

@@ -116,7 +116,8 @@ class AuditSettings(dg.ConfigurableResource):
         default=True,
         description=(
             "Average a cross-fitted logistic regression's out-of-sample probabilities with the "
-            "network's for the flags and suggestions (feature tables up to 200,000 rows)."
+            "network's for the flags and suggestions (feature tables up to 200,000 rows whose "
+            "every class has at least 10 rows)."
         ),
     )
     max_flag_rate_ratio: float = Field(
