@@ -31,6 +31,11 @@ _EXACT_TAIL_LIMIT = 10_000
 # standard errors of a predictor that ignores its input (see balanced_accuracy_vs_chance).
 _CHANCE_SLACK = 0.02
 _CHANCE_Z = 3.0
+# Classes of fewer rows are left out of the chance test: their recall moves in steps of 1/n, so
+# one row moves it by more than 0.2, ten times the slack, and a model that leaves a class of 1-4
+# rows unlearned may well be right (they may be the mislabelled ones: 298 rows of one class and
+# 2 of another made every epoch look like chance and stopped every correction).
+_MIN_JUDGED_ROWS = 5
 
 
 def _probs(probs: np.ndarray) -> np.ndarray:
@@ -310,9 +315,9 @@ def balanced_accuracy_vs_chance(
 
     Returns
     -------
-    (balanced, chance) : tuple of float, or (None, None) with fewer than two classes present
-        ``balanced`` is the mean recall over the K classes present in the labels; the epoch is
-        no better than chance when ``balanced <= chance``.
+    (balanced, chance) : tuple of float, or (None, None) with fewer than two classes judged
+        ``balanced`` is the mean recall over the K classes of at least `_MIN_JUDGED_ROWS` rows
+        in the labels; the epoch is no better than chance when ``balanced <= chance``.
 
     Notes
     -----
@@ -330,7 +335,7 @@ def balanced_accuracy_vs_chance(
     the way from 1/K to 1: classes of a handful of examples make the error large, and a perfect
     fit must never look like chance.
     """
-    present = class_counts > 0
+    present = class_counts >= _MIN_JUDGED_ROWS
     k = int(present.sum())
     if k < 2:
         return None, None

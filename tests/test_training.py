@@ -490,11 +490,20 @@ def test_balanced_accuracy_and_its_chance_limit():
         np.full(10, 12), np.full(10, 1000), np.full(10, 0.1)
     )
     assert balanced == pytest.approx(0.012) and chance == pytest.approx(0.12)
-    # One example per class: the limit stops halfway to a perfect score (3 SE would pass 1).
+    # Five examples per class: the limit stops halfway to a perfect score (3 SE would pass 1).
     balanced, chance = balanced_accuracy_vs_chance(
-        np.array([1, 1]), np.array([1, 1]), np.array([0.5, 0.5])
+        np.array([5, 5]), np.array([5, 5]), np.array([0.5, 0.5])
     )
     assert balanced == 1.0 and chance == pytest.approx(0.75)
+    # Classes of fewer than five rows are not judged: 298 rows of one class and 2 of another,
+    # all answered with the first, is no evidence of a collapse (the 2 may be mislabelled).
+    assert balanced_accuracy_vs_chance(
+        np.array([298, 0]), np.array([298, 2]), np.array([1.0, 0.0])
+    ) == (None, None)
+    balanced, chance = balanced_accuracy_vs_chance(
+        np.array([500, 0, 0]), np.array([500, 500, 3]), np.array([1.0, 0.0, 0.0])
+    )
+    assert balanced == pytest.approx(0.5) and balanced <= chance  # judged on the two big ones
     # Classes without labels are left out; one class alone has no chance level.
     balanced, chance = balanced_accuracy_vs_chance(
         np.array([4, 1, 0]), np.array([5, 5, 0]), np.array([0.7, 0.3, 0.0])
