@@ -241,12 +241,13 @@ def _run_stages(
     # Wall seconds of each stage, measured between the ends of consecutive stages (a stage
     # read back from the work folder of a resumed run takes almost none).
     stage_seconds: dict[str, float] = {}
-    clock = [time.perf_counter()]
+    last_end = time.perf_counter()
 
     def told(name: str, result: Any) -> None:
+        nonlocal last_end
         now = time.perf_counter()
-        stage_seconds[name] = round(now - clock[0], 3)
-        clock[0] = now
+        stage_seconds[name] = round(now - last_end, 3)
+        last_end = now
         hook(name, result)
 
     def training(name: str) -> dict[str, Any]:
@@ -290,7 +291,7 @@ def _run_stages(
         dataset, probe_result, audit_fit, scores, flag_result, corrections, retrained, config
     )
     report.summary["resumed"] = resumed
-    stage_seconds["report"] = round(time.perf_counter() - clock[0], 3)
+    stage_seconds["report"] = round(time.perf_counter() - last_end, 3)
     report.summary["seconds"]["stages"] = dict(stage_seconds)
     report.summary["seconds"]["to_flags"] = round(
         sum(stage_seconds[name] for name in STAGES[: STAGES.index("flags") + 1]), 3

@@ -39,7 +39,6 @@ __all__ = [
     "REFERENCE_FOLDS",
     "reference_probs",
     "skip_reason",
-    "uses_reference",
 ]
 
 # Five folds (scikit-learn's and cleanlab's default): each linear model learns from 80 % of the
@@ -92,13 +91,6 @@ def skip_reason(
             f"{int(counts.min())}): too few for each of its {REFERENCE_FOLDS} fold models"
         )
     return None
-
-
-def uses_reference(
-    input_kind: str, labels: np.ndarray, n_classes: int, enabled: bool = True
-) -> bool:
-    """Whether an audit of these rows fits the linear reference (see `skip_reason`)."""
-    return skip_reason(input_kind, labels, n_classes, enabled) is None
 
 
 def reference_probs(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dm_audit import class_health, correction, duplicates, estimate, linear_reference, reports
+from dm_audit import class_health, correction, duplicates, estimate, reports
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import CROSSFIT_FOLDS, audited, true_codes
 from dm_audit.dataset import AuditDataset
@@ -164,7 +164,7 @@ def _summary(
         # Whether the flags and suggestions averaged in the linear reference model's
         # out-of-sample probabilities (dm_audit.linear_reference), and why not.
         "linear_reference": scores.reference_probs is not None,
-        "linear_reference_skipped": _reference_skipped(data, scores, config),
+        "linear_reference_skipped": scores.reference_skipped,
         "n_classes": data.n_classes,
         "classes": list(data.classes),
         "config": config.to_dict(),
@@ -204,18 +204,6 @@ def _summary(
             given, truth, scores, flag_result, corrections, retrained
         )
     return summary
-
-
-def _reference_skipped(
-    data: AuditDataset, scores: ExampleScores, config: AuditConfig
-) -> str | None:
-    """Why the audit went without the linear reference (None when it used one)."""
-    if scores.reference_probs is not None:
-        return None
-    reason = linear_reference.skip_reason(
-        data.input_kind, scores.table["given"].to_numpy(), data.n_classes, config.linear_reference
-    )
-    return reason or "a fold's training rows held a single class"
 
 
 def _noise_summary(

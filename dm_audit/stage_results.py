@@ -173,7 +173,9 @@ class ExampleScores:
         fold (see `flag_examples`).
     reference_probs : ndarray (N, C) or None
         Out-of-sample probabilities of the linear reference model (`dm_audit.linear_reference`),
-        a second model family; None for images, very large tables, or when switched off.
+        a second model family; None when the audit went without one.
+    reference_skipped : str or None
+        Why the audit went without the linear reference (None when it used one).
     """
 
     table: pd.DataFrame
@@ -182,28 +184,19 @@ class ExampleScores:
     proselflc_targets: np.ndarray | None = None
     probe_probs: np.ndarray | None = None
     reference_probs: np.ndarray | None = None
-
-    def _with_reference(self, network: np.ndarray) -> np.ndarray:
-        """Equal-weight mean of the network's probabilities and the linear reference's."""
-        ref = self.reference_probs
-        if ref is None or ref.shape != network.shape:
-            return network
-        return ((network.astype(np.float64) + ref) / 2.0).astype(np.float32)
+    reference_skipped: str | None = None
 
     def combined_probs(self) -> np.ndarray:
         """The audit network's out-of-sample probabilities averaged with the linear
         reference's (the network's alone without one): what the label-issue score's prediction
         and the suggested labels read."""
-        return self._with_reference(self.probs)
+        return _mean_of(self.probs, self.reference_probs)
 
     def ensemble_probs(self) -> np.ndarray:
         """The network family's probabilities (the audit's and the probe's, averaged)
         averaged with the linear reference's: what the noise count reads. Each family weighs
         half; a missing member is left out."""
-        network = self.probs
-        if self.probe_probs is not None and self.probe_probs.shape == self.probs.shape:
-            network = ((self.probs.astype(np.float64) + self.probe_probs) / 2.0).astype(np.float32)
-        return self._with_reference(network)
+        return _mean_of(_mean_of(self.probs, self.probe_probs), self.reference_probs)
 
     @property
     def folds(self) -> np.ndarray:
@@ -213,6 +206,14 @@ class ExampleScores:
         """Row numbers of each fold, in the order of that fold's embeddings."""
         folds = self.folds
         return [np.flatnonzero(folds == k) for k in range(len(self.embeddings))]
+
+
+def _mean_of(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """Equal-weight mean of two probability matrices as float32; `a` alone when `b` is missing
+    or of another shape."""
+    if b is None or b.shape != a.shape:
+        return a
+    return ((a.astype(np.float64) + b) / 2.0).astype(np.float32)
 
 
 @dataclass

@@ -104,34 +104,33 @@ def score_examples(
     dynamics = models.in_sample_summary(n)
     for column in dynamics.columns:
         table[column] = dynamics[column].to_numpy()
+    reference, skipped = _reference_probs(data, labels, config)
     return ExampleScores(
-        table,
-        probs,
-        embeddings,
-        targets,
-        audit_fit.probe_probs,
-        _reference_probs(data, labels, config),
+        table, probs, embeddings, targets, audit_fit.probe_probs, reference, skipped
     )
 
 
 def _reference_probs(
     data: AuditDataset, labels: np.ndarray, config: AuditConfig
-) -> np.ndarray | None:
-    """The linear reference's out-of-sample probabilities, where the audit uses one."""
+) -> tuple[np.ndarray | None, str | None]:
+    """The linear reference's out-of-sample probabilities, or None and the reason why not."""
     reason = linear_reference.skip_reason(
         data.input_kind, labels, data.n_classes, config.linear_reference
     )
-    if reason is not None:
-        if config.progress and data.input_kind == "features" and config.linear_reference:
-            announce(f"scores: no linear reference: {reason}")
-        return None
-    return linear_reference.reference_probs(
-        data.features(),
-        labels,
-        data.n_classes,
-        seed=config.seed,
-        progress="scores: linear reference" if config.progress else None,
-    )
+    if reason is None:
+        probs = linear_reference.reference_probs(
+            data.features(),
+            labels,
+            data.n_classes,
+            seed=config.seed,
+            progress="scores: linear reference" if config.progress else None,
+        )
+        if probs is not None:
+            return probs, None
+        reason = "a fold's training rows held a single class"
+    if config.progress and data.input_kind == "features" and config.linear_reference:
+        announce(f"scores: no linear reference: {reason}")
+    return None, reason
 
 
 def _score_pass(

@@ -66,7 +66,7 @@ def test_bad_inputs_are_named() -> None:
 
 def test_which_audits_use_a_reference() -> None:
     big = np.repeat(np.arange(3), 400)
-    assert linear_reference.uses_reference("features", big, 3)
+    assert linear_reference.skip_reason("features", big, 3) is None
     assert linear_reference.skip_reason("features", big, 3, enabled=False) == "switched off"
     assert "images" in linear_reference.skip_reason("image", big, 3)
     huge = np.zeros(linear_reference.MAX_REFERENCE_ROWS + 1, dtype=np.int64)
@@ -74,7 +74,7 @@ def test_which_audits_use_a_reference() -> None:
     # A class too small for every fold model to learn it, or one never given at all.
     few = np.append(big, [3] * (linear_reference.MIN_CLASS_ROWS - 1))
     assert "1 class(es) with fewer than" in linear_reference.skip_reason("features", few, 4)
-    assert not linear_reference.uses_reference("features", big, 4)
+    assert "fewer than" in linear_reference.skip_reason("features", big, 4)  # a class unused
 
 
 def test_combined_and_ensemble_probabilities_weigh_each_family_half() -> None:
