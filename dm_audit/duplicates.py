@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dm_audit import neighbours
-from dm_audit.neighbours import ArrayEmbeddings
+from dm_audit.errors import DataError
+from dm_audit.neighbours import ArrayEmbeddings, NeighbourGraph
 
 __all__ = [
     "IMAGE_SIDE",
@@ -38,6 +39,7 @@ __all__ = [
     "conflict_evidence",
     "duplicate_space",
     "find_duplicates",
+    "input_graph",
     "leaked_rows",
 ]
 
@@ -204,6 +206,8 @@ def find_duplicates(
     k: int = NEIGHBOURS,
     seed: int = 0,
     progress: str | None = None,
+    space: np.ndarray | None = None,
+    graph: NeighbourGraph | None = None,
 ) -> Duplicates:
     """Find exact and near-duplicate rows.
 
@@ -219,6 +223,12 @@ def find_duplicates(
         Seeds the approximate index used above `neighbours.IVF_THRESHOLD` rows.
     progress : str, optional
         Label of the search's progress bar.
+    space : np.ndarray, shape (N, D'), optional
+        `duplicate_space(inputs)` when the caller has it already (it is made once per audit
+        and also serves the OOD score's input view).
+    graph : NeighbourGraph, optional
+        `input_graph(space, ...)` of at least `k` neighbours when the caller has it already;
+        its first `k` neighbours are read.
 
     Returns
     -------
@@ -234,12 +244,16 @@ def find_duplicates(
         return Duplicates(
             np.zeros(n), np.zeros(n, bool), np.full(n, -1), is_exact, np.full(n, -1), 0.0, 0.0
         )
-    space = ArrayEmbeddings(duplicate_space(inputs))
     kk = min(k, n - 1)
-    index = neighbours.build_index(space, metric="l2", nprobe=DUPLICATE_NPROBE, seed=seed)
-    neg_sq, nearest = neighbours.search(
-        index, space, kk, self_positions=np.arange(n), progress=progress, metric="l2"
-    )
+    if graph is None:
+        if space is None:
+            space = duplicate_space(inputs)
+        elif len(space) != n:
+            raise DataError(f"space has {len(space)} rows for {n} inputs")
+        graph = input_graph(space, kk, seed=seed, progress=progress)
+    elif graph.positions.shape[0] != n or graph.positions.shape[1] < kk:
+        raise DataError(f"graph must list {kk} neighbours of each of the {n} inputs")
+    neg_sq, nearest = graph.similarities[:, :kk], graph.positions[:, :kk]
     found = nearest >= 0
     dist = np.sqrt(np.clip(-np.where(found, neg_sq, -np.inf), 0.0, None))
     # Byte-identical rows are at distance 0 whatever rounding faiss' expansion of |x - y|^2 did.
@@ -266,6 +280,37 @@ def find_duplicates(
         median_distance=median,
         radius=float(radius),
     )
+
+
+def input_graph(
+    space: np.ndarray, k: int, *, seed: int = 0, progress: str | None = None
+) -> NeighbourGraph:
+    """Each row's k nearest other rows in the input space (Euclidean).
+
+    The search `find_duplicates` reads; the OOD score's input view reads the same graph for the
+    distance to trusted rows.
+
+    Parameters
+    ----------
+    space : np.ndarray, shape (N, D)
+        `duplicate_space` of the inputs.
+    k : int
+        Neighbours per row (at most N - 1).
+    seed, progress
+        Seed of the approximate index used above `neighbours.IVF_THRESHOLD` rows (with
+        `DUPLICATE_NPROBE` lists visited); label of the search's progress bar.
+
+    Returns
+    -------
+    NeighbourGraph
+    """
+    n = len(space)
+    source = ArrayEmbeddings(space)
+    index = neighbours.build_index(source, metric="l2", nprobe=DUPLICATE_NPROBE, seed=seed)
+    neg_sq, nearest = neighbours.search(
+        index, source, min(k, n - 1), self_positions=np.arange(n), progress=progress, metric="l2"
+    )
+    return NeighbourGraph(nearest, neg_sq, "l2")
 
 
 def conflict_evidence(dups: Duplicates, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:

@@ -31,9 +31,12 @@ from dm_audit.neighbour_labels import KnnLabelAgreement, knn_label_agreement
 from dm_audit.neighbours import IVF_THRESHOLD
 from dm_audit.ood import (
     DEFAULT_OOD_WEIGHTS,
+    INPUT_NEIGHBOUR,
+    INPUT_VIEW_WEIGHT,
     auto_ood_threshold,
     conformal_ood_flags,
     flag_ood,
+    input_space_distances,
     ood_scores,
     select_trusted,
 )
@@ -42,6 +45,8 @@ from dm_audit.score_components import combine_components, validate_unit_vector
 __all__ = [
     "DEFAULT_ISSUE_WEIGHTS",
     "DEFAULT_OOD_WEIGHTS",
+    "INPUT_NEIGHBOUR",
+    "INPUT_VIEW_WEIGHT",
     "IVF_THRESHOLD",
     "NEUTRAL_ISSUE_SCORE",
     "KnnLabelAgreement",
@@ -53,6 +58,7 @@ __all__ = [
     "flag_by_class_counts",
     "flag_label_issues",
     "flag_ood",
+    "input_space_distances",
     "issue_counts_per_class",
     "knn_label_agreement",
     "label_issue_scores",

@@ -23,7 +23,7 @@ import numpy as np
 from dm_audit import neighbours
 from dm_audit.array_checks import validate_labels
 from dm_audit.errors import ConfigError, DataError
-from dm_audit.neighbours import IVF_THRESHOLD, IndexKind
+from dm_audit.neighbours import IVF_THRESHOLD, IndexKind, NeighbourGraph
 
 __all__ = ["KnnLabelAgreement", "knn_label_agreement"]
 
@@ -52,6 +52,12 @@ class KnnLabelAgreement:
     votes: np.ndarray
     indices: np.ndarray
     similarities: np.ndarray
+
+    @property
+    def graph(self) -> NeighbourGraph:
+        """The neighbours as a `NeighbourGraph` (the OOD score reads the nearest trusted row
+        from it instead of searching again)."""
+        return NeighbourGraph(self.indices, self.similarities, "cosine")
 
 
 def knn_label_agreement(

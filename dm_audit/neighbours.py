@@ -34,16 +34,20 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
+    "EXACT_SEARCH_BUDGET",
     "IVF_THRESHOLD",
     "ArrayEmbeddings",
     "EmbeddingChunks",
     "IndexKind",
     "Metric",
+    "NeighbourGraph",
     "ParquetEmbeddings",
     "as_chunks",
     "build_index",
     "checked_embeddings",
+    "exact_is_cheap",
     "search",
+    "search_few",
 ]
 
 IndexKind = Literal["auto", "flat", "ivf"]
@@ -56,6 +60,10 @@ Metric = Literal["cosine", "l2"]
 # so about 4 / sqrt(N) of that work) starts to pay; below it exact search is fast and free of
 # approximation.
 IVF_THRESHOLD = 200_000
+# An exact search of a few queries (the rows a reused neighbour graph could not answer) costs
+# queries x base rows x dimensions multiply-adds; up to 10^11, about two seconds on two cores, it
+# is cheaper than training an IVF index of a large base (k-means over 64 rows per list).
+EXACT_SEARCH_BUDGET = 10**11
 # Lists per sqrt(N) rows. Measured on 1M audit embeddings (256-d, nprobe 16): 1,000 lists found
 # 99.5 % of the exact 10 nearest at an estimated 630 s per 1M queries on two cores, 4,000 lists
 # 99.3 % at 180 s (99.0 % and 105 s with float16 storage); the neighbours' label agreement moved
@@ -195,6 +203,125 @@ class ParquetEmbeddings:
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         yield from self._blocks(check=True)
+
+
+@dataclass(frozen=True)
+class NeighbourGraph:
+    """Each row's nearest other rows, nearest first: a `search` result kept so that a later
+    question about the same rows (the nearest *trusted* row, once the flags say which rows are
+    trusted) is answered without a second search.
+
+    Attributes
+    ----------
+    positions : np.ndarray of int64, shape (N, k)
+        Row numbers of the neighbours; -1 where none was found.
+    similarities : np.ndarray of float32, shape (N, k)
+        As `search` returns them: cosine similarities, or minus the squared distances with
+        ``metric="l2"``; -inf where none was found.
+    metric : {"cosine", "l2"}
+    """
+
+    positions: np.ndarray
+    similarities: np.ndarray
+    metric: Metric
+
+    def kth_among(self, members: np.ndarray, k: int) -> np.ndarray:
+        """Similarity of each row's k-th nearest neighbour among `members`, NaN where the
+        graph lists fewer than k of them (ask `search` for those rows).
+
+        Parameters
+        ----------
+        members : np.ndarray of bool, shape (N,)
+            The rows that count, e.g. the trusted ones.
+        k : int
+            Which of them, from 1.
+
+        Returns
+        -------
+        np.ndarray of float64, shape (N,)
+        """
+        pos = self.positions
+        listed = pos >= 0
+        counts = listed & np.asarray(members, dtype=bool)[np.where(listed, pos, 0)]
+        hit = counts & (np.cumsum(counts, axis=1) == k)
+        found = hit.any(axis=1)
+        out = np.full(pos.shape[0], np.nan)
+        rows = np.flatnonzero(found)
+        out[rows] = self.similarities[rows, hit[rows].argmax(axis=1)]
+        return out
+
+
+def exact_is_cheap(n_queries: int, n_base: int, dim: int) -> bool:
+    """Whether an exact search of `n_queries` rows against `n_base` rows stays within
+    `EXACT_SEARCH_BUDGET` (then `search_few` beats training an index)."""
+    return n_queries * n_base * dim <= EXACT_SEARCH_BUDGET
+
+
+# Query rows per block of `search_few`: a block's similarities to one chunk of base rows
+# (256 x 65,536 float32) stay at 64 MB.
+_FEW_QUERY_BLOCK = 256
+
+
+def search_few(
+    source: EmbeddingChunks,
+    base_rows: np.ndarray,
+    query_rows: np.ndarray,
+    k: int,
+    *,
+    metric: Metric = "cosine",
+) -> np.ndarray:
+    """Exact similarities of a few query rows to their k nearest base rows, themselves
+    excluded, nearest first; the base is streamed chunk by chunk and no index is built.
+
+    For the rows a reused `NeighbourGraph` could not answer: a faiss index of the whole base
+    would hold a copy of it (or train k-means) for a handful of queries.
+
+    Parameters
+    ----------
+    source : EmbeddingChunks
+        The rows (queries and base alike).
+    base_rows, query_rows : np.ndarray of int
+        Sorted row numbers of the base and of the queries.
+    k : int
+        Neighbours per query.
+    metric : {"cosine", "l2"}
+        As `search`: cosine similarities, or minus the squared Euclidean distances.
+
+    Returns
+    -------
+    np.ndarray of float32, shape (len(query_rows), k)
+        -inf where fewer than k base rows exist.
+    """
+    queries_at = np.asarray(query_rows, dtype=np.int64)
+    in_base = np.zeros(source.n_rows, dtype=bool)
+    in_base[np.asarray(base_rows, dtype=np.int64)] = True
+    queries = np.empty((queries_at.size, source.dim), dtype=np.float32)
+    for start, block in source.chunks():
+        lo, hi = np.searchsorted(queries_at, [start, start + len(block)])
+        queries[lo:hi] = _prepared(block[queries_at[lo:hi] - start], metric)
+    best = np.full((queries_at.size, k), -np.inf, dtype=np.float32)
+    for start, block in source.chunks():
+        rows = np.arange(start, start + len(block))[in_base[start : start + len(block)]]
+        if rows.size == 0:
+            continue
+        base = _prepared(block[rows - start], metric)
+        base_sq = (base * base).sum(axis=1)
+        for lo in range(0, queries_at.size, _FEW_QUERY_BLOCK):
+            q = queries[lo : lo + _FEW_QUERY_BLOCK]
+            sims = q @ base.T
+            if metric == "l2":
+                sims = 2.0 * sims - (q * q).sum(axis=1)[:, None] - base_sq[None, :]
+            # A query that is itself a base row in this chunk does not count as its neighbour.
+            own = queries_at[lo : lo + len(q)]
+            at = np.searchsorted(rows, own)
+            mine = (at < rows.size) & (rows[np.minimum(at, rows.size - 1)] == own)
+            sims[np.flatnonzero(mine), at[mine]] = -np.inf
+            both = np.concatenate([best[lo : lo + len(q)], sims], axis=1)
+            top = np.argpartition(-both, k - 1, axis=1)[:, :k] if both.shape[1] > k else None
+            if top is not None:
+                both = np.take_along_axis(both, top, axis=1)
+            best[lo : lo + len(q)] = -np.sort(-both, axis=1)
+    return best
 
 
 def as_chunks(

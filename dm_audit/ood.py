@@ -15,6 +15,13 @@ rank among in-distribution reference examples and averages the ranks:
 * ``"neighbours"`` (with `knn_votes`): normalised entropy of the neighbours' given labels.
   OOD inputs cluster with other OOD inputs, whose labels are arbitrary.
 
+These make up the model's view. With `input_distances` (`input_space_distances`: the distance
+to the k-th nearest trusted row in the input space, where the duplicates are searched too) the
+input's view is ranked the same way and weighs `INPUT_VIEW_WEIGHT` of the score. The network
+was trained on the OOD rows too (under labels picked at random) and may place them among a
+known class; the input space was never fitted to anything, so the two views err on different
+rows.
+
 How many to flag: `conformal_ood_flags` (a conformal test at a false discovery rate, the audit's
 rule), or `auto_ood_threshold` / `flag_ood` (a quantile of the reference's scores).
 
@@ -34,14 +41,17 @@ import numpy as np
 from dm_audit import neighbours
 from dm_audit.array_checks import validate_labels, validate_mask, validate_probs
 from dm_audit.errors import ConfigError, DataError
-from dm_audit.neighbours import IVF_THRESHOLD, EmbeddingChunks, IndexKind
+from dm_audit.neighbours import IVF_THRESHOLD, EmbeddingChunks, IndexKind, NeighbourGraph
 from dm_audit.score_components import combine_components, validate_unit_vector, validate_vector
 
 __all__ = [
     "DEFAULT_OOD_WEIGHTS",
+    "INPUT_NEIGHBOUR",
+    "INPUT_VIEW_WEIGHT",
     "auto_ood_threshold",
     "conformal_ood_flags",
     "flag_ood",
+    "input_space_distances",
     "ood_scores",
     "select_trusted",
 ]
@@ -57,6 +67,17 @@ DEFAULT_OOD_WEIGHTS: dict[str, float] = {
     "neighbours": 0.0,
     "instability": 1.0,
 }
+
+# Share of the OOD score that comes from the input space (the rest is the model's view above).
+# Half: neither view is trusted over the other. Chosen on the development datasets with a held-out
+# class as 8 % open-set rows, alone and with 20 % symmetric noise (benchmarks/open_set.py; 5
+# datasets x 2 settings, mean AUROC): model's view alone 0.793, input weight 1/4 0.844, 1/2
+# 0.870. The model's view alone is better only on digits (0.990 against 0.968 without noise).
+INPUT_VIEW_WEIGHT = 0.5
+# The input-space distance is to the 5th nearest trusted row: raw inputs carry features that are
+# noise to the task, and one chance close row should not make an input look familiar (same
+# development runs: k = 1 0.834, 5 0.870, 10 0.857).
+INPUT_NEIGHBOUR = 5
 
 
 def select_trusted(
@@ -101,6 +122,8 @@ def ood_scores(
     p_std: np.ndarray | None = None,
     weights: Mapping[str, float] | None = None,
     reference_mask: np.ndarray | None = None,
+    input_distances: np.ndarray | None = None,
+    neighbour_graph: NeighbourGraph | None = None,
     per_class: bool = False,
     index: IndexKind = "auto",
     ivf_threshold: int = IVF_THRESHOLD,
@@ -113,7 +136,8 @@ def ood_scores(
 
     Each component (see the module docstring) becomes its rank among the reference examples
     (`reference_mask`, by default `trusted_mask`), so 0.99 means "more atypical than 99 % of the
-    examples whose label we trust"; the ranks are averaged with `weights`.
+    examples whose label we trust"; the ranks are averaged with `weights`. With
+    `input_distances`, their rank weighs `INPUT_VIEW_WEIGHT` and that average the rest.
 
     Parameters
     ----------
@@ -142,6 +166,13 @@ def ood_scores(
         all unflagged examples (``~is_label_issue``) makes the reference cover hard but correct
         in-distribution examples too, which keeps `auto_ood_threshold`'s false-positive rate
         near its target when the model is unsure of many clean examples.
+    input_distances : np.ndarray, shape (N,), optional
+        Each row's distance to its k-th nearest trusted row in the input space
+        (`input_space_distances`); without them the score is the model's view alone.
+    neighbour_graph : NeighbourGraph, optional
+        The rows' nearest neighbours among themselves in the same embedding space (the kNN
+        label agreement's search, `KnnLabelAgreement.graph`): the nearest trusted row is read
+        from it, and only rows with fewer than k trusted rows listed are searched again.
     per_class : bool
         Search only trusted examples of the predicted class.
     index, ivf_threshold, nprobe, batch_size, seed, progress
@@ -160,7 +191,7 @@ def ood_scores(
     _check_ood_options(trusted, k, weights, batch_size)
     search = _Search(k, index, ivf_threshold, nprobe, batch_size, seed, progress)
     components = {
-        "distance": _trusted_distance(source, p, y, trusted, per_class, search),
+        "distance": _trusted_distance(source, p, y, trusted, per_class, search, neighbour_graph),
         "uncertainty": _uncertainty(p, logits),
         **_dynamics_and_neighbours(p, knn_votes, p_std),
     }
@@ -168,7 +199,85 @@ def ood_scores(
     if not ref.any():
         raise DataError("reference_mask selects no example")
     ranked = {name: _ecdf(v, v[ref]) for name, v in components.items()}
-    return combine_components(ranked, DEFAULT_OOD_WEIGHTS if weights is None else weights)
+    model_view = combine_components(ranked, DEFAULT_OOD_WEIGHTS if weights is None else weights)
+    if input_distances is None:
+        return model_view
+    d = validate_vector(input_distances, "input_distances", n)
+    input_view = _ecdf(d, d[ref])
+    return (1.0 - INPUT_VIEW_WEIGHT) * model_view + INPUT_VIEW_WEIGHT * input_view
+
+
+def input_space_distances(
+    space: np.ndarray,
+    trusted_mask: np.ndarray,
+    *,
+    k: int = INPUT_NEIGHBOUR,
+    graph: NeighbourGraph | None = None,
+    nprobe: int = 4,
+    seed: int = 0,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Euclidean distance of every row to its k-th nearest trusted row (itself excluded).
+
+    Parameters
+    ----------
+    space : np.ndarray, shape (N, D)
+        The rows in a space where distances mean something without a model: standardised
+        features, or images averaged down (`duplicates.duplicate_space`).
+    trusted_mask : np.ndarray, shape (N,), bool
+        Rows whose labels the audit trusts (`select_trusted`); more than k of them.
+    k : int
+        Which nearest trusted row.
+    graph : NeighbourGraph, optional
+        The rows' nearest rows in `space` (``metric="l2"``, e.g. the duplicate search's): rows
+        with k trusted rows listed are answered from it, only the others are searched.
+    nprobe, seed, progress
+        Options of the approximate index used above `neighbours.IVF_THRESHOLD` trusted rows
+        (the same few probes as the duplicate search: ranks, not exact distances, matter) and
+        the search's progress bar.
+
+    Returns
+    -------
+    np.ndarray, shape (N,), float64
+        A row left without k trusted candidates by the approximate index gets the largest
+        distance found, counting as far from everything.
+    """
+    x = np.asarray(space)
+    if x.ndim != 2:
+        raise DataError(f"space must be a 2-d array, got shape {x.shape}")
+    n = x.shape[0]
+    trusted = validate_mask(trusted_mask, "trusted_mask", n)
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    if trusted.sum() <= k:
+        raise DataError(f"input_space_distances needs more than k={k} trusted rows")
+    if graph is not None and (graph.positions.shape[0] != n or graph.metric != "l2"):
+        raise DataError(f"graph must be an l2 graph of the {n} rows")
+    squared = np.full(n, np.nan) if graph is None else -graph.kth_among(trusted, k)
+    unlisted = np.flatnonzero(np.isnan(squared))
+    base = np.flatnonzero(trusted)
+    source = neighbours.as_chunks(x)
+    if graph is not None and neighbours.exact_is_cheap(unlisted.size, base.size, source.dim):
+        # The few rows the graph left: searched exactly, without an index of the base.
+        neg_sq = neighbours.search_few(source, base, unlisted, k, metric="l2")
+        squared[unlisted] = -neg_sq[:, k - 1].astype(np.float64)
+    elif unlisted.size:
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[base] = np.arange(base.size)
+        idx = neighbours.build_index(source, base, metric="l2", nprobe=nprobe, seed=seed)
+        neg_sq, _ = neighbours.search(
+            idx,
+            source,
+            k,
+            query_rows=None if unlisted.size == n else unlisted,
+            self_positions=pos[unlisted],
+            progress=progress,
+            metric="l2",
+        )
+        squared[unlisted] = -neg_sq[:, k - 1].astype(np.float64)
+    found = np.isfinite(squared)
+    squared = np.where(found, squared, np.max(squared[found]) if found.any() else 0.0)
+    return np.sqrt(np.clip(squared, 0.0, None))
 
 
 @dataclass(frozen=True)
@@ -210,11 +319,22 @@ def _trusted_distance(
     trusted: np.ndarray,
     per_class: bool,
     search: _Search,
+    graph: NeighbourGraph | None = None,
 ) -> np.ndarray:
     """The "distance" component: to the k-th nearest trusted row (of the predicted class)."""
     n, c = p.shape
     if not per_class:
-        return _kth_distance(source, np.flatnonzero(trusted), np.arange(n), search)
+        if graph is None:
+            return _kth_distance(source, np.flatnonzero(trusted), np.arange(n), search)
+        if graph.positions.shape[0] != n or graph.metric != "cosine":
+            raise DataError(f"neighbour_graph must be a cosine graph of the {n} rows")
+        distance = 1.0 - graph.kth_among(trusted, search.k)
+        unlisted = np.flatnonzero(np.isnan(distance))
+        if unlisted.size:
+            distance[unlisted] = _kth_distance(
+                source, np.flatnonzero(trusted), unlisted, search, few=True
+            )
+        return distance
     pred = p.argmax(axis=1)
     # A predicted class with k or fewer trusted examples offers no reference: its examples keep
     # the largest cosine distance (2), i.e. count as far from every known class.
@@ -228,34 +348,47 @@ def _trusted_distance(
 
 
 def _kth_distance(
-    source: EmbeddingChunks, base_rows: np.ndarray, query_rows: np.ndarray, search: _Search
+    source: EmbeddingChunks,
+    base_rows: np.ndarray,
+    query_rows: np.ndarray,
+    search: _Search,
+    few: bool = False,
 ) -> np.ndarray:
     """Cosine distance of each query row to its k-th nearest base row, itself excluded.
 
-    A missing neighbour (IVF with too few candidates) counts as the farthest, distance 2.
+    A missing neighbour (IVF with too few candidates) counts as the farthest, distance 2. With
+    `few` (the rows a reused neighbour graph left), queries within the exact-search budget are
+    searched without an index.
     """
-    n = source.n_rows
-    # Base row numbers of the queries that are themselves in the base (to exclude them).
-    pos = np.full(n, -1, dtype=np.int64)
-    pos[base_rows] = np.arange(base_rows.size)
-    idx = neighbours.build_index(
-        source,
-        base_rows,
-        kind=search.kind,
-        ivf_threshold=search.ivf_threshold,
-        nprobe=search.nprobe,
-        seed=search.seed,
-    )
-    every = query_rows.size == n
-    sims, _ = neighbours.search(
-        idx,
-        source,
-        search.k,
-        query_rows=None if every else query_rows,
-        self_positions=pos[query_rows],
-        batch_size=search.batch_size,
-        progress=search.progress,
-    )
+    if (
+        few
+        and search.kind == "auto"
+        and neighbours.exact_is_cheap(query_rows.size, base_rows.size, source.dim)
+    ):
+        sims = neighbours.search_few(source, base_rows, query_rows, search.k)
+    else:
+        n = source.n_rows
+        # Base row numbers of the queries that are themselves in the base (to exclude them).
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[base_rows] = np.arange(base_rows.size)
+        idx = neighbours.build_index(
+            source,
+            base_rows,
+            kind=search.kind,
+            ivf_threshold=search.ivf_threshold,
+            nprobe=search.nprobe,
+            seed=search.seed,
+        )
+        every = query_rows.size == n
+        sims, _ = neighbours.search(
+            idx,
+            source,
+            search.k,
+            query_rows=None if every else query_rows,
+            self_positions=pos[query_rows],
+            batch_size=search.batch_size,
+            progress=search.progress,
+        )
     kth = sims[:, search.k - 1].astype(np.float64)
     return 1.0 - np.where(np.isfinite(kth), kth, -1.0)
 

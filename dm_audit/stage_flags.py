@@ -6,6 +6,8 @@ and `dm_audit.duplicates` (copies in the input space) into the ``Flags`` of an a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -13,6 +15,7 @@ from dm_audit import duplicates, estimate, flags
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import CROSSFIT_FOLDS
 from dm_audit.dataset import AuditDataset
+from dm_audit.neighbours import NeighbourGraph
 from dm_audit.stage_results import ExampleScores, Flags
 
 # The OOD distance is to the nearest trusted example: the sharpest on digits (AUROC 0.91 at k=1,
@@ -25,6 +28,11 @@ OOD_FDR = 0.05
 # A flagged example whose OOD score exceeds that of 75 % of the unflagged examples is sent to
 # review instead of being corrected automatically.
 OOD_REVIEW_FPR = 0.25
+# Neighbours searched per row in the input space, once for the duplicates (the first
+# `duplicates.NEIGHBOURS`) and the OOD score's input view (the `flags.INPUT_NEIGHBOUR`-th nearest
+# trusted row). Twice the input view's k, so that almost every row has that many trusted rows
+# listed (in-distribution rows are mostly trusted) and only the others are searched again.
+INPUT_GRAPH_NEIGHBOURS = max(duplicates.NEIGHBOURS, 2 * flags.INPUT_NEIGHBOUR)
 # Columns `flag_examples` adds from `dm_audit.duplicates`.
 DUPLICATE_COLUMNS = (
     "near_duplicate_score",
@@ -49,20 +57,28 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
       (`estimate.estimate_noise`); each class's most suspicious rows up to that count are
       flagged (`flags.flag_by_class_counts`), if their score leans towards another label
       (`flags.NEUTRAL_ISSUE_SCORE`). A fixed threshold or top k overrides both.
-    * **OOD**: `flags.ood_scores` per fold against the fold's trusted rows, and a conformal
+    * **OOD**: `flags.ood_scores` per fold against the fold's trusted rows (the model's view),
+      with the distance to the trusted rows in the input space (the input's view), and a conformal
       test (`flags.conformal_ood_flags`): an example is flagged when its score is too high for
       the unflagged rows at a false discovery rate of `OOD_FDR`, so in-distribution data gets
       (almost) no OOD flags.
     """
     table = scores.table
     labels = table["given"].to_numpy()
-    agreement, votes = _neighbour_agreement(scores, labels, config)
+    agreement, votes, graphs = _neighbour_agreement(scores, labels, config)
     issue_score, weights = _label_issue_score(scores, labels, agreement)
-    dups = duplicates.find_duplicates(
-        dataset.inputs(),
+    inputs = dataset.inputs()
+    # One input space (standardised features, images averaged down) for the duplicates and the
+    # OOD score's input view.
+    space = duplicates.duplicate_space(inputs)
+    input_graph = duplicates.input_graph(
+        space,
+        INPUT_GRAPH_NEIGHBOURS,
         seed=config.seed,
-        progress="flags: duplicates" if config.progress else None,
+        progress="flags: input neighbours" if config.progress else None,
     )
+    dups = duplicates.find_duplicates(inputs, seed=config.seed, graph=input_graph)
+    del inputs
     conflict = duplicates.conflict_evidence(dups, labels, scores.ensemble_probs())
     has_conflict = ~np.isnan(conflict)
     # A copy of an input labelled otherwise is direct evidence that one of the two labels is
@@ -76,7 +92,10 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     # and wide); F1 at 20-40 % noise up on five of seven settings, within 0.011 on the others.
     noise = estimate.estimate_noise(scores.ensemble_probs(), labels, min_class_rows=CROSSFIT_FOLDS)
     is_issue, threshold = _flag_label_issues(issue_score, labels, noise, conflict, config)
-    ood = _ood_scores(scores, labels, votes, is_issue, config)
+    ood = _ood_scores(
+        scores, labels, votes, is_issue, _Searched(space, input_graph, graphs), config
+    )
+    del space, input_graph
     is_ood, ood_threshold, review_threshold = _ood_flags(ood, is_issue, config)
     ids = table["example_id"].to_numpy(dtype=object)
     out = pd.DataFrame(
@@ -106,18 +125,32 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     )
 
 
+@dataclass(frozen=True)
+class _Searched:
+    """What the flag stage's searches found, for the OOD score to reuse: the input space, its
+    neighbour graph, and each fold's graph in its model's embedding space (None for a fold too
+    small to search)."""
+
+    space: np.ndarray
+    input_graph: NeighbourGraph
+    fold_graphs: list[NeighbourGraph | None]
+
+
 def _neighbour_agreement(
     scores: ExampleScores, labels: np.ndarray, config: AuditConfig
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, list[NeighbourGraph | None]]:
     """Each row's kNN label agreement (N,) and votes (N, C) among its fold, in the fold model's
-    embedding space; a fold too small for neighbours agrees with itself."""
+    embedding space, and each fold's neighbour graph; a fold too small for neighbours agrees
+    with itself."""
     n, c = scores.probs.shape
     agreement = np.zeros(n)
     votes = np.zeros((n, c))
+    graphs: list[NeighbourGraph | None] = []
     fold_rows = scores.fold_rows()
     for k, rows in enumerate(fold_rows):
         if rows.size < 2:
             agreement[rows], votes[rows, labels[rows]] = 1.0, 1.0
+            graphs.append(None)
             continue
         knn = flags.knn_label_agreement(
             scores.embeddings[k],
@@ -128,7 +161,8 @@ def _neighbour_agreement(
             progress=f"flags: neighbours {k + 1}/{len(fold_rows)}" if config.progress else None,
         )
         agreement[rows], votes[rows] = knn.agreement, knn.votes
-    return agreement, votes
+        graphs.append(knn.graph)
+    return agreement, votes, graphs
 
 
 def _label_issue_score(
@@ -197,14 +231,25 @@ def _ood_scores(
     labels: np.ndarray,
     votes: np.ndarray,
     is_issue: np.ndarray,
+    searched: _Searched,
     config: AuditConfig,
 ) -> np.ndarray:
     """The OOD score of every row, per fold against the fold's trusted rows (0 in a fold with
-    nothing to compare with)."""
+    nothing to compare with); the input view's distances are to the trusted rows of every
+    fold, as the input space is shared."""
     table = scores.table
     p_given = table["p_given"].to_numpy()
     trusted = flags.select_trusted(p_given, is_issue)
     std_p = table["std_p"].to_numpy() if "std_p" in table else None
+    input_distances = None
+    if trusted.sum() > flags.INPUT_NEIGHBOUR:
+        input_distances = flags.input_space_distances(
+            searched.space,
+            trusted,
+            graph=searched.input_graph,
+            seed=config.seed,
+            progress="flags: OOD input distance" if config.progress else None,
+        )
     ood = np.zeros(len(labels))
     fold_rows = scores.fold_rows()
     for k, rows in enumerate(fold_rows):
@@ -220,6 +265,8 @@ def _ood_scores(
             knn_votes=votes[rows],
             p_std=None if std_p is None else np.nan_to_num(std_p[rows], nan=0.0),
             reference_mask=~is_issue[rows],
+            input_distances=None if input_distances is None else input_distances[rows],
+            neighbour_graph=searched.fold_graphs[k],
             seed=config.seed,
             progress=f"flags: OOD distance {k + 1}/{len(fold_rows)}" if config.progress else None,
         )

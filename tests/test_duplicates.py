@@ -10,6 +10,7 @@ from sklearn.datasets import load_digits, make_classification
 from dm_audit import duplicates
 from dm_audit.audit import AuditConfig, run_audit
 from dm_audit.dataset import AuditDataset
+from dm_audit.errors import DataError
 
 
 def _with_copies(
@@ -161,3 +162,17 @@ def test_the_duplicate_space_standardises_chunk_by_chunk_as_in_one_pass() -> Non
     assert space.dtype == np.float32 and space.shape == x.shape
     np.testing.assert_allclose(space, expected, atol=1e-4)
     assert np.all(space[:, 3] == 0.0)
+
+
+def test_find_duplicates_reads_a_reused_input_graph_as_its_own_search() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    xx = np.vstack([x, x[:20] + 0.001 * rng.normal(size=(20, 8)).astype(np.float32)])
+    space = duplicates.duplicate_space(xx)
+    fresh = duplicates.find_duplicates(xx)
+    reused = duplicates.find_duplicates(xx, graph=duplicates.input_graph(space, 10))
+    for name in ("score", "is_near_duplicate", "set_id", "is_exact", "nearest"):
+        np.testing.assert_array_equal(getattr(reused, name), getattr(fresh, name))
+    assert reused.radius == pytest.approx(fresh.radius)
+    with pytest.raises(DataError, match="graph"):
+        duplicates.find_duplicates(xx, graph=duplicates.input_graph(space, 2))

@@ -12,14 +12,18 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from synthetic_clusters import Synthetic, make_clusters
 
+from dm_audit.duplicates import input_graph
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.estimate import estimate_noise
 from dm_audit.flags import flag_label_issues, label_issue_scores
 from dm_audit.neighbour_labels import knn_label_agreement
+from dm_audit.neighbours import NeighbourGraph
 from dm_audit.ood import (
+    INPUT_VIEW_WEIGHT,
     auto_ood_threshold,
     conformal_ood_flags,
     flag_ood,
+    input_space_distances,
     ood_scores,
     select_trusted,
 )
@@ -131,6 +135,136 @@ def test_ood_validates_inputs() -> None:
         flag_ood(np.zeros(50))
     with pytest.raises(ConfigError, match="fpr"):
         auto_ood_threshold(np.zeros(50), reference_mask=ok, fpr=0.0)
+
+
+# ----------------------------------------------------------------------------- input view
+
+
+def test_input_space_distances_are_to_the_kth_nearest_other_trusted_row() -> None:
+    # Points on a line; rows 0-3 trusted, 4 not. Row 0's trusted neighbours (itself excluded)
+    # are at 1, 3 and 6; row 4 (untrusted, at 10) sees all four trusted rows.
+    space = np.array([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    trusted = np.array([True, True, True, True, False])
+    np.testing.assert_allclose(input_space_distances(space, trusted, k=1), [1, 1, 2, 3, 4])
+    np.testing.assert_allclose(input_space_distances(space, trusted, k=2), [3, 2, 3, 5, 7])
+    with pytest.raises(DataError, match="more than k=4 trusted"):
+        input_space_distances(space, trusted, k=4)
+    with pytest.raises(DataError, match="2-d"):
+        input_space_distances(space.ravel(), trusted, k=1)
+    with pytest.raises(ConfigError, match="k must be"):
+        input_space_distances(space, trusted, k=0)
+
+
+def test_the_input_view_weighs_its_share_of_the_score() -> None:
+    data = make_clusters(n=300, rate=0.0, separation=3.0)
+    trusted = np.ones(300, dtype=bool)
+    model_view = ood_scores(data.probs, data.embeddings, data.given, trusted_mask=trusted)
+    distances = np.arange(300, dtype=float)  # row i more atypical than i others
+    both = ood_scores(
+        data.probs,
+        data.embeddings,
+        data.given,
+        trusted_mask=trusted,
+        input_distances=distances,
+    )
+    input_rank = (np.arange(300) + 1) / 300
+    np.testing.assert_allclose(
+        both, (1 - INPUT_VIEW_WEIGHT) * model_view + INPUT_VIEW_WEIGHT * input_rank
+    )
+    with pytest.raises(DataError, match="input_distances"):
+        ood_scores(
+            data.probs,
+            data.embeddings,
+            data.given,
+            trusted_mask=trusted,
+            input_distances=distances[:10],
+        )
+
+
+def test_the_input_view_finds_inputs_the_model_placed_in_a_known_class() -> None:
+    # The model has absorbed the OOD rows: they sit inside class 0's embedding cluster and are
+    # predicted as confidently as its own rows. In the input space they are a cluster of their
+    # own, far from every trusted row.
+    rng = np.random.default_rng(0)
+    data = make_clusters(n=600, rate=0.0, separation=3.0)
+    n_ood = 48
+    of_class_0 = np.flatnonzero(data.given == 0)[:n_ood]
+    probs = np.vstack([data.probs, data.probs[of_class_0]])
+    embeddings = np.vstack([data.embeddings, data.embeddings[of_class_0]])
+    given = np.concatenate([data.given, np.zeros(n_ood, dtype=data.given.dtype)])
+    inputs = np.vstack([rng.normal(size=(600, 8)), rng.normal(loc=6.0, size=(n_ood, 8))])
+    is_ood = np.r_[np.zeros(600, bool), np.ones(n_ood, bool)]
+    trusted = select_trusted(probs[np.arange(given.size), given], np.zeros(given.size, bool))
+    model_view = ood_scores(probs, embeddings, given, trusted_mask=trusted)
+    both = ood_scores(
+        probs,
+        embeddings,
+        given,
+        trusted_mask=trusted,
+        input_distances=input_space_distances(inputs, trusted),
+    )
+    # Measured: 0.40 for the model's view alone (worse than chance: the copies are as typical as
+    # their twins), 0.76 with the input view at half weight.
+    assert roc_auc_score(is_ood, model_view) < 0.5
+    assert roc_auc_score(is_ood, both) >= 0.7
+
+
+# ------------------------------------------------------------------- reused neighbour graphs
+
+
+def test_the_kth_neighbour_among_members_is_read_from_the_graph() -> None:
+    graph = NeighbourGraph(
+        positions=np.array([[1, 2, 3], [0, 3, -1], [3, 0, 1]]),
+        similarities=np.array([[0.9, 0.8, 0.7], [0.9, 0.6, -np.inf], [0.5, 0.4, 0.3]]),
+        metric="cosine",
+    )
+    members = np.array([True, False, True, True])
+    np.testing.assert_array_equal(graph.kth_among(members, 1), [0.8, 0.9, 0.5])
+    np.testing.assert_array_equal(graph.kth_among(members, 2), [0.7, 0.6, 0.4])
+    assert np.isnan(graph.kth_among(members, 3)).all()  # nobody lists three members
+
+
+def test_ood_scores_from_a_reused_graph_equal_a_fresh_search() -> None:
+    # A graph of 3 neighbours leaves the rows whose 3 nearest rows are all untrusted to a second
+    # search: both paths must give the scores of one search against the trusted rows.
+    data = make_clusters(n=400, rate=0.2, n_ood=40, separation=2.0)
+    knn = knn_label_agreement(data.embeddings, data.given, k=3)
+    scores = label_issue_scores(data.p_given, data.probs, data.given, knn_agreement=knn.agreement)
+    is_issue = flag_label_issues(scores, noise_rate=0.2)
+    trusted = select_trusted(data.p_given, is_issue)
+    assert np.isnan(knn.graph.kth_among(trusted, 1)).any()
+    options = {"trusted_mask": trusted, "k": 1, "reference_mask": ~is_issue}
+    fresh = ood_scores(data.probs, data.embeddings, data.given, **options)
+    reused = ood_scores(
+        data.probs, data.embeddings, data.given, neighbour_graph=knn.graph, **options
+    )
+    # The second search is exact without faiss: a distance may differ in its last float bit, and
+    # two rows that tie may swap ranks (one rank step is 1 / reference rows, weighed 1/3).
+    assert np.abs(reused - fresh).max() <= 1.0 / (~is_issue).sum()
+    assert np.mean(reused != fresh) <= 0.01
+    with pytest.raises(DataError, match="neighbour_graph"):
+        ood_scores(
+            data.probs,
+            data.embeddings,
+            data.given,
+            neighbour_graph=input_graph(data.embeddings, 3),
+            **options,
+        )
+
+
+def test_input_space_distances_from_a_reused_graph_equal_a_fresh_search() -> None:
+    rng = np.random.default_rng(3)
+    space = np.vstack([rng.normal(size=(300, 6)), rng.normal(loc=5.0, size=(30, 6))])
+    trusted = np.r_[rng.uniform(size=300) < 0.9, np.zeros(30, bool)]
+    graph = input_graph(space, 10)
+    assert np.isnan(graph.kth_among(trusted, 5)).any()  # the far cluster lists no trusted row
+    np.testing.assert_allclose(
+        input_space_distances(space, trusted, graph=graph),
+        input_space_distances(space, trusted),
+        rtol=1e-5,
+    )
+    with pytest.raises(DataError, match="graph"):
+        input_space_distances(space[:100], trusted[:100], graph=graph)
 
 
 def test_select_trusted() -> None:

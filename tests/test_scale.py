@@ -215,3 +215,25 @@ def test_search_shows_a_progress_bar_only_when_asked(capsys, monkeypatch):
     assert "flags: neighbours" in err and "500/500" in err and "query/s" in err
     for a, b in zip(quiet, shown, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_search_few_equals_an_exact_index_and_excludes_the_query_itself(metric):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(700, 12)).astype(np.float32)
+    source = ArrayEmbeddings(x, chunk_rows=128)  # the base is streamed across chunks
+    base = np.sort(rng.choice(700, size=500, replace=False))
+    queries = np.sort(rng.choice(700, size=300, replace=False))  # some are base rows
+    few = neighbours.search_few(source, base, queries, 4, metric=metric)
+    pos = np.full(700, -1)
+    pos[base] = np.arange(base.size)
+    index = build_index(source, base, kind="flat", metric=metric)
+    exact, _ = search(
+        index, source, 4, query_rows=queries, self_positions=pos[queries], metric=metric
+    )
+    np.testing.assert_allclose(few, exact, rtol=1e-4, atol=1e-4)
+    # Fewer base rows than k: the missing neighbours are -inf.
+    short = neighbours.search_few(source, base[:2], queries[:5], 4, metric=metric)
+    assert np.isneginf(short[:, 2:]).all()
+    assert neighbours.exact_is_cheap(10, 1_000, 64)
+    assert not neighbours.exact_is_cheap(100_000, 1_000_000, 128)
