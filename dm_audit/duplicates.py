@@ -283,7 +283,12 @@ def find_duplicates(
 
 
 def input_graph(
-    space: np.ndarray, k: int, *, seed: int = 0, progress: str | None = None
+    space: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    progress: str | None = None,
+    keep_index: bool = False,
 ) -> NeighbourGraph:
     """Each row's k nearest other rows in the input space (Euclidean).
 
@@ -299,6 +304,9 @@ def input_graph(
     seed, progress
         Seed of the approximate index used above `neighbours.IVF_THRESHOLD` rows (with
         `DUPLICATE_NPROBE` lists visited); label of the search's progress bar.
+    keep_index : bool
+        Keep the index in the graph (`NeighbourGraph.index`), to ask it for further
+        neighbours of some rows later instead of building another.
 
     Returns
     -------
@@ -310,7 +318,7 @@ def input_graph(
     neg_sq, nearest = neighbours.search(
         index, source, min(k, n - 1), self_positions=np.arange(n), progress=progress, metric="l2"
     )
-    return NeighbourGraph(nearest, neg_sq, "l2")
+    return NeighbourGraph(nearest, neg_sq, "l2", index if keep_index else None)
 
 
 def conflict_evidence(dups: Duplicates, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:

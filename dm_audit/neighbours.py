@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -219,11 +219,15 @@ class NeighbourGraph:
         As `search` returns them: cosine similarities, or minus the squared distances with
         ``metric="l2"``; -inf where none was found.
     metric : {"cosine", "l2"}
+    index : faiss.Index or None
+        The index of every row the graph was searched with, when the caller kept it to ask it
+        again for the rows the graph cannot answer (further neighbours); None otherwise.
     """
 
     positions: np.ndarray
     similarities: np.ndarray
     metric: Metric
+    index: object | None = field(default=None, repr=False, compare=False)
 
     def kth_among(self, members: np.ndarray, k: int) -> np.ndarray:
         """Similarity of each row's k-th nearest neighbour among `members`, NaN where the

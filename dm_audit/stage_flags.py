@@ -76,6 +76,9 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         INPUT_GRAPH_NEIGHBOURS,
         seed=config.seed,
         progress="flags: input neighbours" if config.progress else None,
+        # Kept until the OOD score has asked it for the rows the graph leaves: at scale a
+        # second index of the trusted rows would cost another k-means and its memory.
+        keep_index=True,
     )
     dups = duplicates.find_duplicates(inputs, seed=config.seed, graph=input_graph)
     del inputs

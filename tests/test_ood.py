@@ -267,6 +267,21 @@ def test_input_space_distances_from_a_reused_graph_equal_a_fresh_search() -> Non
         input_space_distances(space[:100], trusted[:100], graph=graph)
 
 
+def test_rows_a_graph_leaves_are_asked_of_its_kept_index(monkeypatch) -> None:
+    # Above the exact-search budget the rows the graph cannot answer get further neighbours
+    # from the graph's own index; those still short (the far cluster) are searched against the
+    # trusted rows. Every distance is the one a fresh search finds.
+    rng = np.random.default_rng(3)
+    space = np.vstack([rng.normal(size=(300, 6)), rng.normal(loc=5.0, size=(30, 6))])
+    trusted = np.r_[rng.uniform(size=300) < 0.9, np.zeros(30, bool)]
+    monkeypatch.setattr("dm_audit.neighbours.EXACT_SEARCH_BUDGET", 0)
+    kept = input_graph(space, 3, keep_index=True)  # 3 neighbours: many rows are left
+    assert kept.index is not None
+    fresh = input_space_distances(space, trusted)
+    further = input_space_distances(space, trusted, graph=kept)
+    np.testing.assert_allclose(further, fresh, rtol=1e-5)
+
+
 def test_select_trusted() -> None:
     p = np.array([0.9, 0.9, 0.3, 0.6])
     np.testing.assert_array_equal(select_trusted(p, np.array([0, 1, 0, 0])), [1, 0, 0, 1])
