@@ -179,12 +179,40 @@ def _small_images(images: np.ndarray) -> np.ndarray:
     return (blocks.mean(axis=(2, 4), dtype=np.float32) / 255.0).reshape(n, -1)
 
 
+# Rows whose bytes are compared at a time when the exact groups are checked.
+_CHECK_ROWS = 65_536
+
+
 def _exact_groups(inputs: np.ndarray) -> np.ndarray:
-    """Per row the first row with byte-identical input (itself when unique)."""
-    x = np.ascontiguousarray(inputs).reshape(len(inputs), -1)
-    rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
-    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
-    return first[inverse.ravel()].astype(np.int64)
+    """Per row the first row with byte-identical input (itself when unique).
+
+    Rows are hashed column by column (64-bit xor-multiply-shift over each value's bits), grouped by
+    hash, and each row's bytes are checked against its group's first row: memory stays at a few
+    arrays of N, where sorting the rows as byte strings would copy the whole table. A row whose
+    hash collides with a different row's counts as unique.
+    """
+    n = len(inputs)
+    x = np.ascontiguousarray(inputs).reshape(n, -1)
+    bits = x.view(np.dtype(f"u{x.dtype.itemsize}")) if x.dtype.itemsize in (1, 2, 4, 8) else None
+    if bits is None:  # an unusual item size: compare the rows as byte strings
+        rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+        _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+        return first[inverse.ravel()].astype(np.int64)
+    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in range(bits.shape[1]):
+            h ^= bits[:, column].astype(np.uint64)
+            h *= np.uint64(0x9E3779B97F4A7C15)
+            # A multiply only carries bits upwards: fold the high half down, or values that
+            # differ only in high bits (floats' exponents) would collide.
+            h ^= h >> np.uint64(31)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    root = first[inverse.ravel()].astype(np.int64)
+    for lo in range(0, n, _CHECK_ROWS):
+        part = slice(lo, min(n, lo + _CHECK_ROWS))
+        same = (bits[part] == bits[root[part]]).all(axis=1)
+        root[part] = np.where(same, root[part], np.arange(part.start, part.stop))
+    return root
 
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -176,3 +176,14 @@ def test_find_duplicates_reads_a_reused_input_graph_as_its_own_search() -> None:
     assert reused.radius == pytest.approx(fresh.radius)
     with pytest.raises(DataError, match="graph"):
         duplicates.find_duplicates(xx, graph=duplicates.input_graph(space, 2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8])
+def test_exact_groups_by_hash_equal_grouping_the_rows_as_bytes(dtype) -> None:
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 4, size=(3_000, 3)).astype(dtype)  # many byte-identical rows
+    x[::7, 0] = np.asarray(-0.0 if dtype != np.uint8 else 0, dtype=dtype)  # -0.0 differs from 0.0
+    rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    expected = first[inverse.ravel()]
+    np.testing.assert_array_equal(duplicates._exact_groups(x), expected)
