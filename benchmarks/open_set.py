@@ -70,8 +70,8 @@ def held_out_classes(classes: Sequence[str], labels: np.ndarray) -> list[str] | 
     """The class(es) to hold out: enough rows for `OPEN_FRACTION`, two or more classes left.
 
     The last class (in the dataset's order) that has enough rows on its own, never the largest
-    (so an imbalanced table keeps its majority); else the last two; None when that leaves fewer
-    than two classes or still too few rows.
+    (so an imbalanced table keeps its majority); else the last two other than the largest; None
+    when that leaves fewer than two classes or still too few rows.
     """
     counts = np.bincount(labels, minlength=len(classes))
     n = int(counts.sum())
@@ -81,10 +81,11 @@ def held_out_classes(classes: Sequence[str], labels: np.ndarray) -> list[str] | 
         return int(counts[held].sum()) >= int(OPEN_FRACTION / (1 - OPEN_FRACTION) * rest)
 
     largest = int(np.argmax(counts))
-    for k in range(len(classes) - 1, -1, -1):
-        if k != largest and enough([k]):
+    others = [k for k in range(len(classes)) if k != largest]
+    for k in reversed(others):
+        if enough([k]):
             return [classes[k]]
-    pair = [len(classes) - 2, len(classes) - 1]
+    pair = others[-2:]
     if len(classes) - 2 >= 2 and enough(pair):
         return [classes[k] for k in pair]
     return None
@@ -127,13 +128,17 @@ def measure(report: Any, probs: np.ndarray, is_open: np.ndarray) -> dict[str, An
     }
     if is_open.any():
         msp = 1.0 - probs.max(axis=1)
+        # What the audit did with each row is its correction source: an OOD-flagged row is
+        # sent to review instead of set aside when the correction gate is closed.
+        set_aside = source == "ood_set_aside"
         out |= {
             "ood_auroc": float(roc_auc_score(is_open, ex["ood_score"].to_numpy())),
             "max_softmax_auroc": float(roc_auc_score(is_open, msp)),
-            "open_set_aside": float(is_ood[is_open].mean()),
-            "open_to_review": float((~is_ood & (source == "needs_review"))[is_open].mean()),
+            "open_flagged_ood": float(is_ood[is_open].mean()),
+            "open_set_aside": float(set_aside[is_open].mean()),
+            "open_to_review": float((source == "needs_review")[is_open].mean()),
             "open_relabelled": float(
-                (~is_ood & (source == "auto_corrected") & (corrected != given))[is_open].mean()
+                ((source == "auto_corrected") & (corrected != given))[is_open].mean()
             ),
             "open_flagged_issue": float(ex["is_label_issue"].to_numpy(bool)[is_open].mean()),
         }

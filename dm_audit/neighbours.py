@@ -245,6 +245,8 @@ class NeighbourGraph:
         np.ndarray of float64, shape (N,)
         """
         pos = self.positions
+        if pos.shape[1] == 0:
+            return np.full(pos.shape[0], np.nan)
         listed = pos >= 0
         counts = listed & np.asarray(members, dtype=bool)[np.where(listed, pos, 0)]
         hit = counts & (np.cumsum(counts, axis=1) == k)

@@ -27,6 +27,10 @@ def test_the_held_out_class_is_the_last_with_enough_rows_never_the_largest(open_
     many = np.repeat(np.arange(20), 30)
     names = [f"c{k}" for k in range(20)]
     assert open_set.held_out_classes(names, many) == ["c18", "c19"]
+    # 19 classes of 40 rows and a last one of 200: no class alone suffices (needs 80), the pair
+    # skips the largest.
+    skewed = np.repeat(np.arange(20), [40] * 19 + [200])
+    assert open_set.held_out_classes(names, skewed) == ["c17", "c18"]
     # Three classes where no single one suffices and two would leave one class: none.
     assert open_set.held_out_classes(["a", "b", "c"], np.repeat(np.arange(3), [500, 5, 5])) is None
 

@@ -222,6 +222,8 @@ def test_the_kth_neighbour_among_members_is_read_from_the_graph() -> None:
     np.testing.assert_array_equal(graph.kth_among(members, 1), [0.8, 0.9, 0.5])
     np.testing.assert_array_equal(graph.kth_among(members, 2), [0.7, 0.6, 0.4])
     assert np.isnan(graph.kth_among(members, 3)).all()  # nobody lists three members
+    empty = NeighbourGraph(np.zeros((2, 0), np.int64), np.zeros((2, 0), np.float32), "l2")
+    assert np.isnan(empty.kth_among(np.ones(2, bool), 1)).all()
 
 
 def test_ood_scores_from_a_reused_graph_equal_a_fresh_search() -> None:
