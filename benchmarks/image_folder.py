@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    if not args.results.exists():
+        args.results.write_text(f"# {(__doc__ or '').splitlines()[0]}\n\n")
     with args.results.open("a") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
