@@ -232,7 +232,6 @@ def find_duplicates(
     k: int = NEIGHBOURS,
     seed: int = 0,
     progress: str | None = None,
-    space: np.ndarray | None = None,
     graph: NeighbourGraph | None = None,
 ) -> Duplicates:
     """Find exact and near-duplicate rows.
@@ -249,11 +248,9 @@ def find_duplicates(
         Seeds the approximate index used above `neighbours.IVF_THRESHOLD` rows.
     progress : str, optional
         Label of the search's progress bar.
-    space : np.ndarray, shape (N, D'), optional
-        `duplicate_space(inputs)` when the caller has it already (it is made once per audit
-        and also serves the OOD score's input view).
     graph : NeighbourGraph, optional
-        `input_graph(space, ...)` of at least `k` neighbours when the caller has it already;
+        `input_graph(duplicate_space(inputs), ...)` of at least `k` neighbours when the caller
+        has it already (the audit's flag stage also reads it for the OOD score's input view);
         its first `k` neighbours are read.
 
     Returns
@@ -272,11 +269,7 @@ def find_duplicates(
         )
     kk = min(k, n - 1)
     if graph is None:
-        if space is None:
-            space = duplicate_space(inputs)
-        elif len(space) != n:
-            raise DataError(f"space has {len(space)} rows for {n} inputs")
-        graph = input_graph(space, kk, seed=seed, progress=progress)
+        graph = input_graph(duplicate_space(inputs), kk, seed=seed, progress=progress)
     elif graph.positions.shape[0] != n or graph.positions.shape[1] < kk:
         raise DataError(f"graph must list {kk} neighbours of each of the {n} inputs")
     neg_sq, nearest = graph.similarities[:, :kk], graph.positions[:, :kk]
