@@ -61,6 +61,8 @@ def suggest_labels(
     knn_votes: np.ndarray | None = None,
     knn_weight: float = 0.3,
     proselflc_targets: np.ndarray | None = None,
+    given: np.ndarray | None = None,
+    flagged: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Suggest a label and a confidence for every example.
 
@@ -70,6 +72,12 @@ def suggest_labels(
     votes``: a mislabelled example's neighbours vote for its true class and raise the
     confidence, while an out-of-distribution input's neighbours carry arbitrary labels and
     lower it, so it is not relabelled confidently.
+
+    With `given` and `flagged`, a flagged row's own label is no candidate: the question asked of
+    a row flagged as a label issue is which other class it belongs to, and a suggestion equal to
+    the label it doubts answers nothing (a binary row's suggestion is then the other class). The
+    confidence stays that class's probability, so a flagged row whose evidence still leans to
+    its given label gets a low one and goes to review.
 
     Parameters
     ----------
@@ -84,6 +92,10 @@ def suggest_labels(
         Weight of the neighbour votes in [0, 1].
     proselflc_targets : np.ndarray, shape (N, C), optional
         ProSelfLC corrected targets q̃ (rows sum to 1); replaces the tempered prediction.
+    given : np.ndarray, shape (N,), optional
+        Given labels as integer codes; needs `flagged`.
+    flagged : np.ndarray, shape (N,), bool, optional
+        Rows flagged as label issues, whose given class is left out of the suggestion.
 
     Returns
     -------
@@ -109,7 +121,14 @@ def suggest_labels(
         if v.shape != (n, c):
             raise DataError(f"knn_votes must have shape ({n}, {c}), got {v.shape}")
         base = (1.0 - knn_weight) * base + knn_weight * v
-    suggested = base.argmax(axis=1).astype(np.int64)
+    candidates = base
+    if (given is None) != (flagged is None):
+        raise ConfigError("suggest_labels: give both `given` and `flagged`, or neither")
+    if given is not None and c > 1:
+        rows = np.flatnonzero(validate_mask(flagged, "flagged", n))
+        candidates = base.copy()
+        candidates[rows, validate_labels(given, n, c)[rows]] = -np.inf
+    suggested = candidates.argmax(axis=1).astype(np.int64)
     confidence = np.clip(base[np.arange(n), suggested], 0.0, 1.0)
     return suggested, confidence
 

@@ -50,6 +50,8 @@ def correct_labels(
         temperature=SUGGESTION_TEMPERATURE,
         knn_votes=flag_result.knn_votes,
         proselflc_targets=scores.proselflc_targets,
+        given=labels,
+        flagged=flag_result.table["is_label_issue"].to_numpy(dtype=bool),
     )
     review_positions, review_report = None, None
     if reviews_path is not None:

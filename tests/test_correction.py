@@ -49,6 +49,30 @@ def test_suggest_validates() -> None:
         suggest_labels(probs, proselflc_targets=np.full((2, 3), 1 / 3))
 
 
+def test_flagged_rows_are_suggested_another_class() -> None:
+    probs = np.array([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.8, 0.2, 0.0]])
+    given = np.array([0, 0, 2, 0])
+    flagged = np.array([True, False, False, True])
+    suggested, confidence = suggest_labels(probs, given=given, flagged=flagged)
+    # Flagged rows: the best class other than the doubted one, with that class's probability;
+    # unflagged rows keep the plain argmax, their own label included.
+    np.testing.assert_array_equal(suggested, [1, 0, 2, 1])
+    np.testing.assert_allclose(confidence, [0.2, 0.7, 0.6, 0.2])
+    # A binary flagged row is always suggested the other class.
+    binary = np.array([[0.9, 0.1], [0.3, 0.7]])
+    suggested, _ = suggest_labels(binary, given=np.array([0, 1]), flagged=np.array([True, True]))
+    np.testing.assert_array_equal(suggested, [1, 0])
+    # A low confidence keeps such a suggestion out of the automatic corrections.
+    plan = decide_corrections(
+        given, *suggest_labels(probs, given=given, flagged=flagged), flagged, np.zeros(4, bool)
+    )
+    assert list(plan.source) == ["needs_review", "kept", "kept", "needs_review"]
+    with pytest.raises(ConfigError, match="both"):
+        suggest_labels(probs, given=given)
+    with pytest.raises(DataError, match="flagged"):
+        suggest_labels(probs, given=given, flagged=np.ones(3, bool))
+
+
 def test_every_provenance() -> None:
     given = np.array([0, 1, 2, 0, 1, 2, 0])
     suggested = np.array([0, 2, 0, 1, 1, 1, 2])
