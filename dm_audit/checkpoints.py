@@ -116,19 +116,45 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 def state_of(state: TrainState, *, detach: bool = False) -> dict[str, Any]:
     """Everything needed to continue the trajectory from the current epoch boundary.
 
-    With ``detach`` the result is a deep copy, safe to keep while training goes on (the live
-    tensors change in place): a rollback target.
+    With ``detach`` the result is a copy, safe to keep while training goes on (the live
+    tensors change in place): a rollback target. The RNG states are read fresh either way.
     """
-    out = {
-        "epoch": state.epoch,
-        "global_iter": state.global_iter,
+    parts = {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
+    }
+    return {
+        "epoch": state.epoch,
+        "global_iter": state.global_iter,
+        **(_detached(parts) if detach else parts),
         "rng": _rng_state(state.generator),
     }
-    return copy.deepcopy(out) if detach else out
+
+
+def _detached(value: Any) -> Any:
+    """A copy of `value` that shares nothing mutable with it: tensors cloned, containers rebuilt.
+
+    What `copy.deepcopy` gives for a training state, without its per-object memo bookkeeping: a
+    tiny model's snapshot after every epoch cost a fifth of a 150-row audit's time to its flags.
+    A state dict's ``_metadata`` (the module versions `load_state_dict` reads) is kept.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        out = type(value)((k, _detached(v)) for k, v in value.items())
+        metadata = getattr(value, "_metadata", None)
+        if metadata is not None:
+            out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+        return out
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return copy.deepcopy(value)
 
 
 def restore_state(state: TrainState, saved: dict[str, Any]) -> None:

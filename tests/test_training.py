@@ -582,3 +582,50 @@ def test_crop_shift_scales_with_small_images(size, max_shift):
             row, col = np.argwhere(out[0].numpy() == 255)[0]
             shifts.add((int(row) - size // 2, int(col) - size // 2))
     assert max(max(abs(r), abs(c)) for r, c in shifts) == max_shift
+
+
+def test_a_detached_snapshot_is_unchanged_by_training_and_restores_it() -> None:
+    from types import SimpleNamespace
+
+    from dm_audit.checkpoints import restore_state, state_of
+    from dm_audit.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    state = SimpleNamespace(
+        epoch=1,
+        global_iter=1,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(torch.randn(16, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+
+    step()  # momentum buffers exist from here on
+    snapshot = state_of(state, detach=True)
+    frozen = {k: v.clone() for k, v in snapshot["model"].items()}
+    momentum = [s["momentum_buffer"].clone() for s in snapshot["optimizer"]["state"].values()]
+    lr = optimizer.param_groups[0]["lr"]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(3):
+        step()
+    # Training went on in place; the snapshot did not move with it.
+    for k, v in snapshot["model"].items():
+        torch.testing.assert_close(v, frozen[k], rtol=0, atol=0)
+    for saved, before in zip(snapshot["optimizer"]["state"].values(), momentum, strict=True):
+        torch.testing.assert_close(saved["momentum_buffer"], before, rtol=0, atol=0)
+    assert any(not torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+    assert hasattr(snapshot["model"], "_metadata")  # the module versions load_state_dict reads
+    restore_state(state, snapshot)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
