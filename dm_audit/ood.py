@@ -61,6 +61,8 @@ __all__ = [
 # neighbours' label entropy 0.64 / 0.60, std of p_i over epochs 0.72 / 0.85; distance + entropy
 # + instability 0.92 / 0.90. Mislabelled examples sit near their true class and DM ignores them
 # steadily; an OOD input's p_i wanders, as nothing in the data supports or contradicts it.
+# The audit leaves the instability out when p_i was recorded in augmented training passes
+# (images), whose spread is the augmentation's (`dm_audit.stage_flags`).
 DEFAULT_OOD_WEIGHTS: dict[str, float] = {
     "distance": 1.0,
     "uncertainty": 1.0,

@@ -326,3 +326,29 @@ def test_conformal_ood_flags_an_outlying_cluster_of_any_size() -> None:
         conformal_ood_flags(scores, reference_mask=reference, fdr=0.0)
     with pytest.raises(DataError, match="reference"):
         conformal_ood_flags(scores, reference_mask=np.zeros(scores.size, bool))
+
+
+@pytest.mark.parametrize("kind", ["images", "features"])
+def test_the_spread_of_augmented_trajectories_stays_out_of_the_ood_score(
+    kind: str, colour_image_dataset, make_colour_images
+) -> None:
+    from dm_audit import audit
+    from dm_audit.dataset import AuditDataset
+
+    if kind == "images":
+        dataset = colour_image_dataset
+    else:
+        images, labels = make_colour_images(n_per_class=12)
+        features = images.reshape(len(images), -1)[:, :6].astype(np.float32)
+        dataset = AuditDataset.from_arrays(labels, features=features, classes=["r", "g", "b"])
+    config = audit.AuditConfig(epochs=3, probe_epochs=1, progress=False, device="cpu")
+    scores = audit.score_examples(
+        dataset, audit.train_audit_model(dataset, audit.probe(dataset, config), config), config
+    )
+    first = audit.flag_examples(dataset, scores, config).table["ood_score"].to_numpy()
+    rng = np.random.default_rng(0)
+    scores.table["std_p"] = rng.uniform(0.0, 0.5, len(scores.table))
+    second = audit.flag_examples(dataset, scores, config).table["ood_score"].to_numpy()
+    # Images train on random crops: their p_i's spread is the augmentation's and is not read.
+    # Features train unaugmented: the spread is one of the model view's components.
+    assert np.array_equal(first, second) == (kind == "images")
