@@ -106,7 +106,7 @@ def _examples_frame(
             "p_given": scores.table["p_given"].to_numpy(),
             "mean_p": scores.table["mean_p"].to_numpy() if "mean_p" in scores.table else np.nan,
             "emphasis_weight": scores.table["emphasis_weight"].to_numpy(),
-            # The prediction the flags and suggestions read: the network's, averaged with the
+            # The prediction the suggestions read: the audit network's, averaged with the
             # linear reference's where there is one.
             "predicted_label": classes[combined.argmax(axis=1)],
             "predicted_prob": combined.max(axis=1),

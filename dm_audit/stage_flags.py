@@ -46,7 +46,8 @@ DUPLICATE_COLUMNS = (
 def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditConfig) -> Flags:
     """Flag label issues and out-of-distribution examples of every row.
 
-    * **Score**: `flags.label_issue_scores` of the out-of-sample prediction (normalised margin),
+    * **Score**: `flags.label_issue_scores` of the out-of-sample prediction (normalised margin
+      of `ExampleScores.ensemble_probs`: both networks and the linear reference),
       the in-sample training dynamics (mean p_i under DM, which learns clean examples early and
       mislabelled ones late or never) and the label agreement of the row's nearest neighbours
       among its fold in the fold model's embedding space. The dynamics weigh as much as the
@@ -194,12 +195,17 @@ def _label_issue_score(
     if mean_p is not None:
         reliability = flags.dynamics_reliability(mean_p, scores.probs, labels)
         weights["dynamics"] *= reliability
-    # The prediction's evidence is both model families' (the network's alone without a linear
-    # reference); the trajectory and its reliability are the DM network's own.
-    combined = scores.combined_probs()
+    # The prediction's evidence is what the noise count reads: both networks of each fold (the
+    # audit's and the probe's, which stops before it memorises) averaged with the linear
+    # reference. The trajectory and its reliability are the audit network's own. Chosen on the
+    # development datasets (42 settings of benchmarks/generality.py, scores recombined from the
+    # same audits): mean F1 at 20-40 % noise 0.672 -> 0.679, AUROC 0.915 -> 0.919, the same
+    # flags on clean tables; the gain is largest where the audit network memorised its rows
+    # (tiny, wide table: AUROC 0.79 -> 0.83 at 40 % symmetric noise).
+    ensemble = scores.ensemble_probs()
     issue_score = flags.label_issue_scores(
-        combined[np.arange(len(labels)), labels],
-        combined,
+        ensemble[np.arange(len(labels)), labels],
+        ensemble,
         labels,
         mean_p=mean_p,
         knn_agreement=agreement,
