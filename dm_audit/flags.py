@@ -31,6 +31,7 @@ from dm_audit.neighbour_labels import KnnLabelAgreement, knn_label_agreement
 from dm_audit.neighbours import IVF_THRESHOLD
 from dm_audit.ood import (
     DEFAULT_OOD_WEIGHTS,
+    IMAGE_INPUT_VIEW_WEIGHT,
     INPUT_NEIGHBOUR,
     INPUT_VIEW_WEIGHT,
     auto_ood_threshold,
@@ -45,6 +46,7 @@ from dm_audit.score_components import combine_components, validate_unit_vector
 __all__ = [
     "DEFAULT_ISSUE_WEIGHTS",
     "DEFAULT_OOD_WEIGHTS",
+    "IMAGE_INPUT_VIEW_WEIGHT",
     "INPUT_NEIGHBOUR",
     "INPUT_VIEW_WEIGHT",
     "IVF_THRESHOLD",

@@ -103,7 +103,7 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         labels,
         votes,
         is_issue,
-        _Searched(space, input_graph, graphs),
+        _Searched(space, input_graph, graphs, of_images=dataset.input_kind == "image"),
         config,
         instability=steady_trajectories,
     )
@@ -141,11 +141,12 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
 class _Searched:
     """What the flag stage's searches found, for the OOD score to reuse: the input space, its
     neighbour graph, and each fold's graph in its model's embedding space (None for a fold too
-    small to search)."""
+    small to search); `of_images` when the input space is of images averaged down."""
 
     space: np.ndarray
     input_graph: NeighbourGraph
     fold_graphs: list[NeighbourGraph | None]
+    of_images: bool = False
 
 
 def _neighbour_agreement(
@@ -286,6 +287,9 @@ def _ood_scores(
             p_std=None if std_p is None else np.nan_to_num(std_p[rows], nan=0.0),
             reference_mask=~is_issue[rows],
             input_distances=None if input_distances is None else input_distances[rows],
+            input_weight=flags.IMAGE_INPUT_VIEW_WEIGHT
+            if searched.of_images
+            else flags.INPUT_VIEW_WEIGHT,
             neighbour_graph=searched.fold_graphs[k],
             seed=config.seed,
             progress=f"flags: OOD distance {k + 1}/{len(fold_rows)}" if config.progress else None,

@@ -19,6 +19,7 @@ from dm_audit.flags import flag_label_issues, label_issue_scores
 from dm_audit.neighbour_labels import knn_label_agreement
 from dm_audit.neighbours import NeighbourGraph
 from dm_audit.ood import (
+    IMAGE_INPUT_VIEW_WEIGHT,
     INPUT_VIEW_WEIGHT,
     auto_ood_threshold,
     conformal_ood_flags,
@@ -171,6 +172,24 @@ def test_the_input_view_weighs_its_share_of_the_score() -> None:
     np.testing.assert_allclose(
         both, (1 - INPUT_VIEW_WEIGHT) * model_view + INPUT_VIEW_WEIGHT * input_rank
     )
+    third = ood_scores(
+        data.probs,
+        data.embeddings,
+        data.given,
+        trusted_mask=trusted,
+        input_distances=distances,
+        input_weight=IMAGE_INPUT_VIEW_WEIGHT,
+    )
+    np.testing.assert_allclose(third, (2 * model_view + input_rank) / 3)
+    with pytest.raises(ConfigError, match="input_weight"):
+        ood_scores(
+            data.probs,
+            data.embeddings,
+            data.given,
+            trusted_mask=trusted,
+            input_distances=distances,
+            input_weight=1.5,
+        )
     with pytest.raises(DataError, match="input_distances"):
         ood_scores(
             data.probs,
