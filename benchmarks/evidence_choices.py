@@ -1,0 +1,291 @@
+"""Choices the flag and correction stages make from each row's evidence, measured offline.
+
+Every development dataset of benchmarks/generality.py runs once per noise setting through
+`run_audit` with the library's defaults; each row's evidence is kept (cached under
+``data/runs/evidence/``) and the alternatives are scored on that same evidence, so a difference
+between two of them is the choice's alone, not a retraining's:
+
+* **Which probabilities the label-issue score's prediction reads**: the audit network averaged
+  with the linear reference (`ExampleScores.combined_probs`), or both networks of each fold,
+  the probe's too, averaged with it (`ensemble_probs`, what the noise count reads: the default).
+  Flags follow the audit's rule: each class's highest scores up to the confident joint's count,
+  if at least 0.5.
+* **Whether a flagged row may be suggested its own given label**: the default leaves it out
+  (`correction.suggest_labels(given=..., flagged=...)`). Measured: the share of correctly
+  flagged rows whose suggestion is the true label at 20 % noise, and the label accuracy after
+  the automatic corrections (confidence at least the default 0.8).
+
+Test datasets are never run here: the generality benchmark reports on them.
+
+    uv run --group bench python benchmarks/evidence_choices.py
+    uv run --group bench python benchmarks/evidence_choices.py --datasets digits synth-tiny-wide
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import f1_score, roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dm_audit import correction, estimate, flags  # noqa: E402
+from dm_audit.stage_correction import SUGGESTION_TEMPERATURE  # noqa: E402
+
+CACHE = ROOT / "data" / "runs" / "evidence"
+RESULTS = ROOT / "benchmarks" / "results" / "evidence_choices.md"
+RATES = (0.0, 0.2, 0.4)
+# The cache's format; a change of what is kept bumps it so stale files are not read.
+CACHE_VERSION = 1
+SOURCES = ("combined", "ensemble")
+
+
+def generality_module() -> ModuleType:
+    """benchmarks/generality.py, loaded by path (benchmarks/ is not a package)."""
+    name = "dm_audit_bench_generality"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "generality.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mean_of(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """As `ExampleScores` averages: `a` alone when `b` is missing or of another shape."""
+    if b is None or b.size == 0 or b.shape != a.shape:
+        return a
+    return (a.astype(np.float64) + b) / 2.0
+
+
+def capture(data: Any, noisy: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """One default audit's per-row evidence, up to the flags (no retrain, no report)."""
+    from dm_audit.audit import AuditConfig, run_audit
+
+    dataset = generality_module().with_labels(data.dataset, noisy)
+    kept: dict[str, np.ndarray] = {}
+
+    def on_stage(name: str, result: Any) -> None:
+        if name == "scores":
+            table = result.table
+            kept["probs"] = np.asarray(result.probs)
+            kept["probe"] = _array(result.probe_probs)
+            kept["reference"] = _array(result.reference_probs)
+            kept["mean_p"] = table["mean_p"].to_numpy() if "mean_p" in table else np.zeros(0)
+            kept["p_given"] = table["p_given"].to_numpy()
+        elif name == "flags":
+            kept["knn"] = result.table["knn_agreement"].to_numpy()
+            kept["votes"] = np.asarray(result.knn_votes)
+            kept["score"] = result.table["label_issue_score"].to_numpy()
+            kept["is_issue"] = result.table["is_label_issue"].to_numpy(dtype=bool)
+            kept["dynamics_weight"] = np.float64(result.issue_weights.get("dynamics", 0.0))
+
+    run_audit(dataset, AuditConfig(progress=False, seed=seed, retrain=False), on_stage=on_stage)
+    return kept
+
+
+def _array(value: np.ndarray | None) -> np.ndarray:
+    return np.zeros(0) if value is None else np.asarray(value)
+
+
+def evidence(spec: Any, setting: Any, seed: int, workdir: Path) -> dict[str, np.ndarray]:
+    """The evidence of one dataset and setting, from the cache when it is there."""
+    path = CACHE / f"{spec.name}__{setting.name.replace(' ', '_')}__seed{seed}_v{CACHE_VERSION}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as stored:
+            return dict(stored)
+    g = generality_module()
+    data = spec.build(workdir, seed)
+    probs = g.confusion_probs(data, seed) if setting.kind == "instance" else None
+    noisy = g.make_noisy(data, setting, seed, probs)
+    start = time.perf_counter()
+    out = capture(data, noisy, seed) | {
+        "given": noisy,
+        "truth": data.labels,
+        "seconds": np.float64(time.perf_counter() - start),
+    }
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def prediction_probs(ev: dict[str, np.ndarray], source: str) -> np.ndarray:
+    """The probabilities a score variant reads: ``combined`` or ``ensemble``."""
+    if source == "combined":
+        return _mean_of(ev["probs"], ev["reference"])
+    if source == "ensemble":
+        return _mean_of(_mean_of(ev["probs"], ev["probe"]), ev["reference"])
+    raise ValueError(f"unknown source {source!r} (choose from {list(SOURCES)})")
+
+
+def issue_flags(ev: dict[str, np.ndarray], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The label-issue score with its prediction read from `source`, and the audit's flags on it.
+
+    The count is the confident joint of the ensemble, as in the audit; rows flagged only by a
+    duplicate conflict are not reproduced (none of the development tables has one).
+    """
+    given = ev["given"]
+    rows = np.arange(given.size)
+    p = prediction_probs(ev, source)
+    mean_p = ev["mean_p"] if ev["mean_p"].size else None
+    if mean_p is not None:
+        mean_p = np.where(np.isnan(mean_p), ev["p_given"], mean_p)
+    weights = {"prediction": 1.0, "dynamics": float(ev["dynamics_weight"]), "knn": 1.0}
+    score = flags.label_issue_scores(
+        p[rows, given], p, given, mean_p=mean_p, knn_agreement=ev["knn"], weights=weights
+    )
+    noise = estimate.estimate_noise(prediction_probs(ev, "ensemble"), given, min_class_rows=2)
+    counts = flags.issue_counts_per_class(noise, given)
+    flagged = flags.flag_by_class_counts(score, given, counts) & (
+        score >= flags.NEUTRAL_ISSUE_SCORE
+    )
+    return score, flagged
+
+
+def suggestions(
+    ev: dict[str, np.ndarray], flagged: np.ndarray, exclude_given: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The audit's suggestions (combined prediction, tempered, with the neighbours' votes)."""
+    return correction.suggest_labels(
+        prediction_probs(ev, "combined"),
+        temperature=SUGGESTION_TEMPERATURE,
+        knn_votes=ev["votes"],
+        given=ev["given"] if exclude_given else None,
+        flagged=flagged if exclude_given else None,
+    )
+
+
+def measure(ev: dict[str, np.ndarray]) -> dict[str, float]:
+    """Every variant's figures on one dataset and setting."""
+    wrong = ev["given"] != ev["truth"]
+    out: dict[str, float] = {"noise": float(wrong.mean())}
+    for source in SOURCES:
+        score, flagged = issue_flags(ev, source)
+        out[f"flagged {source}"] = float(flagged.mean())
+        if wrong.any():
+            out[f"f1 {source}"] = float(f1_score(wrong, flagged))
+            out[f"auroc {source}"] = float(roc_auc_score(wrong, score))
+    _, flagged = issue_flags(ev, "ensemble")
+    caught = flagged & wrong
+    for exclude in (False, True):
+        name = "excluded" if exclude else "allowed"
+        suggested, confidence = suggestions(ev, flagged, exclude)
+        if caught.any():
+            out[f"suggestion acc {name}"] = float((suggested == ev["truth"])[caught].mean())
+        auto = flagged & (suggested != ev["given"]) & (confidence >= 0.8)
+        after = np.where(auto, suggested, ev["given"])
+        out[f"labels right after {name}"] = float((after == ev["truth"]).mean())
+    return out
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The results table's lines: one row per setting, then the means."""
+
+    def fmt(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.3f}" if key in row else "–"
+
+    keys = [
+        "flagged combined",
+        "flagged ensemble",
+        "f1 combined",
+        "f1 ensemble",
+        "auroc combined",
+        "auroc ensemble",
+        "suggestion acc allowed",
+        "suggestion acc excluded",
+        "labels right after allowed",
+        "labels right after excluded",
+    ]
+    lines = [
+        "| dataset | noise | " + " | ".join(keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    for row in rows:
+        cells = [fmt(row, key) for key in keys]
+        lines.append(f"| {row['dataset']} | {row['setting']} | " + " | ".join(cells) + " |")
+    noisy = [r for r in rows if r["noise"] > 0]
+    clean = [r for r in rows if r["noise"] == 0]
+    at20 = [r for r in noisy if r["setting"].endswith("20%")]
+
+    def mean(group: Sequence[dict[str, Any]], key: str) -> str:
+        values = [r[key] for r in group if key in r]
+        return f"{np.mean(values):.4f}" if values else "–"
+
+    lines += [
+        "",
+        "| measure | combined / allowed | ensemble / excluded |",
+        "|---|---|---|",
+        f"| mean F1, 20-40 % noise | {mean(noisy, 'f1 combined')} | {mean(noisy, 'f1 ensemble')} |",
+        f"| mean AUROC, 20-40 % noise | {mean(noisy, 'auroc combined')} | "
+        f"{mean(noisy, 'auroc ensemble')} |",
+        f"| mean share flagged, clean | {mean(clean, 'flagged combined')} | "
+        f"{mean(clean, 'flagged ensemble')} |",
+        f"| mean suggestion accuracy, 20 % noise | {mean(at20, 'suggestion acc allowed')} | "
+        f"{mean(at20, 'suggestion acc excluded')} |",
+        f"| mean labels right after the corrections | {mean(rows, 'labels right after allowed')}"
+        f" | {mean(rows, 'labels right after excluded')} |",
+    ]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=None, help="development datasets")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    g = generality_module()
+    specs = [s for s in g.DATASETS if s.split == "dev"]
+    if args.datasets:
+        unknown = sorted(set(args.datasets) - {s.name for s in specs})
+        if unknown:
+            raise SystemExit(f"not development datasets: {unknown}")
+        specs = [s for s in specs if s.name in args.datasets]
+    load = os.getloadavg()
+    start = time.perf_counter()
+    rows = []
+    workdir = CACHE / "inputs"
+    workdir.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        for setting in g.settings(g.NOISE_KINDS, RATES):
+            ev = evidence(spec, setting, args.seed, workdir)
+            rows.append({"dataset": spec.name, "setting": setting.name} | measure(ev))
+            print(f"{spec.name:24s} {setting.name:14s} done", flush=True)
+    header = [
+        "# Evidence choices on the development datasets",
+        "",
+        f"Command: `uv run --group bench python benchmarks/evidence_choices.py"
+        f"{' --datasets ' + ' '.join(args.datasets) if args.datasets else ''}` (seed "
+        f"{args.seed}); {platform.machine()}, {os.cpu_count()} cores; load average "
+        f"{load[0]:.2f} at the start; {time.perf_counter() - start:.0f} s (audits cached under "
+        "`data/runs/evidence/` are read back, not rerun).",
+        "",
+        "Each setting is one default audit of a development dataset of "
+        "`benchmarks/generality.py`; every variant is scored on that audit's evidence. "
+        "`combined`: the label-issue score's prediction reads the audit network with the linear "
+        "reference; `ensemble` (the default): both networks of each fold with it. "
+        "Suggestions: `allowed` lets a flagged row be suggested its own label, `excluded` (the "
+        "default) does not; labels right after: the share of rows whose label is the true one "
+        "after the automatic corrections.",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(header + summary(rows)) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
