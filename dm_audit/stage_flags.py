@@ -199,8 +199,8 @@ def _label_issue_score(
     # The prediction's evidence is what the noise count reads: both networks of each fold (the
     # audit's and the probe's, which stops before it memorises) averaged with the linear
     # reference. The trajectory and its reliability are the audit network's own. Chosen on the
-    # development datasets (42 settings of benchmarks/generality.py, scores recombined from the
-    # same audits): mean F1 at 20-40 % noise 0.672 -> 0.679, AUROC 0.915 -> 0.919, the same
+    # development datasets (benchmarks/evidence_choices.py: 42 settings, both variants scored on
+    # the same audits): mean F1 at 20-40 % noise 0.672 -> 0.679, AUROC 0.915 -> 0.919, the same
     # flags on clean tables; the gain is largest where the audit network memorised its rows
     # (tiny, wide table: AUROC 0.79 -> 0.83 at 40 % symmetric noise).
     ensemble = scores.ensemble_probs()
