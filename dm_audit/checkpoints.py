@@ -143,7 +143,11 @@ def _detached(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, dict):
-        out = type(value)((k, _detached(v)) for k, v in value.items())
+        # A shallow copy keeps the mapping's type and attributes (an OrderedDict's _metadata, a
+        # defaultdict's factory); its values are then replaced by detached ones.
+        out = copy.copy(value)
+        for k, v in value.items():
+            out[k] = _detached(v)
         metadata = getattr(value, "_metadata", None)
         if metadata is not None:
             out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
@@ -151,7 +155,8 @@ def _detached(value: Any) -> Any:
     if isinstance(value, list):
         return [_detached(v) for v in value]
     if isinstance(value, tuple):
-        return tuple(_detached(v) for v in value)
+        items = [_detached(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return copy.deepcopy(value)

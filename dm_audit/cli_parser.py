@@ -221,7 +221,7 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-linear-reference",
         action="store_true",
-        help="score with the DM network alone: no cross-fitted logistic regression averaged "
+        help="score with the DM networks alone: no cross-fitted logistic regression averaged "
         "into the flags and suggestions of a feature table",
     )
 

@@ -76,10 +76,13 @@ def suggest_labels(
     With `given` and `flagged`, a flagged row's own label is no candidate: the question asked of
     a row flagged as a label issue is which other class it belongs to, and a suggestion equal to
     the label it doubts answers nothing (a binary row's suggestion is then the other class). The
-    confidence stays that class's probability, so a flagged row whose evidence still leans to
-    its given label gets a low one and goes to review. On the development datasets
+    confidence stays that class's probability. A flagged row whose evidence still ranks its
+    given label first must not be corrected automatically: pass those rows to
+    `decide_corrections` as `favours_given` (the rows where the plain suggestion, without
+    `given` and `flagged`, is the given label). On the development datasets
     (benchmarks/evidence_choices.py) correctly flagged rows at 20 % noise got their true label
-    93.9 % of the time against 92.8 %, with the same automatic corrections.
+    93.9 % of the time against 92.8 %; counted over every flagged row, the wrongly flagged ones
+    included (whose own, right label is no longer suggested), 76.3 % against 76.7 %.
 
     Parameters
     ----------
@@ -126,10 +129,10 @@ def suggest_labels(
     candidates = base
     if (given is None) != (flagged is None):
         raise ConfigError("suggest_labels: give both `given` and `flagged`, or neither")
-    if given is not None and c > 1:
+    if given is not None:
         rows = np.flatnonzero(validate_mask(flagged, "flagged", n))
         candidates = base.copy()
-        candidates[rows, validate_labels(given, n, c)[rows]] = -np.inf
+        candidates[rows, validate_labels(given, n, c, name="given")[rows]] = -np.inf
     suggested = candidates.argmax(axis=1).astype(np.int64)
     confidence = np.clip(base[np.arange(n), suggested], 0.0, 1.0)
     return suggested, confidence
@@ -236,6 +239,7 @@ def decide_corrections(
     max_ood_score: float | None = None,
     n_classes: int | None = None,
     allowed: np.ndarray | None = None,
+    favours_given: np.ndarray | None = None,
 ) -> CorrectionPlan:
     """Decide each example's label and provenance (see the module docstring for the rules).
 
@@ -267,6 +271,10 @@ def decide_corrections(
     allowed : np.ndarray, shape (N,), bool, optional
         Rows that may be decided automatically (`automatic_correction_gate`); a flagged row
         outside it, label issue or OOD, goes to review whatever its confidence.
+    favours_given : np.ndarray, shape (N,), bool, optional
+        Rows whose own evidence ranks their given label first (`suggest_labels` with
+        `flagged` then suggests the runner-up): a flagged one goes to review whatever its
+        confidence, so a low `min_confidence` never corrects a row against its evidence.
 
     Returns
     -------
@@ -282,6 +290,9 @@ def decide_corrections(
     if not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
     confident = (s != y) & (conf >= min_confidence)
+    if favours_given is not None:
+        # The suggestion is the runner-up to the given label: never applied on its own.
+        confident &= ~validate_mask(favours_given, "favours_given", n)
     if max_ood_score is not None:
         confident &= _within_ood_limit(ood_scores, max_ood_score, n)
     gate = np.ones(n, dtype=bool) if allowed is None else validate_mask(allowed, "allowed", n)

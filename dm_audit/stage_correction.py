@@ -45,11 +45,18 @@ def correct_labels(
     """
     data = audited(dataset)
     labels = scores.table["given"].to_numpy()
+    evidence = {
+        "temperature": SUGGESTION_TEMPERATURE,
+        "knn_votes": flag_result.knn_votes,
+        "proselflc_targets": scores.proselflc_targets,
+    }
+    combined = scores.combined_probs()
+    # The class the evidence ranks first, the given label included: a flagged row whose own
+    # label comes first is suggested the runner-up, which is never applied automatically.
+    first, _ = correction.suggest_labels(combined, **evidence)
     suggested, confidence = correction.suggest_labels(
-        scores.combined_probs(),
-        temperature=SUGGESTION_TEMPERATURE,
-        knn_votes=flag_result.knn_votes,
-        proselflc_targets=scores.proselflc_targets,
+        combined,
+        **evidence,
         given=labels,
         flagged=flag_result.table["is_label_issue"].to_numpy(dtype=bool),
     )
@@ -64,7 +71,7 @@ def correct_labels(
         review_report = reviews.report
         review_positions = reviews.to_positions(data.example_ids, dataset.classes)
     allowed, gate = correction.automatic_correction_gate(
-        labels, scores.combined_probs(), scores.folds, dataset.classes
+        labels, combined, scores.folds, dataset.classes
     )
     _warn_about_gate(gate, int((~allowed).sum()))
     plan = correction.decide_corrections(
@@ -79,6 +86,7 @@ def correct_labels(
         max_ood_score=flag_result.ood_review_threshold,
         n_classes=dataset.n_classes,
         allowed=allowed,
+        favours_given=first == labels,
     )
     classes = np.asarray(dataset.classes, dtype=object)
     corrected_names = np.where(plan.corrected >= 0, classes[np.maximum(plan.corrected, 0)], None)

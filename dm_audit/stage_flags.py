@@ -68,7 +68,11 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     table = scores.table
     labels = table["given"].to_numpy()
     agreement, votes, graphs = _neighbour_agreement(scores, labels, config)
-    issue_score, weights = _label_issue_score(scores, labels, agreement)
+    # Both networks of each fold averaged with the linear reference: what the score's
+    # prediction, the duplicates' consensus and the noise count read (computed once: at 1M rows
+    # every copy is N x C).
+    ensemble = scores.ensemble_probs()
+    issue_score, weights = _label_issue_score(scores, labels, agreement, ensemble)
     inputs = dataset.inputs()
     steady_trajectories = not _augmented_trajectories(config, inputs.shape[1:])
     # One input space (standardised features, images averaged down) for the duplicates and the
@@ -85,7 +89,7 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     )
     dups = duplicates.find_duplicates(inputs, seed=config.seed, graph=input_graph)
     del inputs
-    conflict = duplicates.conflict_evidence(dups, labels, scores.ensemble_probs())
+    conflict = duplicates.conflict_evidence(dups, labels, ensemble)
     has_conflict = ~np.isnan(conflict)
     # A copy of an input labelled otherwise is direct evidence that one of the two labels is
     # wrong, not a model's estimate: it weighs as much as all the other evidence together.
@@ -96,7 +100,8 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     # as noise. Chosen on the development data (benchmarks/results/flag_rules.md): clean
     # tables flagged 1.2 -> 0.6 % (digits), 5.6 -> 4.0 % (raw binary), 16.7 -> 12.5 % (tiny
     # and wide); F1 at 20-40 % noise up on five of seven settings, within 0.011 on the others.
-    noise = estimate.estimate_noise(scores.ensemble_probs(), labels, min_class_rows=CROSSFIT_FOLDS)
+    noise = estimate.estimate_noise(ensemble, labels, min_class_rows=CROSSFIT_FOLDS)
+    del ensemble
     is_issue, threshold = _flag_label_issues(issue_score, labels, noise, conflict, config)
     ood = _ood_scores(
         scores,
@@ -179,9 +184,10 @@ def _neighbour_agreement(
 
 
 def _label_issue_score(
-    scores: ExampleScores, labels: np.ndarray, agreement: np.ndarray
+    scores: ExampleScores, labels: np.ndarray, agreement: np.ndarray, ensemble: np.ndarray
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """The label-issue score of every row from the model evidence, and the weights used.
+    """The label-issue score of every row from the model evidence (`ensemble`:
+    `ExampleScores.ensemble_probs`), and the weights used.
 
     The trajectory's weight shrinks by `flags.dynamics_reliability`: a tiny, wide table is
     memorised and its in-sample trajectories carry no signal.
@@ -203,7 +209,6 @@ def _label_issue_score(
     # the same audits): mean F1 at 20-40 % noise 0.672 -> 0.679, AUROC 0.915 -> 0.919, the same
     # flags on clean tables; the gain is largest where the audit network memorised its rows
     # (tiny, wide table: AUROC 0.79 -> 0.83 at 40 % symmetric noise).
-    ensemble = scores.ensemble_probs()
     issue_score = flags.label_issue_scores(
         ensemble[np.arange(len(labels)), labels],
         ensemble,

@@ -39,7 +39,9 @@ def _evidence(n_per_class: int = 30, wrong: int = 6, seed: int = 0) -> dict[str,
         "p_given": probs[np.arange(truth.size), given],
         "knn": np.where(given == truth, 1.0, 0.0),
         "votes": votes,
-        "dynamics_weight": np.float64(2.0),
+        "issue_weights": np.array([1.0, 2.0, 1.0]),
+        # What the audit flagged: here exactly the mislabelled rows.
+        "is_issue": given != truth,
     }
 
 
@@ -69,7 +71,21 @@ def test_every_variant_finds_evidence_this_plain(choices):
     # The network and the neighbours name the true class: every suggestion is right, and the
     # automatic corrections set every label right.
     assert row["suggestion acc allowed"] == row["suggestion acc excluded"] == 1.0
+    assert row["suggestion acc all flagged excluded"] == 1.0
     assert row["labels right after excluded"] == 1.0
+    # Flags the rule does not reproduce mean the benchmark no longer measures the audit.
+    with pytest.raises(SystemExit, match="reproduces"):
+        choices.measure(ev | {"is_issue": np.zeros_like(ev["is_issue"])})
+
+
+def test_the_cache_key_follows_the_code(choices, monkeypatch):
+    key = choices.code_key()
+    assert len(key) == 12 and key == choices.code_key()
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    assert choices.code_key() != key
 
 
 def test_a_flagged_row_is_not_suggested_its_own_label(choices):

@@ -67,10 +67,34 @@ def test_flagged_rows_are_suggested_another_class() -> None:
         given, *suggest_labels(probs, given=given, flagged=flagged), flagged, np.zeros(4, bool)
     )
     assert list(plan.source) == ["needs_review", "kept", "kept", "needs_review"]
+    # However low the confidence asked for, a runner-up to the given label is never applied.
+    first, _ = suggest_labels(probs)
+    for floor in (0.3, 0.0):
+        plan = decide_corrections(
+            given,
+            *suggest_labels(probs, given=given, flagged=flagged),
+            flagged,
+            np.zeros(4, bool),
+            min_confidence=floor,
+            favours_given=first == given,
+        )
+        assert list(plan.source) == ["needs_review", "kept", "kept", "needs_review"]
+    # A flagged row whose evidence ranks another class first is corrected as before.
+    other = np.array([[0.1, 0.85, 0.05]])
+    plan = decide_corrections(
+        np.array([0]),
+        *suggest_labels(other, given=np.array([0]), flagged=np.array([True])),
+        np.array([True]),
+        np.array([False]),
+        favours_given=suggest_labels(other)[0] == 0,
+    )
+    assert list(plan.source) == ["auto_corrected"] and list(plan.corrected) == [1]
     with pytest.raises(ConfigError, match="both"):
         suggest_labels(probs, given=given)
     with pytest.raises(DataError, match="flagged"):
         suggest_labels(probs, given=given, flagged=np.ones(3, bool))
+    with pytest.raises(DataError, match="given"):
+        suggest_labels(probs, given=np.array([0, 0, 7, 0]), flagged=flagged)
 
 
 def test_every_provenance() -> None:

@@ -629,3 +629,23 @@ def test_a_detached_snapshot_is_unchanged_by_training_and_restores_it() -> None:
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+
+
+def test_detached_copies_keep_mapping_and_tuple_types() -> None:
+    from collections import OrderedDict, defaultdict, namedtuple
+
+    from dm_audit.checkpoints import _detached
+
+    pair = namedtuple("pair", "a b")
+    tensor = torch.ones(2)
+    ordered = OrderedDict(w=tensor)
+    ordered._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
+    value = {"o": ordered, "d": defaultdict(list, x=[tensor]), "p": pair(tensor, 1), "t": (1, 2)}
+    out = _detached(value)
+    assert type(out["o"]) is OrderedDict and out["o"]._metadata == {"": {"version": 1}}
+    assert out["o"]._metadata is not ordered._metadata
+    assert type(out["d"]) is defaultdict and out["d"]["new"] == []
+    assert type(out["p"]) is pair and out["p"].b == 1 and out["t"] == (1, 2)
+    tensor.add_(1)  # the live tensor moves on; the copies do not
+    for copied in (out["o"]["w"], out["d"]["x"][0], out["p"].a):
+        torch.testing.assert_close(copied, torch.ones(2))
