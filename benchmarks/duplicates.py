@@ -23,10 +23,8 @@ Writes ``results/duplicates.md`` and ``results/duplicates.json``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import siblings  # benchmarks/siblings.py: the sibling scripts' loader
 
 from dm_audit.atomic import to_jsonable
 from dm_audit.dataset import AuditDataset
@@ -46,14 +45,7 @@ COPY_NOISE = 0.01  # of each feature's spread
 
 
 def _generality() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "generality", Path(__file__).parent / "generality.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("generality", module)
-    spec.loader.exec_module(module)
-    return module
+    return siblings.load("generality")
 
 
 def inject_copies(

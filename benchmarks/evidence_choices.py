@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import os
 import platform
 import sys
@@ -44,6 +43,8 @@ from sklearn.metrics import f1_score, roc_auc_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import siblings  # noqa: E402  (benchmarks/siblings.py: the sibling scripts' loader)
+
 from dm_audit import correction, estimate, flags  # noqa: E402
 from dm_audit.config import AuditConfig  # noqa: E402
 from dm_audit.crossfit import CROSSFIT_FOLDS  # noqa: E402
@@ -58,16 +59,8 @@ SOURCES = ("combined", "ensemble")
 
 
 def generality_module() -> ModuleType:
-    """benchmarks/generality.py, loaded by path (benchmarks/ is not a package)."""
-    name = "dm_audit_bench_generality"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "generality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """``benchmarks/generality.py``: its datasets, noise and split are shared."""
+    return siblings.load("generality")
 
 
 def _mean_of(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:

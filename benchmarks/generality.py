@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import siblings  # benchmarks/siblings.py: the sibling scripts' loader
 from sklearn.datasets import (
     load_breast_cancer,
     load_digits,
@@ -68,7 +68,6 @@ from dm_audit.noise import inject_instance_dependent, inject_pair, inject_symmet
 from dm_audit.sources import load_source
 
 RESULTS = Path(__file__).parent / "results"
-COMPARE = Path(__file__).parent / "compare.py"
 SPLITS = ("dev", "test")
 # Row counts of each size category, lower bound included, upper bound excluded.
 SIZES: dict[str, tuple[int, int]] = {
@@ -86,18 +85,9 @@ EMBEDDING_DIM = 32
 IMAGES_PER_CLASS = 20
 
 
-@functools.cache
 def compare_module() -> ModuleType:
-    """``benchmarks/compare.py``, loaded by path: its recipe classifier and helpers are shared."""
-    name = "bench_compare"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, COMPARE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    """``benchmarks/compare.py``: its recipe classifier and helpers are shared."""
+    return siblings.load("compare")
 
 
 # ============================================================================================

@@ -26,8 +26,6 @@ Results: ``results/open_set.md`` and ``open_set.json``, rewritten after every da
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import sys
 import tempfile
@@ -38,10 +36,10 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import siblings  # benchmarks/siblings.py: the sibling scripts' loader
 from sklearn.metrics import roc_auc_score
 
 RESULTS = Path(__file__).parent / "results"
-GENERALITY = Path(__file__).parent / "generality.py"
 # Share of open-set rows in the audited table (the issue's "unseen class injected at 8 %").
 OPEN_FRACTION = 0.08
 NOISE_RATE = 0.2
@@ -52,18 +50,9 @@ TARGET_AUROC = 0.95
 TARGET_CLEAN_OOD = 0.01
 
 
-@functools.cache
 def generality_module() -> ModuleType:
-    """``benchmarks/generality.py``, loaded by path: its datasets and split are shared."""
-    name = "bench_generality"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, GENERALITY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """``benchmarks/generality.py``: its datasets and split are shared."""
+    return siblings.load("generality")
 
 
 def held_out_classes(classes: Sequence[str], labels: np.ndarray) -> list[str] | None:
