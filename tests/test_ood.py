@@ -159,45 +159,23 @@ def test_input_space_distances_are_to_the_kth_nearest_other_trusted_row() -> Non
 def test_the_input_view_weighs_its_share_of_the_score() -> None:
     data = make_clusters(n=300, rate=0.0, separation=3.0)
     trusted = np.ones(300, dtype=bool)
-    model_view = ood_scores(data.probs, data.embeddings, data.given, trusted_mask=trusted)
+
+    def score(**options: object) -> np.ndarray:
+        return ood_scores(data.probs, data.embeddings, data.given, trusted_mask=trusted, **options)
+
+    model_view = score()
     distances = np.arange(300, dtype=float)  # row i more atypical than i others
-    both = ood_scores(
-        data.probs,
-        data.embeddings,
-        data.given,
-        trusted_mask=trusted,
-        input_distances=distances,
-    )
+    both = score(input_distances=distances)
     input_rank = (np.arange(300) + 1) / 300
     np.testing.assert_allclose(
         both, (1 - INPUT_VIEW_WEIGHT) * model_view + INPUT_VIEW_WEIGHT * input_rank
     )
-    third = ood_scores(
-        data.probs,
-        data.embeddings,
-        data.given,
-        trusted_mask=trusted,
-        input_distances=distances,
-        input_weight=IMAGE_INPUT_VIEW_WEIGHT,
-    )
+    third = score(input_distances=distances, input_weight=IMAGE_INPUT_VIEW_WEIGHT)
     np.testing.assert_allclose(third, (2 * model_view + input_rank) / 3)
     with pytest.raises(ConfigError, match="input_weight"):
-        ood_scores(
-            data.probs,
-            data.embeddings,
-            data.given,
-            trusted_mask=trusted,
-            input_distances=distances,
-            input_weight=1.5,
-        )
+        score(input_distances=distances, input_weight=1.5)
     with pytest.raises(DataError, match="input_distances"):
-        ood_scores(
-            data.probs,
-            data.embeddings,
-            data.given,
-            trusted_mask=trusted,
-            input_distances=distances[:10],
-        )
+        score(input_distances=distances[:10])
 
 
 def test_the_input_view_finds_inputs_the_model_placed_in_a_known_class() -> None:
