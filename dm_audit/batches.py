@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EpochBatchSampler",
+    "RowSubset",
     "TrainData",
     "augmentation",
     "check_inputs",
@@ -70,20 +71,86 @@ def prepare_batch(model: AuditModel, x: torch.Tensor) -> torch.Tensor:
     return (x.float() - mean) / std
 
 
-def check_inputs(inputs: Any, name: str = "inputs") -> np.ndarray:
+# Rows whose finiteness `check_inputs` checks at a time.
+_FINITE_CHECK_ROWS = 65_536
+
+
+class RowSubset:
+    """Some rows of an input array, read without copying them out first.
+
+    ``base[rows]`` would copy the rows at once: a cross-fitted training of a million 128-d rows
+    made two such copies per fold (its training rows and its held-out rows), 512 MB. A subset
+    gathers only the rows each batch, slice or sample asks for, so `fit` and `forward_all` can
+    take it where they take an array: ``len``, ``shape``, ``ndim``, ``dtype`` and indexing by an
+    int, a slice or an array of positions (positions within the subset).
+
+    Parameters
+    ----------
+    base : np.ndarray
+        Checked inputs (`check_inputs`): float32 features ``(N, D)`` or uint8 images.
+    rows : array of int
+        Row numbers of `base`, in the subset's order.
+    """
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray) -> None:
+        picked = np.asarray(rows)
+        if picked.ndim != 1 or not (picked.size == 0 or np.issubdtype(picked.dtype, np.integer)):
+            raise DataError(f"rows must be a 1-d array of row numbers, got shape {picked.shape}")
+        if picked.size and (picked.min() < 0 or picked.max() >= len(base)):
+            raise DataError(
+                f"rows must lie in [0, {len(base)}); got {picked.min()}..{picked.max()}"
+            )
+        self.base = base
+        self.rows = picked.astype(np.int64, copy=False)
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.base.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, torch.Tensor):
+            key = key.numpy()
+        return self.base[self.rows[key]]
+
+    def materialise(self) -> np.ndarray:
+        """The rows as one array (a copy)."""
+        return self.base[self.rows]
+
+
+def check_inputs(inputs: Any, name: str = "inputs") -> np.ndarray | RowSubset:
     """``inputs`` as float32 features ``(N, D)`` or uint8 images ``(N, H, W, C)``.
+
+    A `RowSubset` is checked through its base array and returned as it is.
 
     Raises :class:`DataError` naming ``name`` and the first bad value or the wrong shape.
     """
+    if isinstance(inputs, RowSubset):
+        base = check_inputs(inputs.base, name)
+        return inputs if base is inputs.base else RowSubset(base, inputs.rows)
     x = np.asarray(inputs)
     if x.ndim == 2:
         if not np.issubdtype(x.dtype, np.number):
             raise DataError(f"{name}: features must be numeric, got dtype {x.dtype}")
         x = np.ascontiguousarray(x, dtype=np.float32)
-        bad = ~np.isfinite(x)
-        if bad.any():
-            row, col = np.argwhere(bad)[0]
-            raise DataError(f"{name}: non-finite feature value at row {row}, column {col}")
+        # Checked a block of rows at a time: a mask of a million-row table would be N x D bytes.
+        for start in range(0, len(x), _FINITE_CHECK_ROWS):
+            bad = ~np.isfinite(x[start : start + _FINITE_CHECK_ROWS])
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                raise DataError(
+                    f"{name}: non-finite feature value at row {start + row}, column {col}"
+                )
         return x
     if x.ndim == 4:
         if x.dtype != np.uint8:
@@ -209,7 +276,7 @@ class TrainData:
 
     def __init__(
         self,
-        inputs: np.ndarray,
+        inputs: np.ndarray | RowSubset,
         labels: np.ndarray,
         num_classes: int,
         device: torch.device,
@@ -235,6 +302,8 @@ class TrainData:
         self.labels = torch.from_numpy(labels).to(device)
         self.transform = augmentation(config.augment, inputs.shape[1:])
         self.loader: DataLoader | None = None
+        # Positions of the training rows in `x` when `x` is a larger base array (see below).
+        self.rows: torch.Tensor | None = None
         if self.transform is not None:
             workers = config.num_workers
             if workers < 0:
@@ -251,6 +320,13 @@ class TrainData:
             )
             self.x = None
         else:
+            # On the CPU a subset of rows is gathered batch by batch from its base array (no
+            # copy of the training rows); an accelerator gets the rows themselves.
+            if isinstance(inputs, RowSubset) and device.type == "cpu":
+                self.rows = torch.from_numpy(inputs.rows)
+                inputs = inputs.base
+            elif isinstance(inputs, RowSubset):
+                inputs = inputs.materialise()
             x = torch.from_numpy(inputs)
             if x.ndim == 4:
                 x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last strides
@@ -275,7 +351,9 @@ class TrainData:
         for idx in split_batches(perm, self.batch_size):
             if self.world > 1:
                 idx = distributed.shard(idx, self.rank, self.world)
-            if self.x.device == self.device:
+            if self.rows is not None:
+                xb = self.x[self.rows[idx]]
+            elif self.x.device == self.device:
                 idx = idx.to(self.device, non_blocking=nb)
                 xb = self.x[idx]
             else:

@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 
 from dm_audit import estimate
+from dm_audit.batches import RowSubset
 from dm_audit.config import AuditConfig
 from dm_audit.dataset import AuditDataset
 from dm_audit.errors import ConfigError
+from dm_audit.inference import predict_class_probs
 from dm_audit.stage_results import CrossFit
-from dm_audit.training import FitResult, TrainConfig, fit, predict_proba
+from dm_audit.training import FitResult, TrainConfig, fit
 
 # Two folds: two models on halves cost one training on all rows (the product's budget), and
 # every row is trained on by exactly one model (its dynamics) and scored by the other.
@@ -173,11 +175,12 @@ def train_crossfit(
             )
         fits.append(
             fit(
-                inputs[train_rows],
+                # Subsets, not copies: the rows are gathered batch by batch.
+                RowSubset(inputs, train_rows),
                 y[train_rows],
                 make_config(k),
                 num_classes=dataset.n_classes,
-                eval_inputs=inputs[held_out] if evaluate and held_out.size else None,
+                eval_inputs=RowSubset(inputs, held_out) if evaluate and held_out.size else None,
                 eval_labels=y[held_out] if evaluate and held_out.size else None,
                 true_labels=None if truth is None else truth[train_rows],
                 checkpoint_dir=_fold_checkpoint(checkpoint_dir, k),
@@ -196,5 +199,7 @@ def out_of_sample_probs(
     for k, f in enumerate(models.fits):
         rows = np.flatnonzero(models.folds == k)
         if rows.size:
-            probs[rows], _ = predict_proba(f.model, inputs[rows], device=device, batch_size=1024)
+            probs[rows] = predict_class_probs(
+                f.model, inputs, device=device, batch_size=1024, rows=rows
+            )
     return probs

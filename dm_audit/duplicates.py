@@ -23,23 +23,26 @@ cross-fitted models' embeddings of different folds are not comparable anyway.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from dm_audit import neighbours
 from dm_audit.errors import DataError
-from dm_audit.neighbours import ArrayEmbeddings, NeighbourGraph
+from dm_audit.neighbours import EmbeddingChunks, NeighbourGraph
 
 __all__ = [
     "IMAGE_SIDE",
     "NEIGHBOURS",
     "RELATIVE_RADIUS",
     "Duplicates",
+    "StandardisedRows",
     "conflict_evidence",
     "duplicate_space",
     "find_duplicates",
     "input_graph",
+    "input_space",
     "leaked_rows",
 ]
 
@@ -126,8 +129,39 @@ class Duplicates:
         }
 
 
-def duplicate_space(inputs: np.ndarray) -> np.ndarray:
-    """The rows as compared for duplicates: float32, shape (N, D).
+@dataclass(frozen=True)
+class StandardisedRows:
+    """A feature table standardised per column, computed a chunk of rows at a time.
+
+    Reads as `neighbours.EmbeddingChunks`, so the flag stage's searches take it where they take
+    an array and the standardised table (N x D float32: 512 MB at 1M x 128) is never held
+    whole. Each chunk is computed as `duplicate_space` computes it, value for value.
+    """
+
+    inputs: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    chunk_rows: int = neighbours.DEFAULT_CHUNK_ROWS
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.inputs.shape[1])
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.n_rows, self.chunk_rows):
+            # In float64: a float64 copy of a million-row table would cost several times the
+            # float32 result's memory.
+            chunk = self.inputs[start : start + self.chunk_rows].astype(np.float64)
+            yield start, ((chunk - self.mean) / self.scale).astype(np.float32)
+
+
+def input_space(inputs: np.ndarray) -> np.ndarray | StandardisedRows:
+    """The rows as compared for duplicates, (N, D): images averaged down (an array), or features
+    standardised per column (`StandardisedRows`, computed as they are read).
 
     Parameters
     ----------
@@ -138,17 +172,27 @@ def duplicate_space(inputs: np.ndarray) -> np.ndarray:
     if x.ndim == 4:
         return _small_images(x)
     x = x.reshape(len(x), -1)
-    out = np.empty(x.shape, dtype=np.float32)
     if len(x) == 0:
-        return out
-    # Chunk by chunk in float64: a float64 copy of a million-row table (and of its centred
-    # version) would cost several times the float32 result's memory.
+        return StandardisedRows(x, np.zeros(x.shape[1]), np.ones(x.shape[1]))
     mean, std = _column_moments(x)
     # A constant column carries no distance; dividing by 1 keeps it at 0.
-    scale = np.where(std > 0, std, 1.0)
-    for start in range(0, len(x), neighbours.DEFAULT_CHUNK_ROWS):
-        chunk = x[start : start + neighbours.DEFAULT_CHUNK_ROWS].astype(np.float64)
-        out[start : start + len(chunk)] = (chunk - mean) / scale
+    return StandardisedRows(x, mean, np.where(std > 0, std, 1.0))
+
+
+def duplicate_space(inputs: np.ndarray) -> np.ndarray:
+    """The rows as compared for duplicates (`input_space`) as one float32 array, (N, D).
+
+    Parameters
+    ----------
+    inputs : np.ndarray
+        Features (N, D) or uint8 images (N, H, W, C).
+    """
+    space = input_space(inputs)
+    if isinstance(space, np.ndarray):
+        return space
+    out = np.empty((space.n_rows, space.dim), dtype=np.float32)
+    for start, block in space.chunks():
+        out[start : start + len(block)] = block
     return out
 
 
@@ -269,7 +313,7 @@ def find_duplicates(
         )
     kk = min(k, n - 1)
     if graph is None:
-        graph = input_graph(duplicate_space(inputs), kk, seed=seed, progress=progress)
+        graph = input_graph(input_space(inputs), kk, seed=seed, progress=progress)
     elif graph.positions.shape[0] != n or graph.positions.shape[1] < kk:
         raise DataError(f"graph must list {kk} neighbours of each of the {n} inputs")
     neg_sq, nearest = graph.similarities[:, :kk], graph.positions[:, :kk]
@@ -302,7 +346,7 @@ def find_duplicates(
 
 
 def input_graph(
-    space: np.ndarray,
+    space: np.ndarray | EmbeddingChunks,
     k: int,
     *,
     seed: int = 0,
@@ -316,8 +360,8 @@ def input_graph(
 
     Parameters
     ----------
-    space : np.ndarray, shape (N, D)
-        `duplicate_space` of the inputs.
+    space : np.ndarray, shape (N, D), or EmbeddingChunks
+        `input_space` (or `duplicate_space`) of the inputs.
     k : int
         Neighbours per row (at most N - 1).
     seed, progress
@@ -331,8 +375,8 @@ def input_graph(
     -------
     NeighbourGraph
     """
-    n = len(space)
-    source = ArrayEmbeddings(space)
+    source = neighbours.as_chunks(space)
+    n = source.n_rows
     index = neighbours.build_index(source, metric="l2", nprobe=DUPLICATE_NPROBE, seed=seed)
     neg_sq, nearest = neighbours.search(
         index, source, min(k, n - 1), self_positions=np.arange(n), progress=progress, metric="l2"

@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from dm_audit.errors import ConfigError, DataError
+from dm_audit.memory import release_unused_memory
 from dm_audit.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,8 @@ class ParquetEmbeddings:
             block = np.asarray(flat, dtype=np.float32).reshape(m, width or 0)
             yield start, (_check_block(block, start, f" in {self.path}") if check else block)
             start += m
+        # A whole pass read every row group through Arrow, which keeps the freed pages.
+        release_unused_memory()
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         yield from self._blocks(check=True)
@@ -264,8 +267,10 @@ def exact_is_cheap(n_queries: int, n_base: int, dim: int) -> bool:
 
 
 # Query rows per block of `search_few`: a block's similarities to one chunk of base rows
-# (256 x 65,536 float32) stay at 64 MB.
-_FEW_QUERY_BLOCK = 256
+# (64 x 65,536 float32) are 16 MB, and their merge with the best so far (a copy, its negation
+# and argpartition's int64 positions) about 5 times that. At 256 rows the block's transient
+# was about 350 MB, the flag stage's peak at 1M rows.
+_FEW_QUERY_BLOCK = 64
 
 
 def search_few(

@@ -230,7 +230,7 @@ def ood_scores(
 
 
 def input_space_distances(
-    space: np.ndarray,
+    space: np.ndarray | EmbeddingChunks,
     trusted_mask: np.ndarray,
     *,
     k: int = INPUT_NEIGHBOUR,
@@ -243,9 +243,9 @@ def input_space_distances(
 
     Parameters
     ----------
-    space : np.ndarray, shape (N, D)
+    space : np.ndarray, shape (N, D), or EmbeddingChunks
         The rows in a space where distances mean something without a model: standardised
-        features, or images averaged down (`duplicates.duplicate_space`).
+        features, or images averaged down (`duplicates.input_space`).
     trusted_mask : np.ndarray, shape (N,), bool
         Rows whose labels the audit trusts (`select_trusted`); more than k of them.
     k : int
@@ -264,10 +264,12 @@ def input_space_distances(
         A row left without k trusted candidates by the approximate index gets the largest
         distance found, counting as far from everything.
     """
-    x = np.asarray(space)
-    if x.ndim != 2:
-        raise DataError(f"space must be a 2-d array, got shape {x.shape}")
-    n = x.shape[0]
+    if not hasattr(space, "chunks"):
+        space = np.asarray(space)
+        if space.ndim != 2:
+            raise DataError(f"space must be a 2-d array, got shape {space.shape}")
+    source = neighbours.as_chunks(space)
+    n = source.n_rows
     trusted = validate_mask(trusted_mask, "trusted_mask", n)
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
@@ -278,7 +280,6 @@ def input_space_distances(
     squared = np.full(n, np.nan) if graph is None else -graph.kth_among(trusted, k)
     unlisted = np.flatnonzero(np.isnan(squared))
     base = np.flatnonzero(trusted)
-    source = neighbours.as_chunks(x)
     few = graph is not None and neighbours.exact_is_cheap(unlisted.size, base.size, source.dim)
     if unlisted.size and not few and graph is not None and graph.index is not None:
         squared[unlisted] = _kth_trusted_further(graph, source, trusted, unlisted, k, progress)

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dm_audit.atomic import atomic_write_parquet
+from dm_audit.batches import RowSubset
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.metrics import given_probability, margin, normalised_entropy
 from dm_audit.models import AuditModel
@@ -176,7 +177,7 @@ def _chunk_table(ids: Sequence[str], columns: dict[str, Any], embeddings: np.nda
 
 def write_scores_stream(
     model: AuditModel,
-    inputs: np.ndarray,
+    inputs: np.ndarray | RowSubset,
     labels: np.ndarray,
     path: str | os.PathLike[str],
     *,
@@ -198,8 +199,9 @@ def write_scores_stream(
     ----------
     model : AuditModel
         Trained model.
-    inputs : array
-        float features ``(N, D)`` or uint8 images ``(N, H, W, C)``.
+    inputs : array or RowSubset
+        float features ``(N, D)`` or uint8 images ``(N, H, W, C)``; a `RowSubset` is read a
+        chunk at a time.
     labels : array (N,) int
         Given labels.
     path : path-like
@@ -251,7 +253,7 @@ def write_scores_stream(
 def _score_chunks(
     writer: pq.ParquetWriter,
     model: AuditModel,
-    inputs: np.ndarray,
+    inputs: np.ndarray | RowSubset,
     y: np.ndarray,
     weighting: WeightFn,
     device: str | torch.device,

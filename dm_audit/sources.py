@@ -44,6 +44,7 @@ from dm_audit.dataset import AuditDataset, is_dataset_file
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.image_folder import load_image_folder
 from dm_audit.images import IMAGE_EXTENSIONS
+from dm_audit.memory import release_unused_memory
 from dm_audit.source_assembly import stratified_split
 from dm_audit.table_files import (
     COMPRESSION_SUFFIXES,
@@ -148,7 +149,10 @@ def load_source(
     if spec == "digits":
         _refuse_table_options(options, spec)
         return load_digits(test_size=test_size, seed=seed)
-    return _load_path(spec, options, test_size=test_size, seed=seed)
+    dataset = _load_path(spec, options, test_size=test_size, seed=seed)
+    # The file's decoded buffers are garbage now; Arrow would otherwise keep their pages.
+    release_unused_memory()
+    return dataset
 
 
 def _table_options(

@@ -16,6 +16,7 @@ from dm_audit.batches import augmentation
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import CROSSFIT_FOLDS, make_train_config
 from dm_audit.dataset import AuditDataset
+from dm_audit.memory import release_unused_memory
 from dm_audit.neighbours import NeighbourGraph
 from dm_audit.stage_results import ExampleScores, Flags
 
@@ -73,11 +74,19 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     # every copy is N x C).
     ensemble = scores.ensemble_probs()
     issue_score, weights = _label_issue_score(scores, labels, agreement, ensemble)
+    # How many rows to flag: the confident joint of two models of each fold, the probe's and
+    # the audit's, averaged. Each fold model errs confidently on some rows it never saw; two
+    # independently trained ones rarely agree on those, so the mean counts fewer model errors
+    # as noise. Chosen on the development data (benchmarks/results/flag_rules.md): clean
+    # tables flagged 1.2 -> 0.6 % (digits), 5.6 -> 4.0 % (raw binary), 16.7 -> 12.5 % (tiny
+    # and wide); F1 at 20-40 % noise up on five of seven settings, within 0.011 on the others.
+    # Counted before the input space exists, so their transient copies never coincide.
+    noise = estimate.estimate_noise(ensemble, labels, min_class_rows=CROSSFIT_FOLDS)
     inputs = dataset.inputs()
     steady_trajectories = not _augmented_trajectories(config, inputs.shape[1:])
     # One input space (standardised features, images averaged down) for the duplicates and the
-    # OOD score's input view.
-    space = duplicates.duplicate_space(inputs)
+    # OOD score's input view; features are standardised as each search reads them.
+    space = duplicates.input_space(inputs)
     input_graph = duplicates.input_graph(
         space,
         INPUT_GRAPH_NEIGHBOURS,
@@ -90,30 +99,30 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     dups = duplicates.find_duplicates(inputs, seed=config.seed, graph=input_graph)
     del inputs
     conflict = duplicates.conflict_evidence(dups, labels, ensemble)
+    del ensemble
     has_conflict = ~np.isnan(conflict)
     # A copy of an input labelled otherwise is direct evidence that one of the two labels is
     # wrong, not a model's estimate: it weighs as much as all the other evidence together.
     issue_score[has_conflict] = (issue_score[has_conflict] + conflict[has_conflict]) / 2.0
-    # How many rows to flag: the confident joint of two models of each fold, the probe's and
-    # the audit's, averaged. Each fold model errs confidently on some rows it never saw; two
-    # independently trained ones rarely agree on those, so the mean counts fewer model errors
-    # as noise. Chosen on the development data (benchmarks/results/flag_rules.md): clean
-    # tables flagged 1.2 -> 0.6 % (digits), 5.6 -> 4.0 % (raw binary), 16.7 -> 12.5 % (tiny
-    # and wide); F1 at 20-40 % noise up on five of seven settings, within 0.011 on the others.
-    noise = estimate.estimate_noise(ensemble, labels, min_class_rows=CROSSFIT_FOLDS)
-    del ensemble
     is_issue, threshold = _flag_label_issues(issue_score, labels, noise, conflict, config)
+    trusted = flags.select_trusted(table["p_given"].to_numpy(), is_issue)
+    input_distances = _input_distances(space, input_graph, trusted, config)
+    # The input space's index is done with: freed before the model view's searches build
+    # their own indexes (at 1M x 128 it is 256 MB).
+    del space, input_graph
     ood = _ood_scores(
         scores,
         labels,
         votes,
         is_issue,
-        _Searched(space, input_graph, graphs, of_images=dataset.input_kind == "image"),
+        trusted,
+        _ModelView(input_distances, graphs, of_images=dataset.input_kind == "image"),
         config,
         instability=steady_trajectories,
     )
-    del space, input_graph
     is_ood, ood_threshold, review_threshold = _ood_flags(ood, is_issue, config)
+    # The searches' indexes and result blocks are freed; give their memory back.
+    release_unused_memory()
     ids = table["example_id"].to_numpy(dtype=object)
     out = pd.DataFrame(
         {
@@ -143,13 +152,13 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
 
 
 @dataclass(frozen=True)
-class _Searched:
-    """What the flag stage's searches found, for the OOD score to reuse: the input space, its
-    neighbour graph, and each fold's graph in its model's embedding space (None for a fold too
-    small to search); `of_images` when the input space is of images averaged down."""
+class _ModelView:
+    """What the OOD score reuses from the flag stage's searches: each row's distance to the
+    trusted rows in the input space (None when too few rows are trusted), each fold's graph in
+    its model's embedding space (None for a fold too small to search), and `of_images` when
+    the input space is of images averaged down."""
 
-    space: np.ndarray
-    input_graph: NeighbourGraph
+    input_distances: np.ndarray | None
     fold_graphs: list[NeighbourGraph | None]
     of_images: bool = False
 
@@ -162,7 +171,8 @@ def _neighbour_agreement(
     with itself."""
     n, c = scores.probs.shape
     agreement = np.zeros(n)
-    votes = np.zeros((n, c))
+    # float32, as `knn_label_agreement` counts them: a float64 copy is 160 MB at 1M x 20.
+    votes = np.zeros((n, c), dtype=np.float32)
     graphs: list[NeighbourGraph | None] = []
     fold_rows = scores.fold_rows()
     for k, rows in enumerate(fold_rows):
@@ -254,7 +264,8 @@ def _ood_scores(
     labels: np.ndarray,
     votes: np.ndarray,
     is_issue: np.ndarray,
-    searched: _Searched,
+    trusted: np.ndarray,
+    searched: _ModelView,
     config: AuditConfig,
     *,
     instability: bool = True,
@@ -264,18 +275,8 @@ def _ood_scores(
     fold, as the input space is shared. Without `instability` the spread of p_i over the
     epochs is left out of the model's view."""
     table = scores.table
-    p_given = table["p_given"].to_numpy()
-    trusted = flags.select_trusted(p_given, is_issue)
     std_p = table["std_p"].to_numpy() if instability and "std_p" in table else None
-    input_distances = None
-    if trusted.sum() > flags.INPUT_NEIGHBOUR:
-        input_distances = flags.input_space_distances(
-            searched.space,
-            trusted,
-            graph=searched.input_graph,
-            seed=config.seed,
-            progress="flags: OOD input distance" if config.progress else None,
-        )
+    input_distances = searched.input_distances
     ood = np.zeros(len(labels))
     fold_rows = scores.fold_rows()
     for k, rows in enumerate(fold_rows):
@@ -300,6 +301,23 @@ def _ood_scores(
             progress=f"flags: OOD distance {k + 1}/{len(fold_rows)}" if config.progress else None,
         )
     return ood
+
+
+def _input_distances(
+    space: np.ndarray, input_graph: NeighbourGraph, trusted: np.ndarray, config: AuditConfig
+) -> np.ndarray | None:
+    """Each row's distance to its nearest trusted rows in the input space (the OOD score's
+    input view, trusted rows of every fold: the space is shared); None when too few rows are
+    trusted."""
+    if trusted.sum() <= flags.INPUT_NEIGHBOUR:
+        return None
+    return flags.input_space_distances(
+        space,
+        trusted,
+        graph=input_graph,
+        seed=config.seed,
+        progress="flags: OOD input distance" if config.progress else None,
+    )
 
 
 def _augmented_trajectories(config: AuditConfig, input_shape: tuple[int, ...]) -> bool:

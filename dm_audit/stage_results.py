@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from dm_audit import correction, estimate, neighbours
-from dm_audit.training import FitResult, predict_proba
+from dm_audit.inference import predict_class_probs
+from dm_audit.training import FitResult
 
 
 @dataclass
@@ -85,7 +86,7 @@ class CrossFit:
         """
         total: np.ndarray | None = None
         for f in self.fits:
-            probs, _ = predict_proba(f.model, inputs, device=device, batch_size=1024)
+            probs = predict_class_probs(f.model, inputs, device=device, batch_size=1024)
             total = probs.astype(np.float64) if total is None else total + probs
         assert total is not None  # a CrossFit holds at least two models
         return (total / len(self.fits)).astype(np.float32)

@@ -20,11 +20,13 @@ import pyarrow.parquet as pq
 import torch
 
 from dm_audit import linear_reference, neighbours
+from dm_audit.batches import RowSubset
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import audited
 from dm_audit.dataset import AuditDataset
 from dm_audit.emphasis import create_weighting
 from dm_audit.losses import create_loss
+from dm_audit.memory import release_unused_memory
 from dm_audit.progress import announce
 from dm_audit.scoring import (
     SCORES_SCHEMA,
@@ -81,7 +83,7 @@ def score_examples(
             path = base.with_name(f"{base.stem}_fold{k}{base.suffix}")
         fold_columns, fold_probs, fold_embeddings = _score_pass(
             f.model,
-            inputs[rows],
+            RowSubset(inputs, rows),  # gathered chunk by chunk, not copied
             labels[rows],
             weighting,
             config,
@@ -105,6 +107,8 @@ def score_examples(
     for column in dynamics.columns:
         table[column] = dynamics[column].to_numpy()
     reference, skipped = _reference_probs(data, labels, config)
+    # The eval passes' batches and the streamed file's Arrow buffers are garbage now.
+    release_unused_memory()
     return ExampleScores(
         table, probs, embeddings, targets, audit_fit.probe_probs, reference, skipped
     )
@@ -135,7 +139,7 @@ def _reference_probs(
 
 def _score_pass(
     model: torch.nn.Module,
-    inputs: np.ndarray,
+    inputs: np.ndarray | RowSubset,
     labels: np.ndarray,
     weighting: Any,
     config: AuditConfig,

@@ -44,6 +44,7 @@ from dm_audit.dynamics import TrainingDynamics
 from dm_audit.engine import TrainState, evaluate, train_one_epoch
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.inference import predict_proba
+from dm_audit.memory import release_unused_memory
 from dm_audit.models import AuditModel
 from dm_audit.progress import progress_bar
 from dm_audit.train_config import MLP_DECAY_ROWS, MLP_WEIGHT_DECAY, TrainConfig
@@ -188,6 +189,8 @@ def fit(
             log.info("no checkpoint in %s; starting a new run", ckpt)
         _train(run, eval_set=eval_set, true_labels=t, on_epoch_end=on_epoch_end)
         run.state.unwrap()
+    # The batches' tensors are freed; malloc keeps their blocks unless asked.
+    release_unused_memory()
     return run.result()
 
 

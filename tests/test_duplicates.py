@@ -164,6 +164,28 @@ def test_the_duplicate_space_standardises_chunk_by_chunk_as_in_one_pass() -> Non
     assert np.all(space[:, 3] == 0.0)
 
 
+def test_the_input_space_read_in_chunks_is_the_duplicate_space_and_searches_alike() -> None:
+    from dm_audit.ood import input_space_distances
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(700, 6)) * [1e-3, 1.0, 1e4, 2.0, 0.0, 5.0]).astype(np.float32)
+    space = duplicates.input_space(x)
+    assert isinstance(space, duplicates.StandardisedRows)
+    assert (space.n_rows, space.dim) == x.shape
+    chunked = duplicates.StandardisedRows(x, space.mean, space.scale, chunk_rows=64)
+    array = duplicates.duplicate_space(x)
+    np.testing.assert_array_equal(np.vstack([b for _, b in chunked.chunks()]), array)
+    from_chunks, from_array = duplicates.input_graph(chunked, 5), duplicates.input_graph(array, 5)
+    np.testing.assert_array_equal(from_chunks.positions, from_array.positions)
+    trusted = rng.random(700) < 0.7
+    np.testing.assert_array_equal(
+        input_space_distances(chunked, trusted, k=2), input_space_distances(array, trusted, k=2)
+    )
+    # Images are averaged down to an array, as before.
+    images = rng.integers(0, 256, size=(10, 32, 32, 3), dtype=np.uint8)
+    assert isinstance(duplicates.input_space(images), np.ndarray)
+
+
 def test_find_duplicates_reads_a_reused_input_graph_as_its_own_search() -> None:
     rng = np.random.default_rng(5)
     x = rng.normal(size=(400, 8)).astype(np.float32)

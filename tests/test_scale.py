@@ -237,3 +237,26 @@ def test_search_few_equals_an_exact_index_and_excludes_the_query_itself(metric):
     assert np.isneginf(short[:, 2:]).all()
     assert neighbours.exact_is_cheap(10, 1_000, 64)
     assert not neighbours.exact_is_cheap(100_000, 1_000_000, 128)
+
+
+def test_releasing_unused_memory_keeps_live_data_and_imports_nothing():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dm_audit.memory import release_unused_memory\n"
+        "release_unused_memory(); release_unused_memory()\n"
+        "assert 'pyarrow' not in sys.modules, 'imported pyarrow'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+    import pyarrow as pa
+
+    from dm_audit.memory import release_unused_memory
+
+    kept = pa.array(np.arange(100_000, dtype=np.float32))
+    dropped = pa.array(np.ones(1_000_000, dtype=np.float32))
+    del dropped
+    release_unused_memory()
+    np.testing.assert_array_equal(kept.to_numpy(), np.arange(100_000, dtype=np.float32))

@@ -11,9 +11,10 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from dm_audit.batches import augmentation
+from dm_audit.batches import RowSubset, augmentation, check_inputs
 from dm_audit.collapse_guard import CollapseGuard
 from dm_audit.errors import ConfigError, DataError
+from dm_audit.inference import predict_class_probs
 from dm_audit.losses import create_loss
 from dm_audit.metrics import balanced_accuracy_vs_chance
 from dm_audit.noise import inject_symmetric
@@ -649,3 +650,83 @@ def test_detached_copies_keep_mapping_and_tuple_types() -> None:
     tensor.add_(1)  # the live tensor moves on; the copies do not
     for copied in (out["o"]["w"], out["d"]["x"][0], out["p"].a):
         torch.testing.assert_close(copied, torch.ones(2))
+
+
+# ------------------------------------------------------------------------------ row subsets
+
+
+def test_a_row_subset_indexes_like_the_copy_it_stands_for(digits):
+    x_train = digits[0]
+    rows = np.random.default_rng(0).permutation(len(x_train))[:300]
+    subset, copy = RowSubset(x_train, rows), x_train[rows]
+    assert len(subset) == 300 and subset.shape == copy.shape
+    assert subset.ndim == 2 and subset.dtype == np.float32
+    for key in (
+        5,
+        slice(10, 50),
+        slice(None, None, 7),
+        np.array([3, 0, 299]),
+        torch.tensor([1, 2]),
+    ):
+        expected = copy[key.numpy() if isinstance(key, torch.Tensor) else key]
+        np.testing.assert_array_equal(subset[key], expected)
+    np.testing.assert_array_equal(subset.materialise(), copy)
+    assert check_inputs(subset) is subset  # checked through its base, not copied
+
+
+@pytest.mark.parametrize("rows", [np.array([0, 10_000]), np.array([-1]), np.array([[1, 2]])])
+def test_a_row_subset_refuses_rows_outside_its_base(digits, rows):
+    with pytest.raises(DataError, match="rows"):
+        RowSubset(digits[0], rows)
+
+
+def test_training_on_a_row_subset_is_bit_identical_to_training_on_the_copy(digits, tmp_path):
+    x_train, _, y_train, _ = digits
+    rows = np.sort(np.random.default_rng(1).permutation(len(x_train))[:800])
+    held = np.setdiff1d(np.arange(len(x_train)), rows)
+    config = TrainConfig(
+        model="mlp",
+        model_params={"dropout": 0.1},
+        loss="dm",
+        loss_params={"lam": 1.0, "beta": 16.0},
+        epochs=3,
+        progress=False,
+    )
+    options = dict(num_classes=10, eval_labels=y_train[held], true_labels=y_train[rows])
+    copied = fit(x_train[rows], y_train[rows], config, eval_inputs=x_train[held], **options)
+    gathered = fit(
+        RowSubset(x_train, rows),
+        y_train[rows],
+        config,
+        eval_inputs=RowSubset(x_train, held),
+        checkpoint_dir=tmp_path,  # the data fingerprint reads the subset too
+        **options,
+    )
+    assert _same_weights(copied.model, gathered.model)
+    # NaN-aware: the metrics of noisy examples are NaN on clean labels.
+    np.testing.assert_equal(_strip_timing(copied.history), _strip_timing(gathered.history))
+    np.testing.assert_array_equal(copied.dynamics.p_matrix(), gathered.dynamics.p_matrix())
+
+
+def test_class_probs_of_some_rows_match_predict_proba_of_their_copy(digits):
+    x_train, x_test, _, _ = digits
+    model = _fit(digits, loss="cce", epochs=1).model
+    rows = np.array([7, 3, 3, 400])
+    probs, _ = predict_proba(model, x_train[rows], "cpu")
+    np.testing.assert_array_equal(predict_class_probs(model, x_train, "cpu", rows=rows), probs)
+    # Other batches only change the rounding.
+    np.testing.assert_allclose(
+        predict_class_probs(model, x_train, "cpu", batch_size=3, rows=rows), probs, atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        predict_class_probs(model, x_test, "cpu"), predict_proba(model, x_test, "cpu")[0]
+    )
+    with pytest.raises(DataError, match="rows"):
+        predict_class_probs(model, x_train, "cpu", rows=np.array([len(x_train)]))
+
+
+def test_a_non_finite_value_is_named_by_its_row_beyond_the_first_block():
+    x = np.zeros((70_000, 3), dtype=np.float32)
+    x[66_000, 2] = np.inf
+    with pytest.raises(DataError, match="row 66000, column 2"):
+        check_inputs(x)
