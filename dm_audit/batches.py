@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +93,7 @@ class RowSubset:
         Row numbers of `base`, in the subset's order.
     """
 
-    def __init__(self, base: np.ndarray, rows: np.ndarray) -> None:
+    def __init__(self, base: np.ndarray | RowSubset, rows: np.ndarray) -> None:
         picked = np.asarray(rows)
         if picked.ndim != 1 or not (picked.size == 0 or np.issubdtype(picked.dtype, np.integer)):
             raise DataError(f"rows must be a 1-d array of row numbers, got shape {picked.shape}")
@@ -100,8 +101,11 @@ class RowSubset:
             raise DataError(
                 f"rows must lie in [0, {len(base)}); got {picked.min()}..{picked.max()}"
             )
+        picked = picked.astype(np.int64, copy=False)
+        if isinstance(base, RowSubset):  # rows of rows: one level, positions in the array
+            base, picked = base.base, base.rows[picked]
         self.base = base
-        self.rows = picked.astype(np.int64, copy=False)
+        self.rows = picked
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -267,6 +271,14 @@ def augmentation(
     return v2.Compose(steps)
 
 
+def _read_only_view(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing `array`'s memory. Training only reads its inputs, so a read-only array
+    (a memory-mapped or frozen matrix) is shared too, without torch's warning about writes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 class TrainData:
     """The training set: yields ``(indices, raw_x, y)`` batches on the device for one epoch.
 
@@ -327,7 +339,7 @@ class TrainData:
                 inputs = inputs.base
             elif isinstance(inputs, RowSubset):
                 inputs = inputs.materialise()
-            x = torch.from_numpy(inputs)
+            x = _read_only_view(inputs)
             if x.ndim == 4:
                 x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last strides
             if x.element_size() * x.nelement() <= _DEVICE_DATA_LIMIT or device.type == "cpu":

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dm_audit import estimate
-from dm_audit.batches import RowSubset
+from dm_audit.batches import RowSubset, check_inputs
 from dm_audit.config import AuditConfig
 from dm_audit.dataset import AuditDataset
 from dm_audit.errors import ConfigError
@@ -161,6 +161,8 @@ def train_crossfit(
     after every epoch on its own fold (kept rows, given or corrected `labels`): the
     ``eval_acc`` of its history is out of sample.
     """
+    # Checked (and made C-ordered float32) once: each fold's subsets then share this array.
+    inputs = check_inputs(inputs)
     y = dataset.label_codes() if labels is None else np.asarray(labels)
     keep = np.ones(y.size, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     truth = true_codes(dataset)
@@ -195,6 +197,7 @@ def out_of_sample_probs(
     models: CrossFit, inputs: np.ndarray, n_classes: int, device: str
 ) -> np.ndarray:
     """Class probabilities of every row under the model that did not train on its fold."""
+    inputs = check_inputs(inputs)  # once, not per fold
     probs = np.zeros((len(inputs), n_classes), dtype=np.float32)
     for k, f in enumerate(models.fits):
         rows = np.flatnonzero(models.folds == k)

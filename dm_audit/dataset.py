@@ -458,7 +458,9 @@ class AuditDataset:
         splits = ["train"] * n if split is None else [str(s) for s in split]
         table = pd.DataFrame({"example_id": ids, "label": names, "split": splits})
         if features is not None:
-            matrix = np.asarray(features, dtype=np.float32)
+            # C order: each row a contiguous view, and the trainings read rows without a copy
+            # (a DataFrame's to_numpy() is column-major).
+            matrix = np.ascontiguousarray(features, dtype=np.float32)
             if matrix.ndim != 2 or len(matrix) != n:
                 raise DataError(f"features must have shape ({n}, D), got {matrix.shape}")
             table["features"] = list(matrix)

@@ -4,12 +4,11 @@ Freed memory is not always returned: Arrow's allocator keeps the pages of every 
 reuse, and glibc's malloc keeps freed blocks of its heaps (the many mid-sized tensors of a
 training run). Both count towards the process's resident memory until the allocator is asked
 to let go. An audit of 200k rows of 128 features held about 370 MB more after its scoring stage
-and 670 MB more after its flags than once both were asked (benchmarks/results/scale.md has the
-figures at 1M).
+and 670 MB more after its flags than once both were asked.
 
-`release_unused_memory` asks both: it is called where a large transient ends (a file read, a
-training run, a full pass over streamed embeddings, the end of each stage). It only releases
-what nothing references, so results are unchanged.
+`release_unused_memory` asks both: it is called where a large transient ends (a data source
+loaded, a training run, a full pass over streamed embeddings, the scoring and flag stages). It
+only releases what nothing references, so results are unchanged.
 """
 
 from __future__ import annotations

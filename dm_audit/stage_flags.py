@@ -304,7 +304,10 @@ def _ood_scores(
 
 
 def _input_distances(
-    space: np.ndarray, input_graph: NeighbourGraph, trusted: np.ndarray, config: AuditConfig
+    space: np.ndarray | duplicates.StandardisedRows,
+    input_graph: NeighbourGraph,
+    trusted: np.ndarray,
+    config: AuditConfig,
 ) -> np.ndarray | None:
     """Each row's distance to its nearest trusted rows in the input space (the OOD score's
     input view, trusted rows of every fold: the space is shared); None when too few rows are

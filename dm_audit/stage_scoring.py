@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dm_audit import linear_reference, neighbours
-from dm_audit.batches import RowSubset
+from dm_audit.batches import RowSubset, check_inputs
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import audited
 from dm_audit.dataset import AuditDataset
@@ -61,7 +61,7 @@ def score_examples(
     """
     data = audited(dataset)
     labels = data.label_codes()
-    inputs = data.inputs()
+    inputs = check_inputs(data.inputs())  # once: each fold's rows are read from this array
     models = audit_fit.models
     stream = chunk_rows is not None or scores_path is not None or len(labels) > STREAM_THRESHOLD
     n, c = len(labels), data.n_classes

@@ -163,6 +163,14 @@ def test_from_arrays_builds_a_canonical_table(blobs_dataset):
     assert not ds.has_truth
 
 
+def test_from_arrays_keeps_column_major_features_as_rows():
+    # A DataFrame's to_numpy() is column-major; the trainings read rows of the matrix in place.
+    x = np.asfortranarray(np.arange(24, dtype=np.float64).reshape(6, 4))
+    ds = AuditDataset.from_arrays(["a", "b"] * 3, features=x)
+    assert ds.inputs().flags.c_contiguous and ds.inputs().dtype == np.float32
+    np.testing.assert_array_equal(ds.inputs(), x)
+
+
 def test_from_arrays_with_codes_and_images(colour_image_dataset):
     ds = colour_image_dataset
     assert ds.classes == ["blue", "green", "red"]

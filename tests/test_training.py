@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -672,6 +673,26 @@ def test_a_row_subset_indexes_like_the_copy_it_stands_for(digits):
         np.testing.assert_array_equal(subset[key], expected)
     np.testing.assert_array_equal(subset.materialise(), copy)
     assert check_inputs(subset) is subset  # checked through its base, not copied
+
+
+def test_a_row_subset_of_a_subset_points_into_the_array(digits):
+    x_train = digits[0]
+    inner = RowSubset(x_train, np.arange(100, 200))
+    outer = RowSubset(inner, np.array([5, 0, 99]))
+    assert outer.base is x_train
+    np.testing.assert_array_equal(outer.rows, [105, 100, 199])
+
+
+def test_training_reads_a_read_only_matrix_in_place_without_a_warning(digits):
+    x_train, _, y_train, _ = digits
+    frozen = x_train.copy()
+    frozen.flags.writeable = False
+    rows = np.arange(0, len(x_train), 2)
+    config = TrainConfig(model="mlp", loss="cce", epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not writable.*")
+        result = fit(RowSubset(frozen, rows), y_train[rows], config, num_classes=10)
+    assert result.history and not frozen.flags.writeable
 
 
 @pytest.mark.parametrize("rows", [np.array([0, 10_000]), np.array([-1]), np.array([[1, 2]])])
