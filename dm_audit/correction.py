@@ -44,6 +44,10 @@ CORRECTION_SOURCES: tuple[str, ...] = (
 )
 
 
+# Rows `suggest_labels` blends at a time.
+_SUGGEST_BLOCK_ROWS = 65_536
+
+
 def _tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T): T < 1 sharpens, T > 1 flattens, T = 1 returns p."""
     if temperature == 1.0:
@@ -115,26 +119,40 @@ def suggest_labels(
         raise ConfigError(f"temperature must be > 0, got {temperature!r}")
     if not 0.0 <= knn_weight <= 1.0:
         raise ConfigError(f"knn_weight must be in [0, 1], got {knn_weight!r}")
+    targets = None
     if proselflc_targets is not None:
-        base = validate_probs(proselflc_targets, name="proselflc_targets")
-        if base.shape != (n, c):
-            raise DataError(f"proselflc_targets must have shape ({n}, {c}), got {base.shape}")
-    else:
-        base = _tempered(p, float(temperature))
+        targets = validate_probs(proselflc_targets, name="proselflc_targets")
+        if targets.shape != (n, c):
+            raise DataError(f"proselflc_targets must have shape ({n}, {c}), got {targets.shape}")
+    v = None
     if knn_votes is not None:
         v = validate_probs(knn_votes, name="knn_votes")
         if v.shape != (n, c):
             raise DataError(f"knn_votes must have shape ({n}, {c}), got {v.shape}")
-        base = (1.0 - knn_weight) * base + knn_weight * v
-    candidates = base
     if (given is None) != (flagged is None):
         raise ConfigError("suggest_labels: give both `given` and `flagged`, or neither")
+    excluded = None
     if given is not None:
+        excluded = np.full(n, -1, dtype=np.int64)  # the class a row may not be suggested
         rows = np.flatnonzero(validate_mask(flagged, "flagged", n))
-        candidates = base.copy()
-        candidates[rows, validate_labels(given, n, c, name="given")[rows]] = -np.inf
-    suggested = candidates.argmax(axis=1).astype(np.int64)
-    confidence = np.clip(base[np.arange(n), suggested], 0.0, 1.0)
+        excluded[rows] = validate_labels(given, n, c, name="given")[rows]
+    suggested = np.empty(n, dtype=np.int64)
+    confidence = np.empty(n, dtype=np.float64)
+    # Every step is row by row: blocks of rows keep the blend's temporaries small (at 1M rows
+    # x 20 classes each whole-table float64 copy is 160 MB, and there were five).
+    for lo in range(0, n, _SUGGEST_BLOCK_ROWS):
+        block = slice(lo, min(n, lo + _SUGGEST_BLOCK_ROWS))
+        base = targets[block] if targets is not None else _tempered(p[block], float(temperature))
+        if v is not None:
+            base = (1.0 - knn_weight) * base + knn_weight * v[block]
+        candidates = base
+        if excluded is not None:
+            held = np.flatnonzero(excluded[block] >= 0)
+            candidates = base.copy()
+            candidates[held, excluded[block][held]] = -np.inf
+        pick = candidates.argmax(axis=1)
+        suggested[block] = pick
+        confidence[block] = np.clip(base[np.arange(len(pick)), pick], 0.0, 1.0)
     return suggested, confidence
 
 

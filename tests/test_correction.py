@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dm_audit import correction
 from dm_audit.correction import (
     CORRECTION_SOURCES,
     automatic_correction_gate,
@@ -245,3 +246,24 @@ def test_rows_outside_the_gate_go_to_review() -> None:
     )
     assert plan.source.tolist() == ["auto_corrected", "needs_review", "kept", "auto_corrected"]
     assert plan.include_in_retrain.tolist() == [True, False, True, True]
+
+
+def test_suggestions_in_blocks_of_rows_equal_the_whole_table_at_once(monkeypatch) -> None:
+    rng = np.random.default_rng(4)
+    n, c = 500, 6
+    probs = rng.dirichlet(np.ones(c), size=n)
+    votes = rng.dirichlet(np.ones(c), size=n)
+    given = rng.integers(0, c, size=n)
+    flagged = rng.random(n) < 0.3
+    options = dict(temperature=0.5, knn_votes=votes, knn_weight=0.3, given=given, flagged=flagged)
+    whole = correction.suggest_labels(probs, **options)
+    monkeypatch.setattr(correction, "_SUGGEST_BLOCK_ROWS", 7)
+    blocked = correction.suggest_labels(probs, **options)
+    np.testing.assert_array_equal(whole[0], blocked[0])
+    np.testing.assert_array_equal(whole[1], blocked[1])
+    # The blend written out for the whole table: probabilities at T = 0.5 (squared,
+    # renormalised) and the votes, 0.7 and 0.3.
+    tempered = probs**2 / (probs**2).sum(axis=1, keepdims=True)
+    blend = 0.7 * tempered + 0.3 * votes
+    blend[np.flatnonzero(flagged), given[flagged]] = -np.inf
+    np.testing.assert_array_equal(blocked[0], blend.argmax(axis=1))
