@@ -76,6 +76,10 @@ def _column(df: pd.DataFrame, field: pa.Field, table: str) -> pa.Array:
     try:
         if pa.types.is_list(field.type):
             arr = pa.array([None if v is None else list(v) for v in values], type=field.type)
+        elif pa.types.is_string(field.type) and isinstance(values.dtype, pd.StringDtype):
+            # Already strings (pandas' string dtype, Arrow-backed by default): converted
+            # without a Python object per row, which at 1M rows costs more than the column.
+            arr = pa.array(values, from_pandas=True).cast(pa.string())
         elif pa.types.is_string(field.type):
             # Class names may arrive as categoricals or objects; keep nulls, stringify the rest.
             obj = values.astype(object)
@@ -83,6 +87,8 @@ def _column(df: pd.DataFrame, field: pa.Field, table: str) -> pa.Array:
                 [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in obj],
                 type=pa.string(),
             )
+        elif pa.types.is_boolean(field.type) and values.dtype == np.bool_:
+            arr = pa.array(values.to_numpy(), type=pa.bool_())
         elif pa.types.is_boolean(field.type):
             obj = values.astype(object)
             bad = [

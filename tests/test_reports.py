@@ -256,3 +256,18 @@ def test_bad_plots_are_rejected(tmp_path: Path) -> None:
         write_reports(tmp_path / "b", _examples(), plots={"p": tmp_path / "none.png"})
     with pytest.raises(DataError, match="matplotlib Figure"):
         write_reports(tmp_path / "c", _examples(), plots={"p": 3})
+
+
+def test_string_and_object_columns_give_the_same_table() -> None:
+    """pandas' string columns are converted without a Python object per row; the table is the
+    one their object-typed twins give, nulls included."""
+    as_str = _examples()
+    as_object = as_str.copy()
+    for column in ("example_id", "split", "given_label", "predicted_label", "corrected_label"):
+        as_str[column] = as_str[column].astype("str")
+        as_object[column] = as_object[column].astype(object)
+    assert isinstance(as_str["corrected_label"].dtype, pd.StringDtype)
+    fast = table_from_frame(as_str, EXAMPLES_SCHEMA)
+    assert fast.equals(table_from_frame(as_object, EXAMPLES_SCHEMA))
+    assert fast.column("corrected_label").null_count == 1
+    assert fast.schema.field("given_label").type == pa.string()
