@@ -271,3 +271,14 @@ def test_string_and_object_columns_give_the_same_table() -> None:
     assert fast.equals(table_from_frame(as_object, EXAMPLES_SCHEMA))
     assert fast.column("corrected_label").null_count == 1
     assert fast.schema.field("given_label").type == pa.string()
+
+
+def test_duplicate_ids_are_named_in_every_row_table(tmp_path: Path) -> None:
+    """The uniqueness check counts in Arrow and still names the repeated id."""
+    frame = pd.DataFrame({"example_id": ["a", "b", "c", "b"], "given_label": "x"})
+    frame = frame.assign(original_label="x", corrected_label="x", source="kept")
+    with pytest.raises(DataError, match="corrected_labels: example_id 'b' appears more than once"):
+        table_from_frame(
+            frame[["example_id", "original_label", "corrected_label", "source"]],
+            CORRECTED_LABELS_SCHEMA,
+        )
