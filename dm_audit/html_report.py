@@ -161,14 +161,23 @@ def _thumb(blob: bytes | None, title: str) -> str:
 def _suspects_section(
     examples: pd.DataFrame, images: Sequence[bytes] | None, neighbours: Mapping[int, list[int]]
 ) -> str:
-    flagged = examples[examples["is_label_issue"].to_numpy(dtype=bool)]
+    shown_columns = [
+        "example_id",
+        "given_label",
+        "suggested_label",
+        "label_issue_score",
+        "suggestion_confidence",
+        "correction_source",
+    ]
+    # Only the shown columns of the flagged rows are copied and sorted.
+    flagged = examples.loc[examples["is_label_issue"].to_numpy(dtype=bool), shown_columns]
     top = flagged.sort_values(["label_issue_score", "example_id"], ascending=[False, True])
     top = top.head(SUSPECTS_SHOWN)
     headers = ["example", "given", "suggested", "score", "confidence", "decision"]
     if images is not None:
         headers = ["image", *headers, "rows of the suggested class"]
+        ids = examples["example_id"].to_numpy(dtype=object)
     rows = []
-    ids = examples["example_id"].to_numpy(dtype=object)
     for position, r in zip(top.index, top.itertuples(index=False), strict=True):
         cells = [
             _e(r.example_id),

@@ -141,7 +141,9 @@ def plot_training_dynamics(
     -------
     Figure or Path
     """
-    h = np.asarray(p_history, dtype=np.float64)
+    # Read in its own dtype, one epoch's column at a time: a float64 copy of the whole history
+    # (and of each group's rows) is several times the N x E matrix.
+    h = np.asarray(p_history)
     if h.ndim != 2 or h.shape[0] == 0 or h.shape[1] == 0:
         raise DataError(f"p_history must have shape (N, E) with N, E >= 1, got {h.shape}")
     flagged = _flags(is_flagged, h.shape[0], "is_flagged")
@@ -155,19 +157,12 @@ def plot_training_dynamics(
             continue
         sample = rng.choice(rows, size=min(n_curves, rows.size), replace=False)
         for r in sample:
-            ax.plot(epochs, h[r], color=colour, alpha=0.12, linewidth=0.8)
-        group = h[rows]
-        ax.fill_between(
-            epochs,
-            np.nanpercentile(group, 25, axis=0),
-            np.nanpercentile(group, 75, axis=0),
-            color=colour,
-            alpha=0.2,
-            linewidth=0,
-        )
+            ax.plot(epochs, h[r].astype(np.float64), color=colour, alpha=0.12, linewidth=0.8)
+        low, middle, high = _epoch_statistics(h, rows)
+        ax.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
         ax.plot(
             epochs,
-            np.nanmean(group, axis=0),
+            middle,
             color=colour,
             linewidth=2.2,
             label=f"{name} mean ({rows.size})",
@@ -178,6 +173,25 @@ def plot_training_dynamics(
     ax.set_title(title)
     ax.legend(loc="best")
     return _finish(fig, path)
+
+
+def _epoch_statistics(
+    history: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 25th percentile, mean and 75th percentile of each epoch's p_i over `rows`.
+
+    One epoch's column at a time in float64, so the transient is one column, not the rows'
+    whole history.
+    """
+    out = np.empty((3, history.shape[1]))
+    for e in range(history.shape[1]):
+        column = history[rows, e].astype(np.float64)
+        out[:, e] = (
+            np.nanpercentile(column, 25),
+            np.nanmean(column),
+            np.nanpercentile(column, 75),
+        )
+    return out[0], out[1], out[2]
 
 
 def plot_noise_matrix(

@@ -230,7 +230,9 @@ def label_issues_frame(examples: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in need if c not in examples.columns]
     if missing:
         raise DataError(f"examples: missing column(s) {missing} needed for the label-issue export")
-    flagged = examples[examples["is_label_issue"].astype(bool)].copy()
+    # Only the exported columns of the flagged rows are copied, not the whole examples table.
+    keep = [c for c in LABEL_ISSUES_SCHEMA.names if c in examples.columns]
+    flagged = examples.loc[examples["is_label_issue"].astype(bool).to_numpy(), keep].copy()
     for opt in ("suggestion_confidence", "p_given"):
         if opt not in flagged.columns:
             flagged[opt] = np.nan
@@ -262,12 +264,14 @@ def corrected_labels_frame(examples: pd.DataFrame, *, changed_only: bool = False
     missing = [c for c in need if c not in examples.columns]
     if missing:
         raise DataError(f"examples: missing column(s) {missing} needed for corrected labels")
+    # The columns' own arrays: string columns stay in Arrow instead of becoming one Python
+    # object per row and back (at 1M rows that round trip cost more than the frame).
     out = pd.DataFrame(
         {
-            "example_id": examples["example_id"].to_numpy(),
-            "original_label": examples["given_label"].to_numpy(),
-            "corrected_label": examples["corrected_label"].to_numpy(),
-            "source": examples["correction_source"].to_numpy(),
+            "example_id": examples["example_id"].array,
+            "original_label": examples["given_label"].array,
+            "corrected_label": examples["corrected_label"].array,
+            "source": examples["correction_source"].array,
         }
     )
     if changed_only:

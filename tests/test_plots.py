@@ -70,3 +70,24 @@ def test_plots_validate_inputs() -> None:
         plot_noise_matrix(np.eye(2), ["a", "b", "c"])
     with pytest.raises(DataError, match="scores"):
         plot_score_distribution(np.array([]))
+
+
+def test_training_dynamics_bands_are_the_groups_epoch_statistics() -> None:
+    """The mean line and the 25-75 % band are each epoch's statistics over the group's rows,
+    computed one epoch at a time from the float16 history as from its float64 copy."""
+    rng = np.random.default_rng(3)
+    history = rng.random((500, 6)).astype(np.float16)
+    history[rng.random(history.shape) < 0.05] = np.nan  # epochs a row was not recorded
+    flagged = rng.random(500) < 0.3
+    fig = plot_training_dynamics(history, flagged)
+    ax = fig.axes[0]
+    full = history.astype(np.float64)
+    for group, line in zip((~flagged, flagged), [ln for ln in ax.lines if ln.get_linewidth() > 2]):
+        np.testing.assert_allclose(line.get_ydata(), np.nanmean(full[group], axis=0))
+    bands = ax.collections
+    assert len(bands) == 2
+    for group, band in zip((~flagged, flagged), bands, strict=True):
+        vertices = band.get_paths()[0].vertices[:, 1]
+        for q in (25, 75):
+            expected = np.nanpercentile(full[group], q, axis=0)
+            assert np.isclose(vertices[:, None], expected[None, :]).any(axis=0).all()
