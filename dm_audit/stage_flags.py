@@ -107,9 +107,10 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     is_issue, threshold = _flag_label_issues(issue_score, labels, noise, conflict, config)
     trusted = flags.select_trusted(table["p_given"].to_numpy(), is_issue)
     input_distances = _input_distances(space, input_graph, trusted, config)
-    # The input space's index is done with: freed before the model view's searches build
-    # their own indexes (at 1M x 128 it is 256 MB).
+    # The input space's index is done with: freed, and its memory handed back, before the
+    # model view's searches build their own indexes (at 1M x 128 it is 256 MB).
     del space, input_graph
+    release_unused_memory()
     ood = _ood_scores(
         scores,
         labels,
@@ -190,6 +191,10 @@ def _neighbour_agreement(
         )
         agreement[rows], votes[rows] = knn.agreement, knn.votes
         graphs.append(knn.graph)
+        # The fold's index is gone; hand its memory back before the next fold builds its own
+        # (at 1M rows each is a quarter of a gigabyte that malloc would otherwise keep).
+        del knn
+        release_unused_memory()
     return agreement, votes, graphs
 
 

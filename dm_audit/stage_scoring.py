@@ -179,7 +179,9 @@ def _score_pass(
             chunk_rows=chunk,
             example_ids=None if example_ids is None else list(example_ids),
         )
-        embeddings = neighbours.ParquetEmbeddings(path, chunk_rows=chunk)
+        embeddings = neighbours.ParquetEmbeddings(
+            path, chunk_rows=min(chunk, neighbours.PARQUET_READ_ROWS)
+        )
     except BaseException:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -260,3 +260,24 @@ def test_releasing_unused_memory_keeps_live_data_and_imports_nothing():
     del dropped
     release_unused_memory()
     np.testing.assert_array_equal(kept.to_numpy(), np.arange(100_000, dtype=np.float32))
+
+
+def test_parquet_embeddings_read_across_row_groups_in_small_chunks(tmp_path):
+    """The default read (chunks smaller than the written row groups, pages streamed through a
+    buffer) yields every row once, in order, with the written values."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    n = neighbours.PARQUET_READ_ROWS * 2 + 1_000
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    column = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, 3 * n + 1, 3, dtype=np.int32)), pa.array(x.ravel())
+    )
+    path = tmp_path / "emb.parquet"
+    pq.write_table(pa.table({"embedding": column}), path, row_group_size=20_000)
+    source = ParquetEmbeddings(path)
+    assert source.chunk_rows == neighbours.PARQUET_READ_ROWS
+    starts, blocks = zip(*source.chunks(), strict=True)
+    assert list(starts) == list(range(0, n, neighbours.PARQUET_READ_ROWS))
+    np.testing.assert_array_equal(np.concatenate(blocks), x)
