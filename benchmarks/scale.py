@@ -5,7 +5,8 @@ The table is generated once (seeded) and saved as a dm-audit dataset file under
 (`dm_audit.sources.load_source`) and runs the CLI's stages one by one with the library's
 defaults (progress bars off), recording per stage the wall time and the peak resident memory
 (VmHWM, reset before each stage through ``/proc/self/clear_refs``), and at the end the detection
-quality against the known truth.
+quality against the known truth. As in the CLI, only the report outlives the stages that built
+it: the report is written after the stage results are released.
 
     uv run python benchmarks/scale.py --rows 100000            # about 15 min on 2 cores
     uv run python benchmarks/scale.py                          # 1,000,000 rows
@@ -173,6 +174,9 @@ def run(
         retrained,
         config,
     )
+    # As in `run_audit`, whose stages hand back only the report: the stage results are gone by
+    # the time the report is written.
+    del probe, fit, scores, flags, corrections, retrained
     meter.run("write_report", audit.write_report, report, out_dir, if_exists="overwrite")
     summary = report.summary
     return {
