@@ -82,7 +82,9 @@ def test_training_dynamics_bands_are_the_groups_epoch_statistics() -> None:
     fig = plot_training_dynamics(history, flagged)
     ax = fig.axes[0]
     full = history.astype(np.float64)
-    for group, line in zip((~flagged, flagged), [ln for ln in ax.lines if ln.get_linewidth() > 2]):
+    means = [line for line in ax.lines if line.get_linewidth() > 2]
+    assert len(means) == 2
+    for group, line in zip((~flagged, flagged), means, strict=True):
         np.testing.assert_allclose(line.get_ydata(), np.nanmean(full[group], axis=0))
     bands = ax.collections
     assert len(bands) == 2
