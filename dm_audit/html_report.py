@@ -170,7 +170,10 @@ def _suspects_section(
         "correction_source",
     ]
     # Only the shown columns of the flagged rows are copied and sorted.
-    flagged = examples.loc[examples["is_label_issue"].to_numpy(dtype=bool), shown_columns]
+    # (A column the frame lacks is shown empty.)
+    flagged = examples.loc[examples["is_label_issue"].to_numpy(dtype=bool)].reindex(
+        columns=shown_columns
+    )
     top = flagged.sort_values(["label_issue_score", "example_id"], ascending=[False, True])
     top = top.head(SUSPECTS_SHOWN)
     headers = ["example", "given", "suggested", "score", "confidence", "decision"]

@@ -12,8 +12,11 @@ it, and at millions of rows no more than one chunk of embeddings is held besides
   sample gathered in a first pass;
 * the queries are read again chunk by chunk and searched in batches.
 
-Normalising a row does not depend on the other rows of its chunk and an index assigns each added
-vector on its own, so the results do not depend on the chunk size.
+Normalising a row does not depend on the other rows of its chunk, an index assigns each added
+vector on its own and the queries reach faiss in the same batches whatever the chunks, so the
+neighbours do not depend on the chunk size. The exception is the last bits: a chunk of a few
+rows (a table's remainder) may be multiplied by a different kernel and round otherwise, which
+can only matter for two neighbours at the same distance.
 """
 
 from __future__ import annotations
@@ -277,9 +280,10 @@ def exact_is_cheap(n_queries: int, n_base: int, dim: int) -> bool:
 
 
 # Query rows per block of `search_few`: a block's similarities to one chunk of base rows
-# (64 x 65,536 float32) are 16 MB, and their merge with the best so far (a copy, its negation
-# and argpartition's int64 positions) about 5 times that. At 256 rows the block's transient
-# was about 350 MB, the flag stage's peak at 1M rows.
+# (64 x 65,536 float32 for an array, a quarter of that for a streamed file) are 16 MB, and
+# their merge with the best so far (a copy, its negation and argpartition's int64 positions)
+# about 5 times that. At 256 rows the block's transient was about 350 MB, the flag stage's
+# peak at 1M rows.
 _FEW_QUERY_BLOCK = 64
 
 

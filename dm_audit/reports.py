@@ -85,7 +85,10 @@ def _column(df: pd.DataFrame, field: pa.Field, table: str) -> pa.Array:
             # Class names may arrive as categoricals or objects; keep nulls, stringify the rest.
             obj = values.astype(object)
             arr = pa.array(
-                [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in obj],
+                [
+                    None if v is None or v is pd.NA or (isinstance(v, float) and v != v) else str(v)
+                    for v in obj
+                ],
                 type=pa.string(),
             )
         elif pa.types.is_boolean(field.type) and values.dtype == np.bool_:

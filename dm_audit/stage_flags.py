@@ -191,8 +191,9 @@ def _neighbour_agreement(
         )
         agreement[rows], votes[rows] = knn.agreement, knn.votes
         graphs.append(knn.graph)
-        # The fold's index is gone; hand its memory back before the next fold builds its own
-        # (at 1M rows each is a quarter of a gigabyte that malloc would otherwise keep).
+        # The fold's index was freed when the search returned; hand its memory back before the
+        # next fold builds its own (at 1M rows each is a quarter of a gigabyte that malloc
+        # would otherwise keep).
         del knn
         release_unused_memory()
     return agreement, votes, graphs

@@ -282,3 +282,25 @@ def test_duplicate_ids_are_named_in_every_row_table(tmp_path: Path) -> None:
             frame[["example_id", "original_label", "corrected_label", "source"]],
             CORRECTED_LABELS_SCHEMA,
         )
+
+
+@pytest.mark.parametrize("dtype", ["string", object])
+def test_missing_labels_are_nulls_whatever_the_column_type(dtype) -> None:
+    """pd.NA in a label column is a missing label (null), never the text "<NA>"."""
+    frame = _examples()
+    frame["corrected_label"] = pd.Series(["cat", "cat", "cat", pd.NA, "dog", "dog"], dtype=dtype)
+    assert frame["corrected_label"].dtype == dtype
+    table = table_from_frame(frame, EXAMPLES_SCHEMA)
+    assert table.column("corrected_label").to_pylist()[3] is None
+    frame["given_label"] = frame["corrected_label"]
+    with pytest.raises(DataError, match="'given_label' has a missing value at row 3"):
+        table_from_frame(frame, EXAMPLES_SCHEMA)
+
+
+def test_report_page_without_the_optional_suggestion_columns() -> None:
+    """The page lists the suspects from the columns a frame has, the others shown empty."""
+    from dm_audit.html_report import render_report
+
+    frame = _examples().drop(columns=["suggestion_confidence", "correction_source"])
+    page = render_report({}, frame, pd.DataFrame(), {})
+    assert "id1" in page and "Suspected label issues" in page
