@@ -169,11 +169,11 @@ def _suspects_section(
         "suggestion_confidence",
         "correction_source",
     ]
-    # Only the shown columns of the flagged rows are copied and sorted.
-    # (A column the frame lacks is shown empty.)
-    flagged = examples.loc[examples["is_label_issue"].to_numpy(dtype=bool)].reindex(
-        columns=shown_columns
-    )
+    # Only the shown columns of the flagged rows are copied and sorted; a column the frame
+    # lacks is shown empty.
+    present = [c for c in shown_columns if c in examples.columns]
+    flagged = examples.loc[examples["is_label_issue"].to_numpy(dtype=bool), present]
+    flagged = flagged.reindex(columns=shown_columns)
     top = flagged.sort_values(["label_issue_score", "example_id"], ascending=[False, True])
     top = top.head(SUSPECTS_SHOWN)
     headers = ["example", "given", "suggested", "score", "confidence", "decision"]
