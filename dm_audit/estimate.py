@@ -34,6 +34,9 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- noise estimate
 
+# Rows per block of the confident joint's count: 65,536 x 20 classes of float64 is 10 MB.
+CONFIDENT_JOINT_BLOCK_ROWS = 65_536
+
 
 @dataclass(frozen=True)
 class NoiseEstimate:
@@ -146,13 +149,19 @@ def _class_thresholds(
 
 def _confident_joint(p: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Counts ``[true, given]`` of the examples reaching some class threshold, (C, C) int64."""
-    c = p.shape[1]
-    # The small slack lets an example sitting exactly on its class mean count (constant probs).
-    above = p >= thresholds[None, :] - 1e-6
-    counted = above.any(axis=1)
-    true_guess = np.where(above, p, -1.0).argmax(axis=1)
+    n, c = p.shape
     cj = np.zeros((c, c), dtype=np.int64)  # [true, given]
-    np.add.at(cj, (true_guess[counted], y[counted]), 1)
+    # A block of rows at a time: the masked copy is N x C float64 (160 MB at 1M x 20), and
+    # this count is the probe's and the retrain's memory peak at that size.
+    for start in range(0, n, CONFIDENT_JOINT_BLOCK_ROWS):
+        block = p[start : start + CONFIDENT_JOINT_BLOCK_ROWS]
+        given = y[start : start + CONFIDENT_JOINT_BLOCK_ROWS]
+        # The small slack lets an example sitting exactly on its class mean count (constant
+        # probs).
+        above = block >= thresholds[None, :] - 1e-6
+        counted = above.any(axis=1)
+        true_guess = np.where(above, block, -1.0).argmax(axis=1)
+        np.add.at(cj, (true_guess[counted], given[counted]), 1)
     return cj
 
 
