@@ -279,8 +279,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A blank line before the heading when prose was added under the previous section.
+    separator = "\n" if path.exists() and not path.read_text().endswith("\n\n") else ""
     with path.open("a") as handle:
-        handle.write("\n".join(lines) + "\n")
+        handle.write(separator + "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
