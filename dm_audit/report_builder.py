@@ -8,6 +8,7 @@ with `dm_audit.reports` (schemas and atomic writers).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def build_report(
         figures=figures,
         final_models=retrained.models or audit_fit.models,
         classes=classes_frame,
-        html=_html_page(data, examples, classes_frame, summary, figures),
+        render_html=functools.partial(_html_page, data, examples, classes_frame, summary, figures),
     )
 
 

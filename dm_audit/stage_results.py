@@ -8,6 +8,7 @@ fields by name, so the fields' order and defaults are part of the stored format.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,11 +287,22 @@ class AuditReport:
     figures: dict[str, Any] = field(default_factory=dict)
     # Per-class label health (`class_health.class_health`), written as classes.parquet.
     classes: pd.DataFrame | None = None
-    # The self-contained report.html (`html_report.render_report`).
-    html: str | None = None
     # The final cross-fitted models (the retrained ones, or the audit's without a retrain), for
     # predictions on new inputs (`dm_audit.api.LabelAuditor`); not written to disk.
     final_models: CrossFit | None = None
+    # Renders report.html when `html` is first read. The page embeds every plot as a PNG: on a
+    # 150-row table it cost a second, more than the audit's training, which an audit whose
+    # report is never written (the Python API, a benchmark) should not pay.
+    render_html: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    _html: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def html(self) -> str | None:
+        """The self-contained report.html (`html_report.render_report`), rendered once."""
+        if self._html is None and self.render_html is not None:
+            self._html = self.render_html()
+            self.render_html = None  # the renderer holds the dataset: let it go
+        return self._html
 
 
 def emphasis_in_force(

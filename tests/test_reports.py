@@ -304,3 +304,23 @@ def test_report_page_without_the_optional_suggestion_columns() -> None:
     frame = _examples().drop(columns=["suggestion_confidence", "correction_source"])
     page = render_report({}, frame, pd.DataFrame(), {})
     assert "id1" in page and "Suspected label issues" in page
+
+
+def test_audit_report_renders_its_page_once_and_only_when_read() -> None:
+    """report.html is rendered on first read (an unwritten report never pays for it), once."""
+    from dm_audit.stage_results import AuditReport
+
+    calls: list[int] = []
+
+    def render() -> str:
+        calls.append(1)
+        return "<html>page</html>"
+
+    empty = pd.DataFrame()
+    report = AuditReport(_examples(), empty, empty, empty, {}, render_html=render)
+    assert calls == []
+    assert report.html == "<html>page</html>"
+    assert report.html == "<html>page</html>"
+    assert calls == [1]
+    assert report.render_html is None  # the renderer (and the data it holds) is released
+    assert AuditReport(_examples(), empty, empty, empty, {}).html is None
