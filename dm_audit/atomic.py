@@ -18,6 +18,7 @@ here too.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -65,6 +66,8 @@ __all__ = [
     "atomic_write_png",
     "atomic_write_text",
     "check_output_location",
+    "figure_png",
+    "keep_png_renderings",
     "make_output_dir",
     "prepare_output_dir",
     "previous_run_files",
@@ -209,9 +212,37 @@ def atomic_write_parquet(path: str | os.PathLike[str], table: pa.Table, **kwargs
     return atomic_write(path, lambda f: pq.write_table(table, f, **kwargs))
 
 
+# Where `keep_png_renderings` keeps a figure's PNG bytes, by dpi.
+_PNG_RENDERINGS = "_dm_audit_png_renderings"
+
+
+def keep_png_renderings(figure: Figure) -> Figure:
+    """Let `figure_png` render `figure` once per dpi and reuse the bytes; returns the figure.
+
+    Only for a figure that is finished: one changed after its first rendering would be shown
+    as it was. The report's plots are (report.html and plots/*.png show the same rendering,
+    and rendering is most of a small report's cost).
+    """
+    setattr(figure, _PNG_RENDERINGS, {})
+    return figure
+
+
+def figure_png(figure: Figure, *, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes; rendered once per dpi if it went through `keep_png_renderings`."""
+    kept: dict[int, bytes] | None = getattr(figure, _PNG_RENDERINGS, None)
+    if kept is not None and dpi in kept:
+        return kept[dpi]
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    png = buffer.getvalue()
+    if kept is not None:
+        kept[dpi] = png
+    return png
+
+
 def atomic_write_png(path: str | os.PathLike[str], figure: Figure, *, dpi: int = 100) -> Path:
     """Save a matplotlib figure as PNG atomically and return the path."""
-    return atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=dpi))
+    return atomic_write_bytes(path, figure_png(figure, dpi=dpi))
 
 
 @dataclass

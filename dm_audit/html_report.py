@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from dm_audit.atomic import figure_png
 
 __all__ = ["SUSPECTS_SHOWN", "render_report"]
 
@@ -81,9 +82,9 @@ def _figure_png(fig: Any) -> bytes:
     if isinstance(fig, str | os.PathLike):
         with open(fig, "rb") as f:
             return f.read()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    return buffer.getvalue()
+    # At plots/*.png's resolution, so a report figure is rendered once for both
+    # (`atomic.keep_png_renderings`); the page's style scales it down.
+    return figure_png(fig)
 
 
 def _cards(summary: Mapping[str, Any]) -> str:

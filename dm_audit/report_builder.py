@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dm_audit import class_health, correction, duplicates, estimate, reports
+from dm_audit.atomic import keep_png_renderings
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import CROSSFIT_FOLDS, audited, true_codes
 from dm_audit.dataset import AuditDataset
@@ -291,7 +292,8 @@ def _figures(
         figures["training_dynamics"] = plots.plot_training_dynamics(
             np.asarray(p_history, dtype=np.float32), is_issue
         )
-    return figures
+    # Finished: report.html and plots/*.png share one rendering of each.
+    return {name: keep_png_renderings(figure) for name, figure in figures.items()}
 
 
 def _html_page(

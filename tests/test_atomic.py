@@ -26,6 +26,8 @@ from dm_audit.atomic import (
     atomic_write_parquet,
     atomic_write_png,
     atomic_write_text,
+    figure_png,
+    keep_png_renderings,
     prepare_output_dir,
     previous_run_files,
     staged_output_dir,
@@ -50,6 +52,32 @@ def test_writers_round_trip(tmp_path: Path) -> None:
         f.write("text mode")
     assert (tmp_path / "b.txt").read_text() == "text mode"
     assert _leftovers(tmp_path) == []
+
+
+def test_a_finished_figure_is_rendered_once_per_dpi_and_others_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renders: list[int] = []
+    original = Figure.savefig
+
+    def counting_savefig(self, *args, **kwargs):
+        renders.append(kwargs["dpi"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", counting_savefig)
+    kept = keep_png_renderings(Figure())
+    kept.add_subplot().plot([0, 1], [1, 0])
+    written = atomic_write_png(tmp_path / "kept.png", kept).read_bytes()
+    assert figure_png(kept) == written  # the page's copy is the file's rendering
+    assert figure_png(kept, dpi=50) != written
+    assert renders == [100, 50]
+    # A figure that may still change is rendered each time, and shows its changes.
+    live = Figure()
+    axes = live.add_subplot()
+    first = figure_png(live)
+    axes.plot([0, 1], [0, 1])
+    assert figure_png(live) != first
+    assert renders == [100, 50, 100, 100]
 
 
 def test_json_converts_numpy_and_nan(tmp_path: Path) -> None:
