@@ -291,7 +291,8 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
         help="train one model with any loss (DM by default) and save it",
         description="Train a model on the training split and write model.pt (a state dict), "
         "history.parquet (per-epoch metrics) and train_summary.json into --out, with a "
-        "checkpoint every epoch. Example: dm-audit train --input digits --loss dm --lam 1 "
+        "checkpoint after an epoch at most every 30 s (DM_AUDIT_CHECKPOINT_SECONDS; 0: every "
+        "epoch) and after the last. Example: dm-audit train --input digits --loss dm --lam 1 "
         "--beta 16 --out runs/model",
     )
     _add_source_arguments(train)

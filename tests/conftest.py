@@ -13,6 +13,7 @@ import torch
 
 from dm_audit.dataset import AuditDataset
 from dm_audit.sources import load_source, stratified_split
+from dm_audit.training import CHECKPOINT_SECONDS_ENV
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -23,6 +24,13 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _a_checkpoint_after_every_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests stop and kill trainings after chosen epochs and resume from there; a test of the
+    # default interval sets its own.
+    monkeypatch.setenv(CHECKPOINT_SECONDS_ENV, "0")
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

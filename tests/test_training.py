@@ -21,10 +21,13 @@ from dm_audit.metrics import balanced_accuracy_vs_chance
 from dm_audit.noise import inject_symmetric
 from dm_audit.training import (
     CHECKPOINT_NAME,
+    CHECKPOINT_SECONDS_ENV,
+    DEFAULT_CHECKPOINT_SECONDS,
     MLP_DECAY_ROWS,
     MLP_WEIGHT_DECAY,
     FitResult,
     TrainConfig,
+    checkpoint_interval,
     fit,
     predict_proba,
     resolve_device,
@@ -751,3 +754,30 @@ def test_a_non_finite_value_is_named_by_its_row_beyond_the_first_block():
     x[66_000, 2] = np.inf
     with pytest.raises(DataError, match="row 66000, column 2"):
         check_inputs(x)
+
+
+def test_checkpoints_are_written_at_most_every_interval_and_after_the_last_epoch(
+    digits, tmp_path, monkeypatch
+):
+    x_train, _, y_train, _ = digits
+    config = TrainConfig(model="mlp", loss="cce", epochs=3, progress=False)
+    monkeypatch.delenv(CHECKPOINT_SECONDS_ENV)
+    assert checkpoint_interval() == DEFAULT_CHECKPOINT_SECONDS
+    monkeypatch.setenv(CHECKPOINT_SECONDS_ENV, "3600")
+    with pytest.raises(_Stop):
+        _run(x_train, y_train, config, tmp_path / "stopped", on_epoch_end=_stop_after(2))
+    # Two quick epochs of three: within the interval, nothing written yet.
+    assert not (tmp_path / "stopped" / CHECKPOINT_NAME).exists()
+    full = _run(x_train, y_train, config, tmp_path / "full")
+    state = torch.load(tmp_path / "full" / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 3 and len(full.history) == 3
+    # Resuming the finished training trains nothing more.
+    again = _run(x_train, y_train, config, tmp_path / "full", resume=True)
+    assert len(again.history) == 3 and again.events[-1]["event"] == "resume"
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
+def test_a_bad_checkpoint_interval_is_refused_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(CHECKPOINT_SECONDS_ENV, value)
+    with pytest.raises(ConfigError, match=f"{CHECKPOINT_SECONDS_ENV} must be a number"):
+        checkpoint_interval()
