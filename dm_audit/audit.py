@@ -77,6 +77,7 @@ from dm_audit.stage_training import (
     retrain,
     train_audit_model,
 )
+from dm_audit.training import checkpoint_interval
 from dm_audit.workdir import WorkDir, discard_work, run_identity
 
 __all__ = [
@@ -184,6 +185,9 @@ def run_audit(
         read_reviews(reviews_path, known_ids=data.example_ids, classes=dataset.classes, strict=True)
     if out_dir is None:
         return _run_stages(dataset, config, None, reviews_path, on_stage)
+    # A bad checkpoint interval fails before an unfinished run is opened: the error path below
+    # removes the work folder.
+    checkpoint_interval()
     target, created = _output_folder(out_dir, dataset, if_exists=if_exists, restart=restart)
     identity = run_identity(config.to_dict(), dataset, reviews_path)
     work = WorkDir.open(target, identity)

@@ -67,10 +67,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Least seconds of training between two checkpoints; the last epoch's is always written, so a
-# crash loses at most this much training. Written after every epoch, the checkpoints took 17 % of
-# a 2,000-row audit (benchmarks/results/audit_time.md); a training whose epochs take longer than
-# this is still checkpointed after every epoch. 0 writes one after every epoch.
+# Least seconds of training between two checkpoints, checked after each epoch; the last epoch's
+# is always written, so a crash loses at most this much training plus one epoch. Written after
+# every epoch, the checkpoints took 20 % of a 2,000-row audit (benchmarks/results/audit_time.md);
+# a training whose epochs take longer than this is still checkpointed after every epoch. 0
+# writes one after every epoch.
 CHECKPOINT_SECONDS_ENV = "DM_AUDIT_CHECKPOINT_SECONDS"
 DEFAULT_CHECKPOINT_SECONDS = 30.0
 
@@ -178,13 +179,15 @@ def fit(
         Clean labels (``-1`` for open-set examples): adds the six metrics of METHOD.md §4 to each
         history entry (one extra eval pass over the training set per epoch).
     checkpoint_dir : path, optional
-        Folder for ``checkpoint.pt``, rewritten atomically after every epoch.
+        Folder for ``checkpoint.pt``, rewritten atomically after an epoch once
+        `checkpoint_interval` seconds have passed since the last one, and after the last epoch.
     resume : bool
         Continue from the checkpoint in ``checkpoint_dir`` when there is one (bit-identical to an
         uninterrupted run on CPU). A checkpoint of another configuration or other data raises
         :class:`ConfigError`.
     on_epoch_end : callable, optional
-        Called with each kept epoch's history entry after its checkpoint is written.
+        Called with each kept epoch's history entry after the epoch's checkpoint, when one is
+        due, is written.
 
     Returns
     -------

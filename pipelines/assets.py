@@ -160,8 +160,9 @@ def audit_model(
     """The cross-fitted DM audit models: each row is scored by the one that never saw it.
 
     Checkpoints go under the root run's folder, so re-executing a failed run resumes training
-    from the last finished epoch instead of starting over (the library refuses a checkpoint
-    written with other options or data, so a changed re-execution fails loudly, never mixes).
+    from its last checkpoint (`dm_audit.training.checkpoint_interval`) instead of starting over
+    (the library refuses a checkpoint written with other options or data, so a changed
+    re-execution fails loudly, never mixes).
     """
     root_run = context.run.root_run_id or context.run.run_id
     result = audit.train_audit_model(

@@ -256,6 +256,28 @@ def test_other_options_refuse_the_unfinished_run_and_restart_discards_it(
     assert not (out / WORK_DIR_NAME).exists()
 
 
+def test_a_bad_checkpoint_interval_is_refused_and_the_unfinished_run_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_blobs(tmp_path / "data.csv")
+    out = tmp_path / "run"
+    args = [*AUDIT, "--input", str(source), "--out", str(out)]
+    with monkeypatch.context() as patch:
+        patch.setattr(audit_module, "kill_point", _interrupt_at("scoring"))
+        assert main(args) == 130
+    work = sorted(p.relative_to(out) for p in (out / WORK_DIR_NAME).rglob("*"))
+    assert work
+    capsys.readouterr()
+    monkeypatch.setenv("DM_AUDIT_CHECKPOINT_SECONDS", "soon")
+    assert main(args) == EXIT_BAD_INPUT
+    assert "DM_AUDIT_CHECKPOINT_SECONDS must be a number" in capsys.readouterr().err
+    # The finished stages and checkpoints are still there for the corrected command.
+    assert sorted(p.relative_to(out) for p in (out / WORK_DIR_NAME).rglob("*")) == work
+    monkeypatch.setenv("DM_AUDIT_CHECKPOINT_SECONDS", "0")
+    assert main(args) == 0
+    assert json.loads((out / "summary.json").read_text())["resumed"]
+
+
 def test_an_error_after_training_removes_the_work_and_writes_nothing(
     reference: tuple[Path, Path],
     tmp_path: Path,
