@@ -294,7 +294,8 @@ class AuditReport:
     # 150-row table it cost a second, more than the audit's training, which an audit whose
     # report is never written (the Python API, a benchmark) should not pay.
     render_html: Callable[[], str] | None = field(default=None, repr=False, compare=False)
-    _html: str | None = field(default=None, init=False, repr=False, compare=False)
+    # The rendered page; an init field so `dataclasses.replace` carries it.
+    _html: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def html(self) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -323,4 +324,5 @@ def test_audit_report_renders_its_page_once_and_only_when_read() -> None:
     assert report.html == "<html>page</html>"
     assert calls == [1]
     assert report.render_html is None  # the renderer (and the data it holds) is released
+    assert dataclasses.replace(report, summary={"n": 1}).html == "<html>page</html>"
     assert AuditReport(_examples(), empty, empty, empty, {}).html is None
