@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from torch.nn.modules import module as torch_module
+from torch.optim import optimizer as torch_optimizer
 
-from dm_audit import engine, inference
+from dm_audit import engine
 from dm_audit.audit import AuditConfig, run_audit
 from tests.conftest import load_benchmark
 
@@ -39,18 +43,45 @@ def test_within_times_a_call_only_directly_inside_that_phase(audit_time) -> None
     assert clock.calls["inner"] == 1
 
 
+def _bindings() -> dict[tuple[str, str], object]:
+    """Every attribute of every dm_audit module and class, and torch's patched ones."""
+    found: dict[tuple[str, str], object] = {}
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", "")
+        if not name.startswith("dm_audit"):
+            continue
+        for attr, value in list(vars(module).items()):
+            found[(name, attr)] = value
+            if isinstance(value, type):
+                for member, inner in vars(value).items():
+                    found[(f"{name}.{attr}", member)] = inner
+    found[("torch.Tensor", "backward")] = torch.Tensor.backward
+    return found
+
+
+def _global_hook_counts() -> tuple[int, ...]:
+    return (
+        len(torch_module._global_forward_pre_hooks),
+        len(torch_module._global_forward_hooks),
+        len(torch_optimizer._global_optimizer_pre_hooks),
+        len(torch_optimizer._global_optimizer_post_hooks),
+    )
+
+
 def test_an_audit_is_timed_by_phase_and_everything_is_restored(audit_time, blobs_dataset) -> None:
-    originals = (engine._step, engine._EpochTally.add, inference.forward_all, torch.Tensor.backward)
+    before, hooks = _bindings(), _global_hook_counts()
     clock = audit_time.PhaseClock()
     with audit_time.instrumented(clock):
-        assert engine._step is not originals[0]
+        assert engine._step is not before[("dm_audit.engine", "_step")]
+        assert _global_hook_counts() != hooks
         run_audit(
             blobs_dataset,
             AuditConfig(seed=0, epochs=3, probe_epochs=2, progress=False, device="cpu"),
         )
-    assert (engine._step, engine._EpochTally.add, inference.forward_all, torch.Tensor.backward) == (
-        originals
-    )
+    after = _bindings()
+    changed = [key for key, value in before.items() if after.get(key) is not value]
+    assert changed == []
+    assert _global_hook_counts() == hooks
     steps = clock.calls[audit_time.STEP]
     assert steps > 0
     # Every optimisation step has one timed forward, loss, backward and optimiser step.
@@ -67,6 +98,7 @@ def test_the_results_table_lists_every_part_and_what_no_phase_claims(audit_time,
     result = {
         "rows": 100,
         "seed": 0,
+        "checkpoint_seconds": 0.0,
         "start_up": 1.0,
         "loading": 0.5,
         "audit": 10.0,
@@ -78,7 +110,11 @@ def test_the_results_table_lists_every_part_and_what_no_phase_claims(audit_time,
         "cleanlab_train": 2.0,
         "cleanlab_find": 0.1,
     }
-    text = audit_time.write(tmp_path, result, (0.5, 0.4, 0.3)).read_text()
+    audit_time.write(tmp_path, result, (0.5, 0.4, 0.3))
+    text = audit_time.write(tmp_path, result | {"rows": 200}, (0.5, 0.4, 0.3)).read_text()
+    assert text.startswith("# Where a default audit's time goes\n\n## 100 rows, a checkpoint ")
+    assert "\n\n## 200 rows, a checkpoint at most every 0 s\n" in text  # appended
+    assert "`DM_AUDIT_CHECKPOINT_SECONDS=0 uv run" in text
     assert "| **total** | **11.5** | |" in text
     assert "| backward | 5.00 | 50% | 7 |" in text
     assert text.index("| backward |") < text.index("| forward |")  # largest first
