@@ -196,6 +196,10 @@ def write(out: Path, rows: list[dict[str, Any]], cv_rate: float, load: Any, step
         "bf16 runs count the same operations; their share of the fp32 peak can exceed 100 % "
         "on CPUs whose matrix units (AMX) compute bf16 faster than fp32.",
         "",
+        "Where a whole audit's time goes (start-up, loading, forward, backward, optimiser, DM "
+        "weighting, bookkeeping, evaluation, checkpoints, neighbour search, reports): "
+        "`benchmarks/audit_time.py`, results/audit_time.md.",
+        "",
     ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.md").write_text("\n".join(lines), encoding="utf-8")
