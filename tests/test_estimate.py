@@ -10,6 +10,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from dm_audit import estimate as estimate_module
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.estimate import (
     EMPHASIS_ANCHORS,
@@ -224,3 +225,16 @@ def test_a_class_no_model_saw_is_no_candidate_true_class() -> None:
     guarded = estimate_noise(probs, labels, min_class_rows=2)
     assert inflated.rate > 0.3  # every row passes class 2's threshold
     assert guarded.rate < 0.01
+
+
+def test_the_confident_joint_counted_in_blocks_equals_one_pass(monkeypatch) -> None:
+    c = 5
+    true = np.random.default_rng(7).integers(0, c, 1_000)
+    given = _flip(true, c, 0.3, "symmetric", seed=8)
+    probs = _model_probs(true, c, accuracy=0.9, seed=9)
+    whole = estimate_noise(probs, given)
+    monkeypatch.setattr(estimate_module, "CONFIDENT_JOINT_BLOCK_ROWS", 97)  # 11 blocks, uneven
+    blocks = estimate_noise(probs, given)
+    np.testing.assert_array_equal(blocks.joint, whole.joint)
+    np.testing.assert_array_equal(blocks.matrix, whole.matrix)
+    assert blocks.rate == whole.rate
