@@ -210,17 +210,30 @@ def _interrupt_at(point: str):
     return hook
 
 
-def test_other_options_refuse_the_unfinished_run_and_restart_discards_it(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def _interrupted_before_scoring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, Path, list[str]]:
+    """An audit of a blobs table stopped by Ctrl-C at scoring: its source, output folder and
+    command-line arguments; the trainings are finished and kept in the work folder."""
     source = write_blobs(tmp_path / "data.csv")
     out = tmp_path / "run"
     args = [*AUDIT, "--input", str(source), "--out", str(out)]
     with monkeypatch.context() as patch:
         patch.setattr(audit_module, "kill_point", _interrupt_at("scoring"))
         assert main(args) == 130
+    return source, out, args
+
+
+def _work_files(out: Path) -> list[Path]:
+    return sorted(p.relative_to(out) for p in (out / WORK_DIR_NAME).rglob("*"))
+
+
+def test_other_options_refuse_the_unfinished_run_and_restart_discards_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    source, out, args = _interrupted_before_scoring(tmp_path, monkeypatch)
     identity = (out / WORK_DIR_NAME / "run.json").read_bytes()
     capsys.readouterr()
 
@@ -259,20 +272,15 @@ def test_other_options_refuse_the_unfinished_run_and_restart_discards_it(
 def test_a_bad_checkpoint_interval_is_refused_and_the_unfinished_run_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    source = write_blobs(tmp_path / "data.csv")
-    out = tmp_path / "run"
-    args = [*AUDIT, "--input", str(source), "--out", str(out)]
-    with monkeypatch.context() as patch:
-        patch.setattr(audit_module, "kill_point", _interrupt_at("scoring"))
-        assert main(args) == 130
-    work = sorted(p.relative_to(out) for p in (out / WORK_DIR_NAME).rglob("*"))
+    _, out, args = _interrupted_before_scoring(tmp_path, monkeypatch)
+    work = _work_files(out)
     assert work
     capsys.readouterr()
     monkeypatch.setenv("DM_AUDIT_CHECKPOINT_SECONDS", "soon")
     assert main(args) == EXIT_BAD_INPUT
     assert "DM_AUDIT_CHECKPOINT_SECONDS must be a number" in capsys.readouterr().err
     # The finished stages and checkpoints are still there for the corrected command.
-    assert sorted(p.relative_to(out) for p in (out / WORK_DIR_NAME).rglob("*")) == work
+    assert _work_files(out) == work
     monkeypatch.setenv("DM_AUDIT_CHECKPOINT_SECONDS", "0")
     assert main(args) == 0
     assert json.loads((out / "summary.json").read_text())["resumed"]
