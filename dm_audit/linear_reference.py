@@ -5,8 +5,8 @@ model learns from half of the rows. On small tables that is where it is weakest:
 (multinomial logistic regression on standardised features) has far fewer parameters to fit from
 the same rows and errs differently. `reference_probs` cross-fits one on `REFERENCE_FOLDS`
 stratified folds; the flags, the noise count and the suggested labels then read the mean of the
-two families' probabilities (`dm_audit.stage_results.ExampleScores.ensemble_probs` for the flags
-and the count, `combined_probs` for the suggestions), while the
+two families' probabilities (`dm_audit.stage_results.ExampleScores.ensemble_probs` for the flags,
+the count and the suggested class, `combined_probs` for a suggestion's confidence), while the
 per-row p_i, emphasis weight and training dynamics stay the DM network's.
 
 Chosen on the development split of benchmarks/generality.py (results/generality.md): the

@@ -98,7 +98,7 @@ def _examples_frame(
     """examples.parquet: one row per input row, in dataset order."""
     classes = np.asarray(data.classes, dtype=object)
     given = scores.table["given"].to_numpy()
-    combined = scores.combined_probs()
+    ranking = scores.ensemble_probs()
     examples = pd.DataFrame(
         {
             "example_id": scores.table["example_id"].to_numpy(),
@@ -108,10 +108,10 @@ def _examples_frame(
             "p_given": scores.table["p_given"].to_numpy(),
             "mean_p": scores.table["mean_p"].to_numpy() if "mean_p" in scores.table else np.nan,
             "emphasis_weight": scores.table["emphasis_weight"].to_numpy(),
-            # The prediction the suggestions read: the audit network's, averaged with the
-            # linear reference's where there is one.
-            "predicted_label": classes[combined.argmax(axis=1)],
-            "predicted_prob": combined.max(axis=1),
+            # The prediction the flags and the suggestions rank classes by: both networks of each
+            # fold, averaged with the linear reference's where there is one.
+            "predicted_label": classes[ranking.argmax(axis=1)],
+            "predicted_prob": ranking.max(axis=1),
         }
     )
     for column in (

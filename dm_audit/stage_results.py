@@ -190,13 +190,15 @@ class ExampleScores:
 
     def combined_probs(self) -> np.ndarray:
         """The audit network's out-of-sample probabilities averaged with the linear
-        reference's (the network's alone without one): what the suggested labels read."""
+        reference's (the network's alone without one): what a suggestion's confidence and the
+        automatic-correction gate read."""
         return _mean_of(self.probs, self.reference_probs)
 
     def ensemble_probs(self) -> np.ndarray:
         """The network family's probabilities (the audit's and the probe's, averaged)
-        averaged with the linear reference's: what the noise count and the label-issue score's
-        prediction read. Each family weighs half; a missing member is left out."""
+        averaged with the linear reference's: what the noise count, the label-issue score's
+        prediction and the suggested class read. Each family weighs half; a missing member is
+        left out."""
         return _mean_of(_mean_of(self.probs, self.probe_probs), self.reference_probs)
 
     @property

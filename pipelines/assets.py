@@ -243,11 +243,11 @@ def _suspects_view(
     (numbers to four significant digits, as in every table)."""
     classes = np.asarray(dataset.classes, dtype=object)
     given = scores.table["given"].to_numpy()
-    combined = scores.combined_probs()
+    ranking = scores.ensemble_probs()
     view = table.assign(
         given_label=classes[given],
-        predicted_label=classes[combined.argmax(axis=1)],
-        predicted_prob=combined.max(axis=1),
+        predicted_label=classes[ranking.argmax(axis=1)],
+        predicted_prob=ranking.max(axis=1),
         p_given=scores.table["p_given"].to_numpy(),
     )
     view = view[view["is_label_issue"]].sort_values("label_issue_score", ascending=False)

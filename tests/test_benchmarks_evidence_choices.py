@@ -71,6 +71,7 @@ def test_every_variant_finds_evidence_this_plain(choices):
     # The network and the neighbours name the true class: every suggestion is right, and the
     # automatic corrections set every label right.
     assert row["suggestion acc allowed"] == row["suggestion acc excluded"] == 1.0
+    assert row["suggestion acc excluded combined"] == 1.0
     assert row["suggestion acc all flagged excluded"] == 1.0
     assert row["labels right after excluded"] == 1.0
     # Flags the rule does not reproduce mean the benchmark no longer measures the audit.
@@ -113,3 +114,7 @@ def test_the_table_has_a_row_per_setting_and_the_means(choices):
     assert sum(line.startswith("| d |") for line in lines) == 2
     assert any(line.startswith("| mean F1, 20-40 % noise | 1.0000 | 1.0000 |") for line in lines)
     assert any(line.startswith("| mean share flagged, clean | 0.0000 |") for line in lines)
+    assert any(
+        line.startswith("| lowest suggestion accuracy, 20 % noise | 1.0000 | 1.0000 |")
+        for line in lines
+    )

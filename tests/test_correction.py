@@ -267,3 +267,37 @@ def test_suggestions_in_blocks_of_rows_equal_the_whole_table_at_once(monkeypatch
     blend = 0.7 * tempered + 0.3 * votes
     blend[np.flatnonzero(flagged), given[flagged]] = -np.inf
     np.testing.assert_array_equal(blocked[0], blend.argmax(axis=1))
+
+
+def test_the_class_from_one_prediction_and_the_confidence_from_another() -> None:
+    # Row 0: the ranking prefers class 1 where the confidence model prefers class 0.
+    ranking = np.array([[0.4, 0.6], [0.1, 0.9]])
+    confident = np.array([[0.7, 0.3], [0.05, 0.95]])
+    votes = np.array([[0.0, 1.0], [0.0, 1.0]])
+    suggested, confidence = suggest_labels(ranking, confidence_probs=confident)
+    np.testing.assert_array_equal(suggested, [1, 1])
+    np.testing.assert_allclose(confidence, [0.3, 0.95])
+    # The confidence is tempered and blended with the neighbours' votes as the ranking is.
+    suggested, confidence = suggest_labels(
+        ranking, temperature=0.5, knn_votes=votes, knn_weight=0.5, confidence_probs=confident
+    )
+    sharp = np.array([0.09 / (0.49 + 0.09), 0.9025 / (0.0025 + 0.9025)])
+    np.testing.assert_array_equal(suggested, [1, 1])
+    np.testing.assert_allclose(confidence, 0.5 * sharp + 0.5)
+    # A flagged row's own label stays excluded from the pick, whatever the confidence says.
+    suggested, confidence = suggest_labels(
+        ranking,
+        given=np.array([1, 0]),
+        flagged=np.array([True, False]),
+        confidence_probs=confident,
+    )
+    np.testing.assert_array_equal(suggested, [0, 1])
+    np.testing.assert_allclose(confidence, [0.7, 0.95])
+    # ProSelfLC's targets are their own confidence; a wrong shape is named.
+    targets = np.array([[0.2, 0.8], [0.6, 0.4]])
+    suggested, confidence = suggest_labels(
+        ranking, proselflc_targets=targets, confidence_probs=confident
+    )
+    np.testing.assert_allclose(confidence, [0.8, 0.6])
+    with pytest.raises(DataError, match="confidence_probs"):
+        suggest_labels(ranking, confidence_probs=np.full((2, 3), 1 / 3))
