@@ -43,7 +43,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--id-column",
         default=None,
-        help="column of example ids (default: example_id when present, else the row number)",
+        help="column of example ids (default: example_id when present, else a column named id "
+        "whose values are distinct, else the row number)",
     )
     group.add_argument(
         "--features",

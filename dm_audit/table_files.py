@@ -43,7 +43,8 @@ class TableOptions:
     label_column : str
         Column holding the given labels.
     id_column : str or None
-        Column holding example ids; default ``example_id`` when the table has one, else ids
+        Column holding example ids; default ``example_id`` when the table has one, else a column
+        named ``id`` (any case) whose values are all present and distinct, else ids
         ``row-000000``, ... derived from the row number.
     feature_columns : sequence of str or None
         Numeric feature columns, or the one list/embedding column; default: detected.

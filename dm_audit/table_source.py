@@ -2,12 +2,14 @@
 
 The label column is read as class names (`dm_audit.label_names.normalize_labels`; in a text file
 ``3.0`` names the class ``"3"`` and labels that are partly numbers are refused), the id column as
-text (default ``example_id``, else the row number), a ``split`` column of ``train``/``test`` is
-honoured, and the input is picked and read by `dm_audit.table_inputs`.
+text (default ``example_id``, else a column named ``id`` whose values are distinct, else the row
+number), a ``split`` column of ``train``/``test`` is honoured, and the input is picked and read
+by `dm_audit.table_inputs`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ from dm_audit.table_inputs import read_inputs
 
 #: The split column read when the options name none.
 SPLIT_COLUMN = "split"
+
+# The sources' warnings and notes keep the sources' logger name.
+log = logging.getLogger("dm_audit.sources")
 
 
 def table_to_dataset(
@@ -75,6 +80,10 @@ def table_to_dataset(
         require_column(columns, id_column, "id column", source)
     elif ID_COLUMN in columns:
         id_column = ID_COLUMN
+    else:
+        id_column = _identifier_column(frame, taken={options.label_column, options.split_column})
+        if id_column is not None:
+            log.info("%s: column %r names the rows (example_id), not an input", source, id_column)
     ids = (
         list(normalize_labels(frame[id_column], id_column, what="id", source=source))
         if id_column is not None
@@ -102,6 +111,28 @@ def table_to_dataset(
     return assemble_dataset(
         ids, labels, split, inputs, test_size=test_size, seed=seed, source=source, notes=notes
     )
+
+
+def _identifier_column(frame: pd.DataFrame, taken: set[str | None]) -> str | None:
+    """The one column named ``id`` (in any case) whose values are all present and distinct: the
+    rows' names, as ``example_id`` would be, or None.
+
+    Read as a feature, a row number lets the model learn the label from a row's position
+    wherever the table was written class by class, and the audit then trusts labels it should
+    doubt. A column of that name with repeated or missing values names no rows and stays an
+    input.
+    """
+    names = [
+        c
+        for c in frame.columns
+        if isinstance(c, str) and c.strip().lower() == "id" and c not in taken
+    ]
+    if len(names) != 1:
+        return None
+    values = frame[names[0]]
+    if values.isna().any() or not values.is_unique:
+        return None
+    return names[0]
 
 
 def _numbers_from_text(labels: pd.Series) -> pd.Series:

@@ -567,3 +567,35 @@ def test_bad_specs_and_options(tmp_path):
             pd.DataFrame({"label": ["a", "b"], "x": [1, 2]}),
             TableOptions(feature_columns=["x"], image_column="x"),
         )
+
+
+def test_a_column_named_id_names_the_rows_when_its_values_are_distinct(tmp_path, caplog):
+    # Written class by class: read as a feature, the row number would give every label away.
+    frame = pd.DataFrame(
+        {
+            "ID": [10, 11, 12, 13, 14, 15],
+            "x": [0.1, 0.9, 0.2, 0.8, 0.3, 0.7],
+            "label": ["a", "a", "a", "b", "b", "b"],
+        }
+    )
+    with caplog.at_level("INFO", logger="dm_audit.sources"):
+        data = table_to_dataset(frame, source="rows.csv")
+    assert list(data.example_ids) == ["10", "11", "12", "13", "14", "15"]
+    assert [entry["column"] for entry in data.notes["inputs"]] == ["x"]
+    assert data.features().shape == (6, 1)
+    assert "rows.csv: column 'ID' names the rows" in caplog.text
+    # The same from a file, as the CLI reads it.
+    path = tmp_path / "rows.csv"
+    frame.to_csv(path, index=False)
+    assert list(load_source(str(path)).example_ids) == list(data.example_ids)
+    # Repeated or missing values name no rows: the column stays an input, the rows numbered
+    # (and a missing feature value is refused as any other).
+    kept = table_to_dataset(frame.assign(ID=[1, 1, 2, 2, 3, 3]))
+    assert kept.example_ids[0] == "row-000000"
+    assert [entry["column"] for entry in kept.notes["inputs"]] == ["ID", "x"]
+    with pytest.raises(DataError, match="feature column 'ID' has 1 missing"):
+        table_to_dataset(frame.assign(ID=[1.0, 2.0, None, 4.0, 5.0, 6.0]))
+    # An example_id column or a named id column wins.
+    named = table_to_dataset(frame.assign(example_id=list("pqrstu")))
+    assert list(named.example_ids) == list("pqrstu")
+    assert [entry["column"] for entry in named.notes["inputs"]] == ["ID", "x"]
