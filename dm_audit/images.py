@@ -183,11 +183,14 @@ def _report_normalisation(
             shown,
         )
     if converted:
+        # Only modes with an alpha channel lose one (LA, RGBA, PA, La, RGBa).
+        alpha = [mode for mode in converted if "A" in mode or "a" in mode]
         log.warning(
-            "%s: converted images of mode(s) %s to %s (alpha dropped)",
+            "%s: converted images of mode(s) %s to %s%s",
             source,
             ", ".join(converted),
             target,
+            f" (alpha of {', '.join(alpha)} dropped)" if alpha else "",
         )
 
 

@@ -287,7 +287,7 @@ def test_images_of_different_sizes_and_modes_are_converted_with_a_warning(
     text = caplog.text
     assert "resized 1 of 12 images to 8x8 (the most common size)" in text
     assert "(10x6)" in text
-    assert "converted images of mode(s) L, RGBA to RGB" in text
+    assert "converted images of mode(s) L, RGBA to RGB (alpha of RGBA dropped)" in text
 
 
 @pytest.mark.parametrize(
