@@ -81,7 +81,8 @@ def table_to_dataset(
     elif ID_COLUMN in columns:
         id_column = ID_COLUMN
     else:
-        id_column = _identifier_column(frame, taken={options.label_column, options.split_column})
+        named = {options.label_column, options.split_column, options.image_column}
+        id_column = _identifier_column(frame, taken=named | set(options.feature_columns or ()))
         if id_column is not None:
             log.info("%s: column %r names the rows (example_id), not an input", source, id_column)
     ids = (
@@ -120,7 +121,7 @@ def _identifier_column(frame: pd.DataFrame, taken: set[str | None]) -> str | Non
     Read as a feature, a row number lets the model learn the label from a row's position
     wherever the table was written class by class, and the audit then trusts labels it should
     doubt. A column of that name with repeated or missing values names no rows and stays an
-    input.
+    input, as does one the user named in another role (`taken`: a feature, say).
     """
     names = [
         c

@@ -595,6 +595,10 @@ def test_a_column_named_id_names_the_rows_when_its_values_are_distinct(tmp_path,
     assert [entry["column"] for entry in kept.notes["inputs"]] == ["ID", "x"]
     with pytest.raises(DataError, match="feature column 'ID' has 1 missing"):
         table_to_dataset(frame.assign(ID=[1.0, 2.0, None, 4.0, 5.0, 6.0]))
+    # A column the user names as a feature stays one.
+    featured = table_to_dataset(frame, TableOptions(feature_columns=["ID", "x"]))
+    assert featured.example_ids[0] == "row-000000"
+    assert featured.features().shape == (6, 2)
     # An example_id column or a named id column wins.
     named = table_to_dataset(frame.assign(example_id=list("pqrstu")))
     assert list(named.example_ids) == list("pqrstu")
