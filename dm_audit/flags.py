@@ -31,6 +31,8 @@ from dm_audit.neighbour_labels import KnnLabelAgreement, knn_label_agreement
 from dm_audit.neighbours import IVF_THRESHOLD
 from dm_audit.ood import (
     DEFAULT_OOD_WEIGHTS,
+    GROUP_NEIGHBOURS,
+    GROUP_VIEW_WEIGHT,
     IMAGE_INPUT_VIEW_WEIGHT,
     INPUT_NEIGHBOUR,
     INPUT_VIEW_WEIGHT,
@@ -40,12 +42,15 @@ from dm_audit.ood import (
     input_space_distances,
     ood_scores,
     select_trusted,
+    smooth_over_neighbours,
 )
 from dm_audit.score_components import combine_components, validate_unit_vector
 
 __all__ = [
     "DEFAULT_ISSUE_WEIGHTS",
     "DEFAULT_OOD_WEIGHTS",
+    "GROUP_NEIGHBOURS",
+    "GROUP_VIEW_WEIGHT",
     "IMAGE_INPUT_VIEW_WEIGHT",
     "INPUT_NEIGHBOUR",
     "INPUT_VIEW_WEIGHT",
@@ -67,6 +72,7 @@ __all__ = [
     "mixture_split",
     "ood_scores",
     "select_trusted",
+    "smooth_over_neighbours",
 ]
 
 # At most half the weight on the in-sample DM trajectory (mean p_i under the model that trains on

@@ -61,7 +61,9 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
       flagged (`flags.flag_by_class_counts`), if their score leans towards another label
       (`flags.NEUTRAL_ISSUE_SCORE`). A fixed threshold or top k overrides both.
     * **OOD**: `flags.ood_scores` per fold against the fold's trusted rows (the model's view),
-      with the distance to the trusted rows in the input space (the input's view), and a conformal
+      with the distance to the trusted rows in the input space (the input's view), averaged
+      with the scores of the row's nearest rows in the input space (the group view,
+      `flags.smooth_over_neighbours`: strangers come in groups), and a conformal
       test (`flags.conformal_ood_flags`): an example is flagged when its score is too high for
       the unflagged rows at a false discovery rate of `OOD_FDR`, so in-distribution data gets
       (almost) no OOD flags.
@@ -107,8 +109,10 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     is_issue, threshold = _flag_label_issues(issue_score, labels, noise, conflict, config)
     trusted = flags.select_trusted(table["p_given"].to_numpy(), is_issue)
     input_distances = _input_distances(space, input_graph, trusted, config)
-    # The input space's index is done with: freed, and its memory handed back, before the
-    # model view's searches build their own indexes (at 1M x 128 it is 256 MB).
+    # The group view reads each row's nearest rows in the input space; the rest of the graph
+    # and its index are done with: freed, and their memory handed back, before the model
+    # view's searches build their own indexes (at 1M x 128 the index is 256 MB).
+    group = input_graph.positions[:, : flags.GROUP_NEIGHBOURS].copy()
     del space, input_graph
     release_unused_memory()
     ood = _ood_scores(
@@ -121,6 +125,9 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         config,
         instability=steady_trajectories,
     )
+    if (~is_issue).any():
+        ood = flags.smooth_over_neighbours(ood, group, reference_mask=~is_issue)
+    del group
     is_ood, ood_threshold, review_threshold = _ood_flags(ood, is_issue, config)
     # The searches' indexes and result blocks are freed; give their memory back.
     release_unused_memory()

@@ -27,6 +27,7 @@ from dm_audit.ood import (
     input_space_distances,
     ood_scores,
     select_trusted,
+    smooth_over_neighbours,
 )
 
 # The synthetic data has no training dynamics (no p_std) and OOD clusters whose neighbours carry
@@ -285,6 +286,54 @@ def test_select_trusted() -> None:
     p = np.array([0.9, 0.9, 0.3, 0.6])
     np.testing.assert_array_equal(select_trusted(p, np.array([0, 1, 0, 0])), [1, 0, 0, 1])
     np.testing.assert_array_equal(select_trusted(p, np.zeros(4, bool), min_p=0.7), [1, 1, 0, 0])
+
+
+# ----------------------------------------------------------------------------- group view
+
+
+def test_the_group_view_averages_each_row_with_its_neighbours_and_ranks_again() -> None:
+    scores = np.array([0.1, 0.9, 0.5, 0.3])
+    rows = np.array([[1, 2], [0, -1], [-1, -1], [0, 1]])
+    # Own and neighbours' mean at half each: 0.1/2 + 0.7/2, 0.9/2 + 0.1/2, 0.5 (no neighbour
+    # found: its own score), 0.3/2 + 0.5/2 -> 0.4, 0.5, 0.5, 0.4.
+    reference = np.array([True, True, True, False])
+    smoothed = smooth_over_neighbours(scores, rows, reference_mask=reference)
+    # Ranked among the reference's 0.4, 0.5, 0.5: the share at or below each.
+    np.testing.assert_allclose(smoothed, [1 / 3, 1.0, 1.0, 1 / 3])
+    # Without the neighbours' share the ranks are those of the scores themselves.
+    alone = smooth_over_neighbours(scores, rows, reference_mask=reference, weight=0.0)
+    np.testing.assert_allclose(alone, [1 / 3, 1.0, 2 / 3, 1 / 3])
+
+
+def test_the_group_view_lifts_a_cluster_of_strangers_above_lone_hard_rows() -> None:
+    rng = np.random.default_rng(3)
+    # 600 rows of two known classes, 40 strangers in a cluster of their own; every row's own
+    # score is noisy: the strangers' a little higher on average, 60 known rows high by chance.
+    known = np.r_[rng.normal(-4, 1, (300, 2)), rng.normal(4, 1, (300, 2))]
+    strangers = rng.normal((0, 8), 0.5, (40, 2))
+    space = np.r_[known, strangers].astype(np.float32)
+    is_stranger = np.r_[np.zeros(600, bool), np.ones(40, bool)]
+    scores = np.clip(rng.normal(0.4, 0.15, 640) + 0.35 * is_stranger, 0, 1)
+    scores[rng.choice(600, 60, replace=False)] = 0.99
+    graph = input_graph(space, 5)
+    smoothed = smooth_over_neighbours(scores, graph.positions, reference_mask=~is_stranger)
+    before = roc_auc_score(is_stranger, scores)
+    after = roc_auc_score(is_stranger, smoothed)
+    # Measured: 0.852 -> 0.946.
+    assert before < 0.87 and after > 0.93 and after - before > 0.07, (before, after)
+    assert smoothed.min() >= 0.0 and smoothed.max() <= 1.0
+
+
+def test_the_group_view_validates_its_inputs() -> None:
+    scores, rows, ref = np.full(3, 0.5), np.array([[1], [2], [0]]), np.ones(3, bool)
+    with pytest.raises(ConfigError, match="weight"):
+        smooth_over_neighbours(scores, rows, reference_mask=ref, weight=1.5)
+    with pytest.raises(DataError, match="neighbour_rows"):
+        smooth_over_neighbours(scores, np.array([[1], [3], [0]]), reference_mask=ref)
+    with pytest.raises(DataError, match="neighbour_rows"):
+        smooth_over_neighbours(scores, rows[:2], reference_mask=ref)
+    with pytest.raises(DataError, match="reference"):
+        smooth_over_neighbours(scores, rows, reference_mask=np.zeros(3, bool))
 
 
 # ----------------------------------------------------------------------------- conformal test
