@@ -359,7 +359,7 @@ def input_graph(
     """Each row's k nearest other rows in the input space (Euclidean).
 
     The search `find_duplicates` reads; the OOD score's input view reads the same graph for the
-    distance to trusted rows.
+    distance to trusted rows, and its group view for each row's nearest rows.
 
     Parameters
     ----------
