@@ -17,6 +17,10 @@ between two of them is the choice's alone, not a retraining's:
   wrongly flagged ones included, whose own label was right); and the label accuracy after the
   automatic corrections (confidence at least the default, never a runner-up to the given
   label; the correction gate and the OOD review limit are not applied here).
+* **How many to flag**: the confident joint's count per class (the default), or every row whose
+  score leans towards another label (at least 0.5, what ``--threshold 0.5`` asks for): the
+  count holds the flags on clean tables down, the threshold finds the instance-dependent noise
+  that the confident joint under-counts.
 * **Which probabilities rank a flagged row's suggested class**: the combined prediction, or the
   ensemble the score reads (the default); the suggestion's confidence, which the automatic
   corrections compare with their floor, is the combined prediction's either way.
@@ -207,7 +211,11 @@ def measure(ev: dict[str, np.ndarray]) -> dict[str, float]:
         if wrong.any():
             out[f"f1 {source}"] = float(f1_score(wrong, flagged))
             out[f"auroc {source}"] = float(roc_auc_score(wrong, score))
-    _, flagged = issue_flags(ev, "ensemble")
+    score, flagged = issue_flags(ev, "ensemble")
+    leaning = score >= flags.NEUTRAL_ISSUE_SCORE
+    out["flagged leaning"] = float(leaning.mean())
+    if wrong.any():
+        out["f1 leaning"] = float(f1_score(wrong, leaning))
     if not np.array_equal(flagged, ev["is_issue"]):
         raise SystemExit(
             "the default rule no longer reproduces the audit's flags: update issue_flags"
@@ -246,6 +254,8 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
         "flagged ensemble",
         "f1 combined",
         "f1 ensemble",
+        "flagged leaning",
+        "f1 leaning",
         "auroc combined",
         "auroc ensemble",
         "suggestion acc excluded combined",
@@ -275,6 +285,10 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
     def least(group: Sequence[dict[str, Any]], key: str) -> str:
         values = [r[key] for r in group if key in r]
         return f"{np.min(values):.4f}" if values else "–"
+
+    def most(group: Sequence[dict[str, Any]], key: str) -> str:
+        values = [r[key] for r in group if key in r]
+        return f"{np.max(values):.4f}" if values else "–"
 
     lines += [
         "",
@@ -307,6 +321,25 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
         f"| mean labels right after the corrections | "
         f"{mean(rows, 'labels right after excluded combined')} | "
         f"{mean(rows, 'labels right after excluded')} |",
+        "",
+        "How many to flag: each class's most suspicious rows up to the confident joint's count "
+        "(the default), or every row whose score is at least 0.5 (``--threshold 0.5``):",
+        "",
+        "| measure | confident joint's count | score at least 0.5 |",
+        "|---|---|---|",
+    ]
+    for kind in ("symmetric", "pair", "instance"):
+        group = [r for r in noisy if r["setting"].startswith(kind)]
+        lines.append(
+            f"| mean F1, {kind} 20-40 % | {mean(group, 'f1 ensemble')} | "
+            f"{mean(group, 'f1 leaning')} |"
+        )
+    lines += [
+        f"| mean F1, 20-40 % noise | {mean(noisy, 'f1 ensemble')} | {mean(noisy, 'f1 leaning')} |",
+        f"| mean share flagged, clean | {mean(clean, 'flagged ensemble')} | "
+        f"{mean(clean, 'flagged leaning')} |",
+        f"| largest share flagged, clean | {most(clean, 'flagged ensemble')} | "
+        f"{most(clean, 'flagged leaning')} |",
     ]
     return lines
 
