@@ -142,6 +142,11 @@ class AuditDataset:
     _matrix: tuple[np.ndarray, slice | np.ndarray] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    # The target sizes `images` has already warned about: every stage of an audit decodes the
+    # images again, and the resize and conversion warnings are said once per dataset.
+    _told_image_sizes: set[tuple[int, int] | None] = field(
+        default_factory=set, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         # Cheap structural checks only: full validation (`validate`) scans every value.
@@ -290,7 +295,10 @@ class AuditDataset:
         if self.input_kind != "image":
             raise DataError(f"dataset {self.source!r} holds feature vectors, not images")
         blobs = self.table["image"].to_numpy(dtype=object)
-        return normalise_images(blobs, self.example_ids, self.source, size)
+        key = None if size is None else (int(size[0]), int(size[1]))
+        warn = key not in self._told_image_sizes
+        self._told_image_sizes.add(key)
+        return normalise_images(blobs, self.example_ids, self.source, size, warn=warn)
 
     def inputs(self) -> np.ndarray:
         """`features` for feature datasets, `images` for image datasets.

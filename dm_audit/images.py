@@ -199,6 +199,8 @@ def normalise_images(
     ids: Sequence[str],
     source: str,
     size: tuple[int, int] | None = None,
+    *,
+    warn: bool = True,
 ) -> np.ndarray:
     """Decode encoded images to one uint8 array of a common mode and size.
 
@@ -217,6 +219,9 @@ def normalise_images(
         Where the images come from, named in the warnings.
     size : (int, int), optional
         Target (H, W).
+    warn : bool
+        Log the resize and conversion warnings (off when they were already given for the
+        same images).
 
     Returns
     -------
@@ -229,7 +234,8 @@ def normalise_images(
     gray = all(mode in _GRAY_MODES for mode, _ in headers)
     height, width = size if size is not None else _common_size([hw for _, hw in headers])
     why = "as asked" if size is not None else "the most common size"
-    _report_normalisation(headers, (height, width), why, gray, ids, source)
+    if warn:
+        _report_normalisation(headers, (height, width), why, gray, ids, source)
     out = np.empty((len(blobs), height, width, 1 if gray else 3), dtype=np.uint8)
     for i, (blob, (_, hw)) in enumerate(zip(blobs, headers, strict=True)):
         pixels = decode_image(blob, gray=gray)

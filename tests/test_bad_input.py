@@ -288,6 +288,15 @@ def test_images_of_different_sizes_and_modes_are_converted_with_a_warning(
     assert "resized 1 of 12 images to 8x8 (the most common size)" in text
     assert "(10x6)" in text
     assert "converted images of mode(s) L, RGBA to RGB (alpha of RGBA dropped)" in text
+    # Every stage of an audit decodes the images again: the warnings are said once.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dm_audit.dataset"):
+        np.testing.assert_array_equal(dataset.images(), images)
+    assert "resized" not in caplog.text and "converted" not in caplog.text
+    # Another target size is news.
+    with caplog.at_level(logging.WARNING, logger="dm_audit.dataset"):
+        dataset.images(size=(6, 6))
+    assert "resized 12 of 12 images to 6x6 (as asked)" in caplog.text
 
 
 @pytest.mark.parametrize(
