@@ -7,7 +7,10 @@ threads and in Dagster workers, and need no ``plt.close``.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +30,12 @@ __all__ = [
     "save_figure",
 ]
 
+log = logging.getLogger(__name__)
+
+# matplotlib warns once per character its font lacks (class names in CJK script, emoji): one
+# line per plot says so instead.
+_MISSING_GLYPH = re.compile(r"Glyph \d+ .* missing from font")
+
 _FLAGGED = "#d62728"
 _UNFLAGGED = "#1f77b4"
 
@@ -41,7 +50,20 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 100) ->
     """Save `fig` as PNG at `path` atomically (the folder is created) and return the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_png(p, fig, dpi=dpi)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saved = atomic_write_png(p, fig, dpi=dpi)
+    missing = [w for w in caught if _MISSING_GLYPH.search(str(w.message))]
+    if missing:
+        log.warning(
+            "%s: the plot font has no glyph for %d character(s) of the labels; they show as boxes",
+            p.name,
+            len({str(w.message) for w in missing}),
+        )
+    for w in caught:
+        if w not in missing:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return saved
 
 
 def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> Figure | Path:

@@ -93,3 +93,16 @@ def test_training_dynamics_bands_are_the_groups_epoch_statistics() -> None:
         for q in (25, 75):
             expected = np.nanpercentile(full[group], q, axis=0)
             assert np.isclose(vertices[:, None], expected[None, :]).any(axis=0).all()
+
+
+def test_labels_the_font_cannot_draw_give_one_warning_per_plot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    with caplog.at_level("WARNING", logger="dm_audit.plots"):
+        path = plot_noise_matrix(np.eye(3), ["猫", "犬", "鳥"], path=tmp_path / "m.png")
+    _assert_png(Path(path))
+    assert not [w for w in recwarn if "missing from font" in str(w.message)]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "m.png: the plot font has no glyph for 3 character(s) of the labels; they show as boxes"
+    ]
