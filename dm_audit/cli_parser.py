@@ -181,7 +181,8 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "--ood-threshold",
         type=float,
         default=None,
-        help="flag out-of-distribution examples at or above this score (default: automatic)",
+        help="flag out-of-distribution examples scoring above this (ood_score is the share of "
+        "unflagged rows scoring lower; default: a conformal test)",
     )
     group.add_argument(
         "--min-confidence",

@@ -46,7 +46,9 @@ class AuditConfig:
     top_k : int or None
         Flag exactly the k most suspicious examples instead of thresholding.
     ood_threshold : float or None
-        Flag examples whose ``ood_score`` is at least this; None chooses automatically.
+        Flag examples whose ``ood_score`` is above this (the score is the share of unflagged
+        rows that score lower: 0.99 flags about 1 % of them, and inputs above them all); None
+        chooses by a conformal test.
     min_correction_confidence : float
         A suggested label is applied automatically only at this confidence or above; flagged
         examples below it go to review and are left out of the retrain.

@@ -23,9 +23,11 @@ was trained on the OOD rows too (under labels picked at random) and may place th
 known class; the input space was never fitted to anything, so the two views err on different
 rows.
 
-Inputs of an unknown class seldom come alone: `smooth_over_neighbours` averages each row's score
-with its nearest rows' in the input space (the group view), so a row among other strangers
-scores higher than a hard in-distribution row among typical rows of its class.
+Inputs of an unknown class seldom come alone: `smooth_over_neighbours` (the group view, applied
+by the audit's flag stage after `ood_scores`) gives half the weight to a row's own score and half
+to the mean score of its nearest rows in the input space, and ranks the result again among the
+unflagged rows, so a row among other strangers scores higher than a hard in-distribution row
+among typical rows of its class.
 
 How many to flag: `conformal_ood_flags` (a conformal test at a false discovery rate, the audit's
 rule), or `auto_ood_threshold` / `flag_ood` (a quantile of the reference's scores).
@@ -101,17 +103,17 @@ IMAGE_INPUT_VIEW_WEIGHT = 1.0 / 3.0
 # noise to the task, and one chance close row should not make an input look familiar (same
 # development runs: k = 1 0.834, 5 0.870, 10 0.857).
 INPUT_NEIGHBOUR = 5
-# The group view (`smooth_over_neighbours`): a row's score and the mean of its 5 nearest rows'
-# in the input space weigh half each. Half: the row's own evidence and its neighbourhood's are
-# trusted alike; 5 rows: as many as the input view's distance reads (INPUT_NEIGHBOUR). Measured on
-# the development open-set runs (benchmarks/open_set.py's 9 runs on 5 datasets, each audit's
-# score recombined offline; mean / lowest AUROC): without 0.894 / 0.758; 5 rows at half 0.938 /
-# 0.855; 10 rows 0.933 / 0.833; 20 rows 0.924 / 0.799; 5 rows at weight 1/4 0.919, 3/4 0.943,
-# the neighbours alone 0.925. Clean development tables: at most 0.06 % of rows flagged OOD
-# (none before). A lone stranger keeps half its excess: it still ranks above typical rows.
-# Images at random offsets gain nothing, as their pixel neighbours share a position more than a
-# class: benchmarks/image_folder.py --open-set --per-class 150 reads 0.901 with it, 0.910
-# without; centred images gain (the dev folder: 0.967 -> 0.992, with noise 0.902 -> 0.984).
+# The group view (`smooth_over_neighbours`): half a row's own score, half the mean of its 5
+# nearest rows' in the input space. Half: the row's own evidence and its neighbourhood's are
+# trusted alike; 5 rows: as many as the input view's distance reads (INPUT_NEIGHBOUR). Chosen on
+# the development open-set runs (benchmarks/open_set.py, 9 runs on 5 datasets, each audit's
+# score recombined; mean / lowest AUROC): without 0.894 / 0.758; 5 rows at half 0.938 / 0.855;
+# 10 rows 0.933 / 0.833; 20 rows 0.924 / 0.799; 5 rows at weight 1/4 0.919, 3/4 0.943, the
+# neighbours alone 0.925; clean tables then flagged at most 0.06 % of rows OOD (none without
+# it). A lone stranger keeps half its excess and still ranks above typical rows. Images at
+# random offsets gain nothing, as their pixel neighbours share a position more than a class
+# (benchmarks/image_folder.py --open-set --per-class 150: 0.901 with it, 0.910 without); the
+# centred dev images gain (0.967 -> 0.992, with 20 % noise 0.902 -> 0.984).
 GROUP_NEIGHBOURS = INPUT_NEIGHBOUR
 GROUP_VIEW_WEIGHT = 0.5
 
@@ -508,13 +510,16 @@ def smooth_over_neighbours(
     weight: float = GROUP_VIEW_WEIGHT,
 ) -> np.ndarray:
     """OOD scores with the group view: ``(1 - weight) * own + weight * mean of the neighbours'``,
-    ranked again among the reference rows.
+    ranked again among the reference rows (the share of them scoring strictly lower).
 
     Inputs of a class the table does not know come as a group (a held-out class, a batch from
     another source), and their nearest rows are mostly other such inputs, which score high too;
     a hard in-distribution row that scores high by chance sits among typical rows of its class.
-    The mean is ranked again (the share of reference rows scoring at or below it), so the
-    result reads as `ood_scores` does.
+    The result is ranked again: the share of reference rows whose combined score is strictly
+    lower, so 0.99 means "more atypical than 99 % of the unflagged rows", and a row above every
+    reference row gets 1 while the highest reference row gets ``1 - 1/n_ref``. Counting strictly
+    lower keeps every comparison with a reference row as it was, so `conformal_ood_flags` and
+    `auto_ood_threshold` flag the same rows on the ranks as on the combined scores.
 
     Parameters
     ----------
@@ -522,7 +527,8 @@ def smooth_over_neighbours(
         OOD scores in [0, 1] (`ood_scores`).
     neighbour_rows : np.ndarray of int, shape (N, k)
         Each row's nearest other rows (e.g. `NeighbourGraph.positions` of the input space), -1
-        where none was found; a row with none keeps its own score.
+        where none was found or the neighbour is to be left out; a row with none keeps its own
+        score.
     reference_mask : np.ndarray, shape (N,), bool
         The in-distribution reference the result is ranked among (the unflagged rows).
     weight : float
@@ -543,12 +549,17 @@ def smooth_over_neighbours(
         raise DataError(f"neighbour_rows must be integer row numbers of shape ({s.size}, k)")
     if rows.size and (rows.max() >= s.size or rows.min() < -1):
         raise DataError(f"neighbour_rows must hold row numbers below {s.size}, or -1")
-    found = rows >= 0
-    count = found.sum(axis=1)
-    total = np.where(found, s[np.where(found, rows, 0)], 0.0).sum(axis=1)
+    # Column by column: at a million rows a whole (N, k) float64 temporary is 40 MB per copy.
+    total = np.zeros(s.size)
+    count = np.zeros(s.size, dtype=np.int64)
+    for column in rows.T:
+        found = column >= 0
+        total[found] += s[column[found]]
+        count += found
     mean = np.where(count > 0, total / np.maximum(count, 1), s)
     combined = (1.0 - weight) * s + weight * mean
-    return _ecdf(combined, combined[ref])
+    reference = np.sort(combined[ref])
+    return np.searchsorted(reference, combined, side="left") / reference.size
 
 
 def auto_ood_threshold(

@@ -34,7 +34,10 @@ OOD_REVIEW_FPR = 0.25
 # `duplicates.NEIGHBOURS`) and the OOD score's input view (the `flags.INPUT_NEIGHBOUR`-th nearest
 # trusted row). Twice the input view's k, so that almost every row has that many trusted rows
 # listed (in-distribution rows are mostly trusted) and only the others are searched again.
-INPUT_GRAPH_NEIGHBOURS = max(duplicates.NEIGHBOURS, 2 * flags.INPUT_NEIGHBOUR)
+# The OOD score's group view reads the first `flags.GROUP_NEIGHBOURS` of them.
+INPUT_GRAPH_NEIGHBOURS = max(
+    duplicates.NEIGHBOURS, 2 * flags.INPUT_NEIGHBOUR, flags.GROUP_NEIGHBOURS
+)
 # Columns `flag_examples` adds from `dm_audit.duplicates`.
 DUPLICATE_COLUMNS = (
     "near_duplicate_score",
@@ -61,9 +64,10 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
       flagged (`flags.flag_by_class_counts`), if their score leans towards another label
       (`flags.NEUTRAL_ISSUE_SCORE`). A fixed threshold or top k overrides both.
     * **OOD**: `flags.ood_scores` per fold against the fold's trusted rows (the model's view),
-      with the distance to the trusted rows in the input space (the input's view), averaged
-      with the scores of the row's nearest rows in the input space (the group view,
-      `flags.smooth_over_neighbours`: strangers come in groups), and a conformal
+      with the distance to the trusted rows in the input space (the input's view); then half
+      the row's score and half the mean of its 5 nearest rows' in the input space, ranked again
+      among the unflagged rows (the group view, `flags.smooth_over_neighbours`: strangers come
+      in groups); and a conformal
       test (`flags.conformal_ood_flags`): an example is flagged when its score is too high for
       the unflagged rows at a false discovery rate of `OOD_FDR`, so in-distribution data gets
       (almost) no OOD flags.
@@ -112,10 +116,11 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     # The group view reads each row's nearest rows in the input space; the rest of the graph
     # and its index are done with: freed, and their memory handed back, before the model
     # view's searches build their own indexes (at 1M x 128 the index is 256 MB).
-    group = input_graph.positions[:, : flags.GROUP_NEIGHBOURS].copy()
+    # int32 row numbers: 20 MB at a million rows instead of 40.
+    group = input_graph.positions[:, : flags.GROUP_NEIGHBOURS].astype(np.int32)
     del space, input_graph
     release_unused_memory()
-    ood = _ood_scores(
+    ood, scored = _ood_scores(
         scores,
         labels,
         votes,
@@ -125,8 +130,8 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         config,
         instability=steady_trajectories,
     )
-    if (~is_issue).any():
-        ood = flags.smooth_over_neighbours(ood, group, reference_mask=~is_issue)
+    ood_alone = ood.copy()
+    ood = _group_view(ood, scored, group, is_issue)
     del group
     is_ood, ood_threshold, review_threshold = _ood_flags(ood, is_issue, config)
     # The searches' indexes and result blocks are freed; give their memory back.
@@ -152,6 +157,7 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         noise,
         votes,
         weights,
+        ood_score_alone=ood_alone,
         duplicates={
             **dups.summary(labels),
             "leaked_rows": int(out["is_leaked_duplicate"].sum()),
@@ -282,20 +288,22 @@ def _ood_scores(
     config: AuditConfig,
     *,
     instability: bool = True,
-) -> np.ndarray:
-    """The OOD score of every row, per fold against the fold's trusted rows (0 in a fold with
-    nothing to compare with); the input view's distances are to the trusted rows of every
-    fold, as the input space is shared. Without `instability` the spread of p_i over the
-    epochs is left out of the model's view."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The OOD score of every row, per fold against the fold's trusted rows, and which rows
+    were scored (a fold with nothing to compare with is not: its rows get 0); the input view's
+    distances are to the trusted rows of every fold, as the input space is shared. Without
+    `instability` the spread of p_i over the epochs is left out of the model's view."""
     table = scores.table
     std_p = table["std_p"].to_numpy() if instability and "std_p" in table else None
     input_distances = searched.input_distances
     ood = np.zeros(len(labels))
+    scored = np.zeros(len(labels), dtype=bool)
     fold_rows = scores.fold_rows()
     for k, rows in enumerate(fold_rows):
         fold_trusted = trusted[rows]
         if fold_trusted.sum() <= OOD_NEIGHBOUR or (~is_issue[rows]).sum() == 0:
             continue  # nothing in this fold to compare with: no OOD evidence
+        scored[rows] = True
         ood[rows] = flags.ood_scores(
             scores.probs[rows],
             scores.embeddings[k],
@@ -313,7 +321,21 @@ def _ood_scores(
             seed=config.seed,
             progress=f"flags: OOD distance {k + 1}/{len(fold_rows)}" if config.progress else None,
         )
-    return ood
+    return ood, scored
+
+
+def _group_view(
+    ood: np.ndarray, scored: np.ndarray, group: np.ndarray, is_issue: np.ndarray
+) -> np.ndarray:
+    """The OOD scores with the group view (`flags.smooth_over_neighbours`) among the scored
+    rows: an unscored row (no OOD evidence) keeps its 0 and counts as no neighbour, so its 0
+    pulls no one down; unchanged when no unflagged row was scored."""
+    reference = scored & ~is_issue
+    if not reference.any():
+        return ood
+    neighbours = np.where(scored[np.maximum(group, 0)] & (group >= 0), group, -1)
+    smoothed = flags.smooth_over_neighbours(ood, neighbours, reference_mask=reference)
+    return np.where(scored, smoothed, ood)
 
 
 def _input_distances(
@@ -358,7 +380,14 @@ def _ood_flags(
     ood: np.ndarray, is_issue: np.ndarray, config: AuditConfig
 ) -> tuple[np.ndarray, float, float]:
     """The OOD test: the rows flagged OOD, the OOD threshold, and the score above which a
-    suggestion goes to review."""
+    suggestion goes to review. With every row flagged as a label issue there is no
+    in-distribution reference to test against: nothing is flagged OOD (or what the user's
+    threshold flags) and no suggestion goes to review for its OOD score."""
+    if (~is_issue).sum() == 0:
+        if config.ood_threshold is None:
+            return np.zeros(ood.size, dtype=bool), 1.0, 1.0
+        threshold = float(config.ood_threshold)
+        return flags.flag_ood(ood, threshold=threshold), threshold, threshold
     if config.ood_threshold is not None:
         ood_threshold = float(config.ood_threshold)
         is_ood = flags.flag_ood(ood, threshold=ood_threshold)

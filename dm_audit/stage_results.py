@@ -231,6 +231,9 @@ class Flags:
     noise_estimate: estimate.NoiseEstimate
     knn_votes: np.ndarray
     issue_weights: dict[str, float] = field(default_factory=dict)
+    # The OOD score before the group view (`flags.smooth_over_neighbours`), for benchmarks that
+    # measure what the group view adds; not written to the reports.
+    ood_score_alone: np.ndarray | None = None
     # Counts of `duplicates.Duplicates.summary`, and the rows leaked into a held-out split.
     duplicates: dict[str, Any] = field(default_factory=dict)
 

@@ -124,3 +124,12 @@ def test_a_singleton_class_is_not_corrected_away() -> None:
     last = report.examples.iloc[-1]
     assert last["correction_source"] in {"kept", "needs_review"}
     assert report.summary["automatic_corrections"]["unlearnable_classes"] == ["c2"]
+
+
+def test_flagging_every_row_leaves_no_reference_for_the_ood_test() -> None:
+    # A threshold of 0 flags every row as a label issue: no unflagged row is left to calibrate
+    # the OOD test against, so nothing is flagged OOD (and nothing fails).
+    x, truth = _blobs([40, 40], dim=3, seed=4)
+    report, flagged, _ = _audit(x, truth, truth, label_issue_threshold=0.0, retrain=False)
+    assert flagged.all()
+    assert not report.examples["is_ood"].any()

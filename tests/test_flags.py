@@ -157,3 +157,21 @@ def test_flags_still_exports_the_names_of_its_neighbouring_modules() -> None:
         for name in module.__all__:
             assert name in flags.__all__
             assert getattr(flags, name) is getattr(module, name)
+
+
+def test_rows_without_ood_evidence_stay_out_of_the_group_view() -> None:
+    from dm_audit.stage_flags import _group_view
+
+    # Rows 3 and 4 come from a fold with nothing to compare with: score 0, not scored.
+    ood = np.array([0.2, 0.9, 0.6, 0.0, 0.0])
+    scored = np.array([True, True, True, False, False])
+    group = np.array([[3, 1], [4, 0], [3, 4], [0, 1], [2, 3]], dtype=np.int32)
+    is_issue = np.zeros(5, dtype=bool)
+    out = _group_view(ood, scored, group, is_issue)
+    # Unscored rows keep their 0; row 0 averages with row 1 only, row 2 with no one.
+    assert out[3] == 0.0 and out[4] == 0.0
+    combined = np.array([0.2 / 2 + 0.9 / 2, 0.9 / 2 + 0.2 / 2, 0.6])
+    expected = np.searchsorted(np.sort(combined), combined, side="left") / 3
+    np.testing.assert_allclose(out[:3], expected)
+    # No unflagged scored row: the scores are left as they are.
+    np.testing.assert_array_equal(_group_view(ood, scored, group, np.ones(5, bool)), ood)

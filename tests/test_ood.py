@@ -292,17 +292,37 @@ def test_select_trusted() -> None:
 
 
 def test_the_group_view_averages_each_row_with_its_neighbours_and_ranks_again() -> None:
-    scores = np.array([0.1, 0.9, 0.5, 0.3])
+    scores = np.array([0.125, 0.875, 0.5, 0.25])
     rows = np.array([[1, 2], [0, -1], [-1, -1], [0, 1]])
-    # Own and neighbours' mean at half each: 0.1/2 + 0.7/2, 0.9/2 + 0.1/2, 0.5 (no neighbour
-    # found: its own score), 0.3/2 + 0.5/2 -> 0.4, 0.5, 0.5, 0.4.
+    # Own score and the neighbours' mean at half each: 0.125/2 + 0.6875/2, 0.875/2 + 0.125/2,
+    # 0.5 (no neighbour found: its own score), 0.25/2 + 0.5/2 -> 0.40625, 0.5, 0.5, 0.375.
     reference = np.array([True, True, True, False])
     smoothed = smooth_over_neighbours(scores, rows, reference_mask=reference)
-    # Ranked among the reference's 0.4, 0.5, 0.5: the share at or below each.
-    np.testing.assert_allclose(smoothed, [1 / 3, 1.0, 1.0, 1 / 3])
+    # Ranked among the reference's 0.40625, 0.5, 0.5: the share strictly lower.
+    np.testing.assert_allclose(smoothed, [0.0, 1 / 3, 1 / 3, 0.0])
     # Without the neighbours' share the ranks are those of the scores themselves.
     alone = smooth_over_neighbours(scores, rows, reference_mask=reference, weight=0.0)
-    np.testing.assert_allclose(alone, [1 / 3, 1.0, 2 / 3, 1 / 3])
+    np.testing.assert_allclose(alone, [0.0, 2 / 3, 1 / 3, 1 / 3])
+
+
+def test_the_group_views_ranks_flag_what_its_combined_scores_flag() -> None:
+    # Re-ranking must not blunt the conformal test: a row above every reference row keeps the
+    # smallest p-value, 1 / (n_ref + 1), so a cluster of 15 strangers among 1,500 rows is
+    # flagged on the ranks exactly as on the combined scores.
+    rng = np.random.default_rng(5)
+    n_ref, n_tested, n_out = 1_000, 500, 15
+    scores = np.r_[rng.uniform(0, 0.8, n_ref + n_tested), rng.uniform(0.97, 1.0, n_out)]
+    reference = np.r_[np.ones(n_ref, bool), np.zeros(n_tested + n_out, bool)]
+    none = np.full((scores.size, 1), -1)
+    ranked = smooth_over_neighbours(scores, none, reference_mask=reference, weight=0.0)
+    on_ranks, _ = conformal_ood_flags(ranked, reference_mask=reference)
+    on_scores, _ = conformal_ood_flags(scores, reference_mask=reference)
+    np.testing.assert_array_equal(on_ranks, on_scores)
+    assert on_ranks[-n_out:].all()
+    assert ranked[-n_out:].min() == 1.0 and ranked[reference].max() == 1.0 - 1.0 / n_ref
+    np.testing.assert_array_equal(
+        flag_ood(ranked, reference_mask=reference), flag_ood(scores, reference_mask=reference)
+    )
 
 
 def test_the_group_view_lifts_a_cluster_of_strangers_above_lone_hard_rows() -> None:
@@ -321,7 +341,6 @@ def test_the_group_view_lifts_a_cluster_of_strangers_above_lone_hard_rows() -> N
     after = roc_auc_score(is_stranger, smoothed)
     # Measured: 0.852 -> 0.946.
     assert before < 0.87 and after > 0.93 and after - before > 0.07, (before, after)
-    assert smoothed.min() >= 0.0 and smoothed.max() <= 1.0
 
 
 def test_the_group_view_validates_its_inputs() -> None:
