@@ -50,6 +50,8 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 100) ->
     """Save `fig` as PNG at `path` atomically (the folder is created) and return the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    # Warnings are process-wide: one raised by another thread while this figure is drawn is
+    # caught here too, and passed on below unchanged unless it is a missing glyph.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         saved = atomic_write_png(p, fig, dpi=dpi)

@@ -130,7 +130,7 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
         config,
         instability=steady_trajectories,
     )
-    ood_alone = ood.copy()
+    ood_alone = ood  # `_group_view` returns a new array: this one stays the score before it
     ood = _group_view(ood, scored, group, is_issue)
     del group
     is_ood, ood_threshold, review_threshold = _ood_flags(ood, is_issue, config)
