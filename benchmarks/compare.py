@@ -50,6 +50,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from dm_audit.audit import AuditConfig, proselflc_targets, run_audit
+from dm_audit.crossfit import make_train_config
 from dm_audit.dataset import AuditDataset
 from dm_audit.metrics import accuracy
 from dm_audit.noise import add_noise
@@ -371,8 +372,15 @@ class RecipeClassifier(ClassifierMixin, BaseEstimator):
     def fit(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None):
         self.classes_ = np.unique(y)
         codes = np.searchsorted(self.classes_, y)
-        config = TrainConfig(
-            loss="cce", epochs=self.epochs, seed=self.seed, device=self.device, progress=False
+        # The audit's batch for this training set (a conv net on few images gets smaller
+        # batches at a scaled rate), so that both train the same recipe.
+        config = make_train_config(
+            AuditConfig(seed=self.seed, device=self.device, progress=False),
+            loss="cce",
+            loss_params={},
+            epochs=self.epochs,
+            n_train=len(x),
+            input_kind="image" if np.ndim(x) == 4 else "features",
         )
         self.model_ = fit(x, codes, config, num_classes=len(self.classes_)).model
         return self

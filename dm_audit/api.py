@@ -85,7 +85,7 @@ class LabelAuditor(ClassifierMixin, BaseEstimator):
         model: str = "auto",
         epochs: int | None = None,
         probe_epochs: int | None = None,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         lr: float | None = None,
         device: str = "auto",
         seed: int = 0,

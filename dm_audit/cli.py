@@ -323,13 +323,14 @@ def _train_config(args: argparse.Namespace):
         "model": args.model,
         "loss": args.loss,
         "loss_params": params,
-        "batch_size": args.batch_size,
         "device": args.device,
         "seed": args.seed,
         "progress": not args.quiet,
     }
     if args.epochs is not None:
         options["epochs"] = args.epochs
+    if args.batch_size is not None:
+        options["batch_size"] = args.batch_size
     if args.lr is not None:
         options["lr"] = args.lr
     return TrainConfig(**options)

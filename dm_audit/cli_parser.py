@@ -114,8 +114,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--batch-size",
         type=int,
-        default=128,
-        help="examples per training step (default 128); larger is faster on a GPU",
+        default=None,
+        help="examples per training step (default 128; an audit gives a conv net on a small "
+        "training set fewer: at least 8 steps per epoch, the learning rate scaled alike); "
+        "larger is faster on a GPU",
     )
     group.add_argument("--lr", type=float, default=None, help="learning rate")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

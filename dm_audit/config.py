@@ -31,7 +31,10 @@ class AuditConfig:
         Epochs of the audit training and of the retrain; None chooses from the dataset size.
     probe_epochs : int or None
         Epochs of the short probe training; None: a quarter of ``epochs``.
-    batch_size : int
+    batch_size : int or None
+        Examples per training step; None: 128, fewer for a conv net on a small training set
+        (at least 8 steps per epoch, the learning rate scaled alike; see
+        `dm_audit.crossfit.training_batch`).
     lr : float or None
         Learning rate; None keeps the training engine's default for the optimizer.
     device : str
@@ -71,7 +74,7 @@ class AuditConfig:
     model: str = "auto"
     epochs: int | None = None
     probe_epochs: int | None = None
-    batch_size: int = 128
+    batch_size: int | None = None
     lr: float | None = None
     device: str = "auto"
     seed: int = 0
@@ -114,6 +117,8 @@ class AuditConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.batch_size is not None and self.batch_size < 2:
+            raise ConfigError(f"batch_size must be >= 2, got {self.batch_size}")
 
     def check_against(self, n_rows: int) -> None:
         """Refuse options that the data cannot satisfy, before any training.

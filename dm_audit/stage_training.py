@@ -26,6 +26,7 @@ from dm_audit.crossfit import (
     out_of_sample_probs,
     probe_epochs,
     train_crossfit,
+    training_batch,
     training_epochs,
 )
 from dm_audit.dataset import AuditDataset
@@ -73,8 +74,10 @@ def probe(
         data,
         inputs,
         folds,
-        lambda k: make_train_config(
+        lambda k, n_train: make_train_config(
             config,
+            n_train=n_train,
+            input_kind=data.input_kind,
             loss="dm",
             loss_params=dict(PROBE_EMPHASIS),
             epochs=epochs,
@@ -171,13 +174,15 @@ def train_audit_model(
         loss, params = "dm", dm_params(choice)
     epochs = training_epochs(config, len(data))
     if config.progress:
-        announce(training_plan(probe_result, config, len(data), epochs))
+        announce(training_plan(probe_result, config, len(data), epochs, data.input_kind))
     models = train_crossfit(
         data,
         data.inputs(),
         folds,
-        lambda k: make_train_config(
+        lambda k, n_train: make_train_config(
             config,
+            n_train=n_train,
+            input_kind=data.input_kind,
             loss=loss,
             loss_params=params,
             epochs=epochs,
@@ -191,7 +196,13 @@ def train_audit_model(
     return AuditFit(models, choice, time.perf_counter() - start, probe_result.probs)
 
 
-def training_plan(probe_result: ProbeResult, config: AuditConfig, n_rows: int, epochs: int) -> str:
+def training_plan(
+    probe_result: ProbeResult,
+    config: AuditConfig,
+    n_rows: int,
+    epochs: int,
+    input_kind: str = "features",
+) -> str:
     """The audit's remaining training, and its expected time read off the probe's.
 
     The probe trained the same model on the same folds, so its seconds per epoch, measured on
@@ -207,9 +218,10 @@ def training_plan(probe_result: ProbeResult, config: AuditConfig, n_rows: int, e
     trainings = 2 if config.retrain else 1
     expected = per_epoch * epochs * trainings
     what = "audit training and retrain" if config.retrain else "audit training"
+    batch, _ = training_batch(config, n_rows - n_rows // CROSSFIT_FOLDS, input_kind)
     return (
-        f"{what}: {trainings} x {CROSSFIT_FOLDS} cross-fitted models of {epochs} epochs on "
-        f"{n_rows} rows; expected about {duration(expected)} at the probe's "
+        f"{what}: {trainings} x {CROSSFIT_FOLDS} cross-fitted models of {epochs} epochs "
+        f"(batch {batch}) on {n_rows} rows; expected about {duration(expected)} at the probe's "
         f"{per_epoch:.2g} s per epoch (--epochs sets a shorter or fuller run)"
     )
 
@@ -252,8 +264,10 @@ def retrain(
         data,
         inputs,
         scores.folds,
-        lambda k: make_train_config(
+        lambda k, n_train: make_train_config(
             config,
+            n_train=n_train,
+            input_kind=data.input_kind,
             loss="dm",
             loss_params=dm_params(choice),
             epochs=epochs,

@@ -83,7 +83,10 @@ class AuditSettings(dg.ConfigurableResource):
     probe_epochs: int | None = Field(
         default=None, description="Epochs of each noise-probe training; None: auto."
     )
-    batch_size: int = Field(default=128, description="Training batch size.")
+    batch_size: int | None = Field(
+        default=None,
+        description="Training batch size; None: 128, fewer for a conv net on a small training set.",
+    )
     lr: float | None = Field(default=None, description="Learning rate; None: optimizer default.")
     seed: int = Field(default=0, description="Seeds every random choice of the audit.")
     lam: float | None = Field(
