@@ -11,7 +11,7 @@ noisy labels run:
 * cleanlab ``find_label_issues`` (its defaults) on 5-fold out-of-sample probabilities of a
   logistic regression (standardised features), a histogram gradient-boosting classifier, and the
   model family dm-audit trains (`compare.RecipeClassifier`: cross entropy, the audit's default
-  epochs); on the image folder only the last one;
+  epochs and batch); on the image folder only the last one;
 * the argmax baseline: flag where the out-of-sample prediction of that same model differs from
   the given label.
 
@@ -907,8 +907,8 @@ def write_results(out: Path, provenance: dict[str, Any], rows: list[dict[str, An
         f"* **{CL_LR}**, **{CL_HGB}**, **{CL_TORCH}**: cleanlab `find_label_issues` (defaults) "
         f"on {CV_FOLDS}-fold stratified out-of-sample `predict_proba` of a `LogisticRegression` "
         "after a `StandardScaler`, a `HistGradientBoostingClassifier`, and the model family "
-        "dm-audit trains (its MLP or ResNet-20, cross entropy, the audit's default epochs for "
-        "the dataset size; `compare.RecipeClassifier`). Score: 1 − "
+        "dm-audit trains (its MLP or ResNet-20, cross entropy, the audit's default epochs and "
+        "batch for the training set's size; `compare.RecipeClassifier`). Score: 1 − "
         "`get_label_quality_scores`. Suggested label: the out-of-sample prediction. Seconds: "
         "the 5 trainings and `find_label_issues`. The image folder runs only the torch model.",
         f"* **{ARGMAX}**: flag where the same out-of-sample torch prediction differs from the "
