@@ -2,7 +2,8 @@
 
 Every method on a dataset trains the same model family (the one the audit picks automatically:
 an MLP for features, a CIFAR ResNet-20 for small images) with the same recipe and the same
-number of epochs per training (`dm_audit.training.fit`, SGD, cosine schedule, batch 128):
+number of epochs per training (`dm_audit.training.fit`, SGD, cosine schedule, the audit's
+automatic batch: 128, smaller for a conv net on a small training set, `make_train_config`):
 
 * loss-only methods, one training each: plain CCE, GCE (q = 0.7), MAE, IMAE (T = 8), DM with
   GR's fixed default (β = 8, λ = 0.5), ProSelfLC with annealed temperature (its defaults);
@@ -256,13 +257,14 @@ class Context:
         self.n_classes = self.dataset.n_classes
 
     def train_config(self, loss: str, params: dict[str, Any] | None = None) -> TrainConfig:
-        return TrainConfig(
+        # The audit's batch for this training set (`dm_audit.crossfit.training_batch`).
+        return make_train_config(
+            AuditConfig(seed=self.seed, device=self.device, progress=False),
             loss=loss,
             loss_params=dict(params or {}),
             epochs=self.epochs,
-            seed=self.seed,
-            device=self.device,
-            progress=False,
+            n_train=len(self.y),
+            input_kind=self.dataset.input_kind,
         )
 
 

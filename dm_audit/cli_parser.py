@@ -116,8 +116,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="examples per training step (default 128; an audit gives a conv net on a small "
-        "training set fewer: at least 8 steps per epoch, the learning rate scaled alike); "
-        "larger is faster on a GPU",
+        "training set fewer: 8 steps per epoch where batches of at least 16 allow, the default "
+        "learning rate scaled alike); larger is faster on a GPU",
     )
     group.add_argument("--lr", type=float, default=None, help="learning rate")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

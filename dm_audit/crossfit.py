@@ -37,14 +37,17 @@ AUTO_BATCH_SIZE = 128
 # 20-layer net with batch norm to settle at lr 0.1 (He et al. warm up even deeper nets at 0.01
 # for 400 steps). On 300 clean sklearn digits as 8x8 PNGs the probe then read 23 % noise and
 # the audit flagged 13 rows (4.3 %) with 4 collapse rollbacks, retrained accuracy 0.972 ->
-# 0.948; with 8 steps per epoch (batch 18, lr scaled with it) the probe reads 1.9 % and 1 row is
-# flagged (0.970 -> 0.980), and with 30 % symmetric noise F1 rises 0.842 -> 0.905 (0.808 ->
-# 0.853 at 16x16); see benchmarks/clean_tables.py. Feature tables keep 128: the 2-layer MLP
+# 0.948 (one CLI audit of such a folder); with batches of 18 (9 steps per epoch, lr scaled with
+# it) the probe reads 1.9 % and 1 row is flagged (0.970 -> 0.980), and with 30 % symmetric
+# noise F1 rises 0.842 -> 0.905 (0.808 -> 0.853 at 16x16). benchmarks/clean_tables.py's own
+# folders (other files, other folds): 13 -> 4, 5 -> 2 and 15 -> 5 flagged (8x8, 16x16, mixed
+# modes); the generality benchmark's 200-image dev folder: mean F1 0.763 -> 0.864 at 20-40 %
+# noise. Feature tables keep 128: the 2-layer MLP
 # trains in few steps (wine: 89 rows per fold, one step per epoch) and its defaults were chosen
 # at that batch on the development tables of benchmarks/generality.py.
 CONV_MIN_STEPS_PER_EPOCH = 8
-# Below 16 images batch norm's batch statistics get noisy; at 16 a 128-image fold still has 8
-# steps per epoch.
+# Below 16 images batch norm's batch statistics get noisy, so a fold of fewer than 128 images
+# gets fewer than 8 steps (100 images: 7).
 CONV_MIN_BATCH_SIZE = 16
 
 
@@ -73,10 +76,9 @@ def probe_epochs(config: AuditConfig, n: int) -> int:
 
 
 def is_conv_net(model: str, input_kind: str) -> bool:
-    """Whether the model name (``"auto"`` resolved by the input kind) is a conv net."""
-    if model == "auto":
-        return input_kind == "image"
-    return model != "mlp"
+    """Whether the model trains on images as a conv net: every image model but ``"mlp"``
+    (``"auto"`` picks a ResNet for images); on feature tables no model is one."""
+    return input_kind == "image" and model != "mlp"
 
 
 def training_batch(config: AuditConfig, n_train: int | None, input_kind: str) -> tuple[int, float]:
@@ -84,7 +86,7 @@ def training_batch(config: AuditConfig, n_train: int | None, input_kind: str) ->
 
     The user's ``batch_size`` is kept as given (factor 1). Automatic: `AUTO_BATCH_SIZE`, or for a
     conv net whose training set gives fewer than `CONV_MIN_STEPS_PER_EPOCH` steps per epoch a
-    batch that gives that many (at least `CONV_MIN_BATCH_SIZE`), with the learning rate scaled
+    batch that gives that many where batches of `CONV_MIN_BATCH_SIZE` allow, with the rate scaled
     by the same factor (the linear scaling rule, Goyal et al. 2017: an epoch moves the weights
     about as far as before, in more and smaller steps).
     """

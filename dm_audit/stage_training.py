@@ -26,7 +26,6 @@ from dm_audit.crossfit import (
     out_of_sample_probs,
     probe_epochs,
     train_crossfit,
-    training_batch,
     training_epochs,
 )
 from dm_audit.dataset import AuditDataset
@@ -218,10 +217,19 @@ def training_plan(
     trainings = 2 if config.retrain else 1
     expected = per_epoch * epochs * trainings
     what = "audit training and retrain" if config.retrain else "audit training"
-    batch, _ = training_batch(config, n_rows - n_rows // CROSSFIT_FOLDS, input_kind)
+    # The audit training's halves; the retrain's (kept rows only) can get a smaller batch.
+    train = make_train_config(
+        config,
+        loss="dm",
+        loss_params={},
+        epochs=epochs,
+        n_train=n_rows - n_rows // CROSSFIT_FOLDS,
+        input_kind=input_kind,
+    )
     return (
         f"{what}: {trainings} x {CROSSFIT_FOLDS} cross-fitted models of {epochs} epochs "
-        f"(batch {batch}) on {n_rows} rows; expected about {duration(expected)} at the probe's "
+        f"(batch {train.batch_size}, lr {train.peak_lr:.3g}) on {n_rows} rows; "
+        f"expected about {duration(expected)} at the probe's "
         f"{per_epoch:.2g} s per epoch (--epochs sets a shorter or fuller run)"
     )
 

@@ -87,7 +87,11 @@ class AuditSettings(dg.ConfigurableResource):
         default=None,
         description="Training batch size; None: 128, fewer for a conv net on a small training set.",
     )
-    lr: float | None = Field(default=None, description="Learning rate; None: optimizer default.")
+    lr: float | None = Field(
+        default=None,
+        description="Learning rate; None: the optimizer's default, scaled with a smaller "
+        "automatic batch.",
+    )
     seed: int = Field(default=0, description="Seeds every random choice of the audit.")
     lam: float | None = Field(
         default=None, description="DM emphasis mode lambda; None adapts it to the noise rate."

@@ -227,9 +227,10 @@ def test_a_conv_net_on_a_small_training_set_gets_smaller_batches_and_a_scaled_ra
     assert batch == 18 and lr == pytest.approx(0.1 * 18 / 128)
     assert trained(auto, 40, "image") == (16, pytest.approx(0.1 * 16 / 128))
     assert trained(auto, 5_000, "image") == (128, 0.1)
-    # "auto" resolves by the input; a named conv net on features is still a conv net.
+    # Any image model but the MLP counts as a conv net; on feature tables none does.
     assert trained(AuditConfig(model="mlp"), 150, "image")[0] == 128
-    assert trained(AuditConfig(model="resnet20"), 150, "features")[0] == 18
+    assert trained(AuditConfig(model="resnet20"), 150, "image")[0] == 18
+    assert trained(AuditConfig(model="resnet20"), 150, "features")[0] == 128
     # What the user sets is kept as given.
     assert trained(AuditConfig(batch_size=64), 150, "image") == (64, 0.1)
     assert trained(AuditConfig(lr=0.05), 150, "image") == (18, 0.05)
@@ -293,18 +294,18 @@ def test_the_plan_and_its_expected_time_are_announced_before_the_audit_training(
     assert stages["probe"].epoch_seconds > 0
     err = capsys.readouterr().err
     plan = next(line for line in err.splitlines() if "expected about" in line)
-    assert "2 x 2 cross-fitted models of 4 epochs (batch 128)" in plan
+    assert "2 x 2 cross-fitted models of 4 epochs (batch 128, lr 0.1)" in plan
     # The plan comes after the probe's lines and before the audit training's.
     assert err.index("1/3 probe") < err.index(plan) < err.index("2/3 audit")
     # From the probe's median epoch when known, else its whole time over its epochs.
     config = AuditConfig(epochs=60, probe_epochs=15, retrain=False)
     text = training_plan(SimpleNamespace(seconds=30.0, epoch_seconds=0.8), config, 900, 60)
-    assert "1 x 2 cross-fitted models of 60 epochs (batch 128) on 900 rows" in text
+    assert "1 x 2 cross-fitted models of 60 epochs (batch 128, lr 0.1) on 900 rows" in text
     # A conv net on 450 rows per fold: batches of 56, 8 steps per epoch.
     images = training_plan(
         SimpleNamespace(seconds=30.0, epoch_seconds=0.8), config, 900, 60, "image"
     )
-    assert "(batch 56) on 900 rows" in images
+    assert "(batch 56, lr 0.0438) on 900 rows" in images
     assert "expected about 48 s" in text  # 0.8 s per epoch x 60 epochs
     text = training_plan(SimpleNamespace(seconds=12.0, epoch_seconds=None), config, 900, 60)
     assert "expected about 48 s" in text  # 12 s / 15 epochs x 60 epochs
