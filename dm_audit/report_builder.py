@@ -192,6 +192,13 @@ def _summary(
             "audit": audit_fit.models.events,
             "retrain": [] if retrained.models is None else retrained.models.events,
         },
+        # The batch and learning rate each fold's model trained with: chosen from the fold's
+        # size when the user left them unset (`crossfit.training_batch`); the probe trains on
+        # the audit's folds, so with the audit's batch.
+        "training": {
+            "audit": _training_recipe(audit_fit.models),
+            "retrain": [] if retrained.models is None else _training_recipe(retrained.models),
+        },
         "seconds": {
             "probe": probe_result.seconds,
             "audit_training": audit_fit.seconds,
@@ -206,6 +213,19 @@ def _summary(
             given, truth, scores, flag_result, corrections, retrained
         )
     return summary
+
+
+def _training_recipe(models: CrossFit) -> list[dict[str, Any]]:
+    """Each fold model's batch size, peak learning rate and epochs."""
+    return [
+        {
+            "fold": k,
+            "batch_size": int(f.config.batch_size),
+            "lr": float(f.config.peak_lr),
+            "epochs": int(f.config.epochs),
+        }
+        for k, f in enumerate(models.fits)
+    ]
 
 
 def _noise_summary(

@@ -122,6 +122,10 @@ def test_a_small_clean_image_set_is_left_alone() -> None:
     report, flagged, _ = _audit(images, truth, truth)
     assert flagged.mean() <= 0.02  # measured 1 of 300
     assert report.summary["training_events"]["audit"] == []
+    # Each half's ResNet trained 9 steps per epoch: batches of 150 // 8, at a rate scaled alike.
+    recipes = report.summary["training"]["audit"]
+    assert [(r["fold"], r["batch_size"]) for r in recipes] == [(0, 18), (1, 18)]
+    assert recipes[0]["lr"] == pytest.approx(0.1 * 18 / 128)
     assert not report.summary["quality"]["retrain_worse"]
 
 
