@@ -964,9 +964,10 @@ def write_results(
         "## Configuration",
         "",
         "Per dataset every method trains the same model with the same recipe (SGD with Nesterov "
-        "momentum, lr 0.1, cosine schedule, batch 128, the model family's weight decay) for the "
-        "same epochs per training; dm-audit runs with its defaults (its probe trains a quarter "
-        "of the epochs, at least 5).",
+        "momentum, lr 0.1, cosine schedule, batch 128, the model family's weight decay; a conv "
+        "net on a small training set gets smaller batches at a rate scaled alike, "
+        "`dm_audit.crossfit.training_batch`) for the same epochs per training; dm-audit runs "
+        "with its defaults (its probe trains a quarter of the epochs, at least 5).",
         "",
     ]
     # Each run recorded its datasets' budgets; they win over today's defaults when re-rendering.
