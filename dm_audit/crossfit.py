@@ -42,9 +42,9 @@ AUTO_BATCH_SIZE = 128
 # noise F1 rises 0.842 -> 0.905 (0.808 -> 0.853 at 16x16). benchmarks/clean_tables.py's own
 # folders (other files, other folds): 13 -> 4, 5 -> 2 and 15 -> 5 flagged (8x8, 16x16, mixed
 # modes); the generality benchmark's 200-image dev folder: mean F1 0.763 -> 0.864 at 20-40 %
-# noise. Feature tables keep 128: the 2-layer MLP
-# trains in few steps (wine: 89 rows per fold, one step per epoch) and its defaults were chosen
-# at that batch on the development tables of benchmarks/generality.py.
+# noise. Feature tables keep 128: the 2-layer MLP trains in few steps (wine: 89 rows per fold,
+# one step per epoch) and its defaults were chosen at that batch on the development tables of
+# benchmarks/generality.py.
 CONV_MIN_STEPS_PER_EPOCH = 8
 # Below 16 images batch norm's batch statistics get noisy, so a fold of fewer than 128 images
 # gets fewer than 8 steps (100 images: 7).
@@ -210,9 +210,8 @@ def train_crossfit(
 
     `inputs` are the dataset's decoded inputs (decoded once per stage: images are costly);
     `make_config(k, n_train)` gives the training options of fold k's model, which trains on
-    n_train rows. With `evaluate`, each model is evaluated
-    after every epoch on its own fold (kept rows, given or corrected `labels`): the
-    ``eval_acc`` of its history is out of sample.
+    n_train rows. With `evaluate`, each model is evaluated after every epoch on its own fold
+    (kept rows, given or corrected `labels`): the ``eval_acc`` of its history is out of sample.
     """
     # Checked (and made C-ordered float32) once: each fold's subsets then share this array.
     inputs = check_inputs(inputs)
