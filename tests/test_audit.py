@@ -221,8 +221,8 @@ def test_a_conv_net_on_a_small_training_set_gets_smaller_batches_and_a_scaled_ra
     auto = AuditConfig()
     # Feature tables (the MLP) keep the recipe's batch and rate at any size.
     assert trained(auto, 89, "features") == (128, 0.1)
-    # A conv net gets at least 8 steps per epoch, never batches below 16, and the rate scales
-    # with the batch (linear scaling rule).
+    # A conv net gets 8 steps per epoch where batches of at least 16 allow, and the rate
+    # scales with the batch (linear scaling rule).
     batch, lr = trained(auto, 150, "image")
     assert batch == 18 and lr == pytest.approx(0.1 * 18 / 128)
     assert trained(auto, 40, "image") == (16, pytest.approx(0.1 * 16 / 128))

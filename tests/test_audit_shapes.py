@@ -108,8 +108,9 @@ def test_image_dataset(make_colour_images) -> None:
 
 def test_a_small_clean_image_set_is_left_alone() -> None:
     # 300 scanned digits (8x8, 30 per class), the default budget: each half trains a ResNet on
-    # 150 images. With batches of 128 (2 steps per epoch) the probe read 23 % noise, the
-    # collapse guard rolled the training back and 13 rows (4.3 %) were flagged.
+    # 150 images. With batches of 128 (2 steps per epoch) the probe read 22 % noise on this
+    # data, the collapse guard rolled the audit training back twice and 11 rows (3.7 %) were
+    # flagged.
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
