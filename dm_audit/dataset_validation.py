@@ -108,10 +108,18 @@ def check_feature_vectors(
         row, pos = (int(x) for x in np.argwhere(~finite)[0])
         row += start
         finite = np.isfinite(matrix)
+        # A table's gaps are filled column by column (`dm_audit.missing_values`); a vector
+        # column or an array is taken as the user's own encoding, whose gaps the user fills.
+        hint = (
+            "; fill the gaps, or pass the features as table columns (a DataFrame, CSV or "
+            "Parquet file), whose gaps are filled from the nearest rows"
+            if np.isnan(matrix[row, pos])
+            else ""
+        )
         raise DataError(
             f"column {column!r} has {int((~finite).sum())} non-finite value(s) (NaN or inf); "
             f"the first is {matrix[row, pos]} at position {pos} of row {row} "
-            f"(example_id {ids[row]!r})"
+            f"(example_id {ids[row]!r}){hint}"
         )
     return dim
 

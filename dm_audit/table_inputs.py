@@ -255,6 +255,19 @@ def read_tabular(
 
     encoded = encode_tabular(frame, names, ids, source, strict=strict)
     notes["inputs"] = encoded.inputs
+    gapped = [e for e in encoded.inputs if e.get("missing")]
+    if gapped:
+        shown = ", ".join(f"{e['column']!r} {e['missing']}" for e in gapped[:5])
+        more = f" and {len(gapped) - 5} more" if len(gapped) > 5 else ""
+        log.warning(
+            "%s: %d missing value(s) in %d column(s) (%s%s), each filled with the mean of the "
+            "column over the nearest rows that have it (summary.json input.inputs lists them)",
+            source,
+            sum(e["missing"] for e in gapped),
+            len(gapped),
+            shown,
+            more,
+        )
     if encoded.ignored:
         notes.setdefault("ignored_columns", []).extend(encoded.ignored)
         for entry in encoded.ignored:

@@ -5,6 +5,8 @@ Users' tables mix column types. Each input column becomes one or more float feat
 * numbers: as they are (the trainer standardises every feature by its own spread);
 * booleans: 0 / 1;
 * dates (a datetime column, or text that is all ISO-8601 dates): days since 1970-01-01;
+* a missing number or date: filled from the nearest rows that have one
+  (`dm_audit.missing_values`);
 * categories (text, categorical or mixed columns whose values repeat): one-hot with
   scikit-learn's `OneHotEncoder`; missing values are a category of their own.
 
@@ -20,6 +22,11 @@ Two limits keep categorical columns useful rather than harmful:
   memory at a million rows stays bounded.
 
 What each column became is returned for the report (summary.json ``input.inputs``).
+
+Missing numbers and dates are filled, not refused: real tables have gaps, and a row with one is
+still a row to audit (`dm_audit.missing_values.fill_gaps`: the mean of the column over the row's
+nearest rows that have a value). An infinite value is not a gap but a broken one, and is refused
+by column and row (`check_finite`).
 """
 
 from __future__ import annotations
@@ -142,9 +149,23 @@ def encode_tabular(
         origin += [name] * block.shape[1]
         out.inputs.append(entry)
     if blocks:
-        out.matrix = np.hstack(blocks)
+        out.matrix = _filled(np.hstack(blocks))
     out.column_of_feature = origin
     return out
+
+
+def _filled(matrix: np.ndarray) -> np.ndarray:
+    """The encoded matrix with its gaps filled (`dm_audit.missing_values.fill_gaps`). A matrix
+    holding an infinite value is refused next by `check_finite`: its gaps are set to 0 instead,
+    so that the refusal names the infinite value rather than a gap."""
+    gaps = np.isnan(matrix)
+    if not gaps.any():
+        return matrix
+    if np.isinf(matrix).any():
+        return np.where(gaps, 0.0, matrix)
+    from dm_audit.missing_values import fill_gaps
+
+    return fill_gaps(matrix)
 
 
 def _encode_column(
@@ -160,16 +181,10 @@ def _encode_column(
         block = column.astype(bool).to_numpy(dtype=np.float64)[:, None]
         entry["encoding"] = "boolean (0/1)"
     elif pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        block = column.to_numpy(dtype=np.float64, na_value=np.nan)[:, None]
+        block = _record_gaps(column.to_numpy(dtype=np.float64, na_value=np.nan), entry)
         entry["encoding"] = "numeric"
     elif (dates := _as_dates(column)) is not None:
-        if dates.isna().any():
-            row = int(np.flatnonzero(dates.isna().to_numpy())[0])
-            raise DataError(
-                f"date column {name!r} of {source} has a missing value at row {row} "
-                f"(example_id {ids[row]!r})"
-            )
-        block = _days_since_epoch(dates)
+        block = _record_gaps(_days_since_epoch(dates)[:, 0], entry)
         entry["encoding"] = "date (days since 1970-01-01)"
     else:
         if strict and _text_numbers_share(column) >= 0.5:
@@ -222,6 +237,28 @@ def _one_hot(
     return block, values
 
 
+def _record_gaps(values: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
+    """A number or date column's values (N,) as one feature (N, 1), gaps left as NaN for
+    `encode_tabular` to fill; where there are gaps, their count and the column's median are
+    recorded in `entry` (``missing``, ``fill``): the median is what `apply_encoding` fills new
+    rows' gaps with."""
+    missing = np.isnan(values)
+    if missing.any():
+        entry["missing"] = int(missing.sum())
+        entry["fill"] = float(np.median(values[~missing & np.isfinite(values)]))
+    return values[:, None]
+
+
+def _fill_recorded(values: np.ndarray, gaps: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
+    """New rows of a column, (N, 1): the `gaps` (N,) filled with the median recorded for a column
+    the table had gaps in (new rows have no table rows near them to read); left as NaN, for
+    `check_finite` to refuse, in a column the table had none in. A value that could not be read
+    (text in a numeric column) is not a gap and stays NaN either way."""
+    if "fill" not in entry:
+        return values[:, None]
+    return np.where(gaps, entry["fill"], values)[:, None]
+
+
 def _days_since_epoch(dates: pd.Series) -> np.ndarray:
     """Datetimes as days since 1970-01-01 (UTC for zoned ones), shape (N, 1)."""
     days = (dates - pd.Timestamp(0, tz=dates.dt.tz)).dt.total_seconds() / 86400.0
@@ -257,7 +294,8 @@ def apply_encoding(
     """Encode new rows the way `encode_tabular` encoded the table it recorded `inputs` for.
 
     Each column is encoded as recorded: numbers and booleans as they are, dates as days since
-    1970, one-hot over the recorded categories, a value the table never had (or had too rarely)
+    1970 (a gap filled with the median recorded where the table had gaps), one-hot over the
+    recorded categories, a value the table never had (or had too rarely)
     going to the ``infrequent`` column when there is one, else to no column (as scikit-learn's
     ``handle_unknown="infrequent_if_exist"`` does).
 
@@ -278,7 +316,7 @@ def apply_encoding(
     ------
     DataError
         A recorded column is missing, or a value cannot be encoded (text in a numeric column,
-        a missing date), naming the column and the row.
+        a gap in a column that had none in the table), naming the column and the row.
     """
     missing = [e["column"] for e in inputs if e["column"] not in frame.columns]
     if missing:
@@ -289,12 +327,13 @@ def apply_encoding(
         name, encoding = entry["column"], entry["encoding"]
         column = frame[name]
         if encoding == "numeric":
-            block = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)[:, None]
+            values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+            block = _fill_recorded(values, column.isna().to_numpy(), entry)
         elif encoding.startswith("boolean"):
             block = column.astype(bool).to_numpy(dtype=np.float64)[:, None]
         elif encoding.startswith("date"):
             dates = pd.to_datetime(column, format="ISO8601", errors="coerce", utc=True)
-            block = _days_since_epoch(dates)
+            block = _fill_recorded(_days_since_epoch(dates)[:, 0], column.isna().to_numpy(), entry)
         else:
             block = _one_hot_known(column, entry["categories"])
         blocks.append(block)

@@ -122,6 +122,19 @@ def test_a_dataframe_with_categories_predicts_new_rows() -> None:
         auditor.predict(broken)
 
 
+def test_a_dataframe_with_gaps_is_audited_and_new_gaps_are_filled_alike() -> None:
+    x, truth = _blobs()
+    frame = pd.DataFrame(x[:, :3], columns=["a", "b", "c"])
+    frame.loc[frame.index[::10], "a"] = np.nan
+    auditor = dm_audit.LabelAuditor(**FAST).fit(frame, truth)
+    assert len(auditor.report_) == len(frame)
+    (entry,) = [e for e in auditor.summary_["input"]["inputs"] if e["column"] == "a"]
+    assert entry["missing"] == len(frame.index[::10])
+    new = frame.iloc[:30].copy()
+    new.loc[new.index[1], "a"] = np.nan
+    assert (auditor.predict(new) == truth[:30]).mean() > 0.9
+
+
 def test_a_torch_dataset_of_image_tensors(make_colour_images) -> None:
     import torch
     from torch.utils.data import TensorDataset

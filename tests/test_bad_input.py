@@ -98,11 +98,6 @@ TABLE_CASES: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], list[str], 
         [],
         ["duplicate example ids in", "column example_id: 'ex-1' (rows 1, 5)"],
     ),
-    "NaN feature": (
-        lambda f: _set(f, 3, "f2", float("nan")),
-        [],
-        ["feature column 'f2'", "row 3 (example_id 'ex-3')"],
-    ),
     "inf feature": (
         lambda f: _set(f, 4, "f1", float("inf")),
         [],

@@ -39,11 +39,11 @@ def _assert_nothing_written(out: Path) -> None:
     ("mutate", "message"),
     [
         (lambda f: f.drop(columns=["label"]), "label"),
-        (lambda f: f.assign(f1=f["f1"].where(f.index != 7, np.nan)), "f1"),
+        (lambda f: f.assign(f1=f["f1"].where(f.index != 7, np.inf)), "f1"),
         (lambda f: f.assign(label="only_one"), "class"),
         (lambda f: f.iloc[:0], "no rows"),
     ],
-    ids=["no-label-column", "nan-feature", "one-class", "empty-table"],
+    ids=["no-label-column", "inf-feature", "one-class", "empty-table"],
 )
 def test_bad_input_exits_2_names_the_problem_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], mutate, message: str

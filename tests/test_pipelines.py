@@ -275,10 +275,10 @@ def test_a_class_with_one_row_warns() -> None:
     assert "['cat']" in check.description
 
 
-def test_nan_features_stop_the_graph_at_the_dataset(tmp_path: Path) -> None:
-    source = write_blobs(tmp_path / "nan.csv")
+def test_infinite_features_stop_the_graph_at_the_dataset(tmp_path: Path) -> None:
+    source = write_blobs(tmp_path / "inf.csv")
     frame = pd.read_csv(source)
-    frame.loc[7, "f3"] = np.nan
+    frame.loc[7, "f3"] = np.inf
     frame.to_csv(source, index=False)
     result = materialize_bad_dataset(source, tmp_path / "runs")
     assert not result.success

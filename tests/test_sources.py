@@ -589,12 +589,13 @@ def test_a_column_named_id_names_the_rows_when_its_values_are_distinct(tmp_path,
     frame.to_csv(path, index=False)
     assert list(load_source(str(path)).example_ids) == list(data.example_ids)
     # Repeated or missing values name no rows: the column stays an input, the rows numbered
-    # (and a missing feature value is refused as any other).
+    # (and a missing value is filled as any other feature's gap).
     kept = table_to_dataset(frame.assign(ID=[1, 1, 2, 2, 3, 3]))
     assert kept.example_ids[0] == "row-000000"
     assert [entry["column"] for entry in kept.notes["inputs"]] == ["ID", "x"]
-    with pytest.raises(DataError, match="feature column 'ID' has 1 missing"):
-        table_to_dataset(frame.assign(ID=[1.0, 2.0, None, 4.0, 5.0, 6.0]))
+    gapped = table_to_dataset(frame.assign(ID=[1.0, 2.0, None, 4.0, 5.0, 6.0]))
+    assert gapped.example_ids[0] == "row-000000"
+    assert [entry.get("missing") for entry in gapped.notes["inputs"]] == [1, None]
     # A column the user names as a feature stays one.
     featured = table_to_dataset(frame, TableOptions(feature_columns=["ID", "x"]))
     assert featured.example_ids[0] == "row-000000"

@@ -98,11 +98,86 @@ def test_a_truth_column_is_never_an_input() -> None:
     assert "true_label" in [e["column"] for e in dataset.notes["ignored_columns"]]
 
 
-def test_a_missing_number_is_still_refused_by_column_and_row() -> None:
+def test_missing_numbers_and_dates_are_filled_from_the_nearest_rows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     frame = mixed_table()
-    frame.loc[7, "x"] = np.nan
-    with pytest.raises(DataError, match=r"feature column 'x' .* at row 7 \(example_id 'ex-7'\)"):
+    frame.loc[[7, 8], "x"] = np.nan
+    frame.loc[4, "joined"] = pd.NaT
+    with caplog.at_level(logging.WARNING):
+        dataset = table_to_dataset(frame)
+
+    inputs = {e["column"]: e for e in dataset.notes["inputs"]}
+    assert inputs["x"]["missing"] == 2
+    assert inputs["x"]["fill"] == pytest.approx(frame["x"].median())
+    assert inputs["joined"]["missing"] == 1
+    features = dataset.features()
+    assert features.shape == (90, 1 + 1 + 3 + 1)  # no column added
+    assert np.isfinite(features).all()
+    # Every other input says which of three groups a row is in: the nearest rows are its own
+    # group's, so a gap takes a mean of the group's values (a date: the group's date).
+    codes = np.arange(90) % 3
+    for row in (7, 8):
+        own = frame["x"][(codes == codes[row]) & frame["x"].notna()]
+        assert own.min() <= features[row, 0] <= own.max()
+    joined_days = features[:, 5]
+    assert joined_days[4] == pytest.approx(joined_days[np.flatnonzero(codes == codes[4])[0]])
+    assert "3 missing value(s) in 2 column(s) ('x' 2, 'joined' 1)" in caplog.text
+
+
+def test_a_table_without_gaps_records_none() -> None:
+    dataset = table_to_dataset(mixed_table())
+    assert all("missing" not in e for e in dataset.notes["inputs"])
+    assert dataset.features().shape[1] == 6
+
+
+def test_an_infinite_number_is_still_refused_by_column_and_row() -> None:
+    frame = mixed_table()
+    frame.loc[7, "x"] = np.inf
+    frame.loc[3, "x"] = np.nan  # a gap before it is filled, not named
+    with pytest.raises(
+        DataError, match=r"feature column 'x' .* inf at row 7 \(example_id 'ex-7'\)"
+    ):
         table_to_dataset(frame)
+
+
+def test_new_rows_are_filled_as_the_table_was() -> None:
+    from dm_audit.tabular import apply_encoding
+
+    frame = mixed_table()
+    frame.loc[3, "x"] = np.nan
+    inputs = table_to_dataset(frame).notes["inputs"]
+    fill = next(e for e in inputs if e["column"] == "x")["fill"]
+
+    new = mixed_table(6, seed=1)
+    new.loc[2, "x"] = np.nan
+    encoded = apply_encoding(new, inputs, "new rows")
+    # New rows have no table rows near them to read: the column's recorded median.
+    assert encoded.shape == (6, 6)
+    assert encoded[2, 0] == pytest.approx(fill)
+    np.testing.assert_allclose(encoded[[0, 1, 3, 4, 5], 0], new["x"].drop(2), rtol=1e-6)
+
+    # Text in a numeric column is not a gap: refused, not filled.
+    text = new.astype({"x": object})
+    text.loc[1, "x"] = "n/a"
+    with pytest.raises(DataError, match=r"feature column 'x' .* at row 1"):
+        apply_encoding(text, inputs, "new rows")
+    # A column the table had no gap in has no filled value to give: its gap is refused.
+    no_gaps = table_to_dataset(mixed_table()).notes["inputs"]
+    with pytest.raises(DataError, match=r"feature column 'x' .* at row 2"):
+        apply_encoding(new, no_gaps, "new rows")
+
+
+def test_a_table_with_gaps_is_audited_by_the_cli(tmp_path: Path) -> None:
+    source = tmp_path / "gaps.csv"
+    frame = blobs(90)
+    frame.loc[::9, "f1"] = np.nan
+    frame.to_csv(source, index=False)
+    out = tmp_path / "out"
+    assert main(audit_args(source, out)) == 0
+    examples = pd.read_parquet(out / "examples.parquet")
+    assert len(examples) == 90
+    assert source.read_text().count(",,") == 10  # the input file keeps its gaps
 
 
 # ------------------------------------------------------------------------ roles are not inputs
