@@ -21,6 +21,11 @@ Here two stages of faiss searches (`dm_audit.neighbours`: exact up to
    gap takes the mean of its nearest `FILLING_NEIGHBOURS` that have the column (a row's other
    gaps no longer sit at the mean and pull the wrong rows in).
 
+A table so long and wide that the first stage would outlast `FIRST_STAGE_BUDGET` goes straight
+to the second, searching with its gaps at the column means. Filled values are estimates: two
+rows that agree on every value they have and miss the rest can come out identical, and the
+duplicate search then pairs them like any copies.
+
 Chosen against the column's median with and without a 0/1 column marking the gaps (scikit-learn's
 ``SimpleImputer(strategy="median", add_indicator=True)``) and against ``KNNImputer`` itself on
 wine, breast cancer and digits with 15 % of every column's values removed, at random or mostly
@@ -45,11 +50,17 @@ FILLING_NEIGHBOURS = 5
 # Rows the second stage's search returns per gapped row, ranked again by the NaN-aware distance:
 # a neighbour lacking the same column is passed over, and the search reads the first stage's
 # fills where the ranking reads only values present, so ten times the neighbours used are
-# searched. A gap none of them can fill takes the column's median.
+# searched. A gap none of them can fill keeps the first stage's fill.
 CANDIDATES = 50
-# Gapped rows ranked per block: a block's differences are rows x CANDIDATES x columns float64,
-# 100 MB at 128 columns.
-RANK_BLOCK_ROWS = 2_048
+# Bytes of one ranking block's largest array (gapped rows x CANDIDATES x columns float64); the
+# block holds about three such arrays at once, so ranking peaks near 3 x this above the
+# matrices, whatever the table's width (2,048 rows a block at 128 columns).
+RANK_BLOCK_BYTES = 100 * 2**20
+# Work of the first stage's searches (gaps x donors x columns, summed over the gapped columns)
+# above which it is skipped and the second stage searches with every gap at its column's mean:
+# 10^13 multiply-adds is about an hour on two cores, reached by a table of 100,000 rows with
+# 15 % of 100 columns missing; such tables get the single search's rougher candidates instead.
+FIRST_STAGE_BUDGET = 10**13
 # A column's donors searched in the first stage: above this many rows with the column, a seeded
 # sample of them (an exact search of the gaps against 50,000 rows of 100 columns is 5 * 10^6
 # multiply-adds per gap), which still holds thousands of rows of any class worth a model's while.
@@ -72,13 +83,12 @@ def fill_gaps(matrix: np.ndarray, *, seed: int = 0) -> np.ndarray:
     np.ndarray of float64, shape (N, D)
         The same values where present; each gap the mean of the column over the row's
         `FILLING_NEIGHBOURS` nearest rows having it, by the NaN-aware distance among the
-        `CANDIDATES` nearest (the column's median where none of them has it).
+        `CANDIDATES` nearest (the first stage's fill where none of them has it).
     """
     values = np.asarray(matrix, dtype=np.float64)
     gaps = np.isnan(values)
-    filled = values.copy()
     if not gaps.any():
-        return filled
+        return values.copy()
     median = np.nanmedian(values, axis=0)
     n = values.shape[0]
     if n < 2:
@@ -87,10 +97,23 @@ def fill_gaps(matrix: np.ndarray, *, seed: int = 0) -> np.ndarray:
     scale = np.nanstd(values, axis=0)
     scale = np.where(scale > 0, scale, 1.0)
     z = (values - mean) / scale
-    first = _first_fill(values, np.where(gaps, 0.0, z).astype(np.float32), gaps, seed)
+    space = np.where(gaps, 0.0, z).astype(np.float32)
+    if _first_stage_work(gaps) <= FIRST_STAGE_BUDGET:
+        first = _first_fill(values, space, gaps, seed)
+        space = ((first - mean) / scale).astype(np.float32)
+    else:
+        first = np.where(gaps, median, values)
     gapped_rows = np.flatnonzero(gaps.any(axis=1))
-    candidates = _candidates((first - mean) / scale, gapped_rows, seed)
-    return _filled_from(values, z, gaps, gapped_rows, candidates, median)
+    candidates = _candidates(space, gapped_rows, seed)
+    return _filled_from(values, z, gaps, gapped_rows, candidates, first)
+
+
+def _first_stage_work(gaps: np.ndarray) -> float:
+    """Multiply-adds of the first stage's exact searches: per gapped column, its gaps against
+    its donors (at most `MAX_DONORS`) over every column."""
+    missing = gaps.sum(axis=0).astype(np.float64)
+    donors = np.minimum(gaps.shape[0] - missing, MAX_DONORS)
+    return float(np.sum(missing * donors) * gaps.shape[1])
 
 
 def _first_fill(values: np.ndarray, space: np.ndarray, gaps: np.ndarray, seed: int) -> np.ndarray:
@@ -127,20 +150,22 @@ def _filled_from(
     gaps: np.ndarray,
     gapped_rows: np.ndarray,
     candidates: np.ndarray,
-    median: np.ndarray,
+    fallback: np.ndarray,
 ) -> np.ndarray:
     """`values` with the gaps of `gapped_rows` filled from their `candidates` ranked by the
-    NaN-aware distance of the standardised `z`, block by block."""
+    NaN-aware distance of the standardised `z`, block by block; a gap none of the candidates
+    can fill keeps its value in `fallback` (the first stage's fill)."""
     filled = values.copy()
-    for start in range(0, gapped_rows.size, RANK_BLOCK_ROWS):
-        rows = gapped_rows[start : start + RANK_BLOCK_ROWS]
-        ranked = _ranked(z, rows, candidates[start : start + RANK_BLOCK_ROWS])
+    block_rows = max(1, RANK_BLOCK_BYTES // (8 * candidates.shape[1] * values.shape[1]))
+    for start in range(0, gapped_rows.size, block_rows):
+        rows = gapped_rows[start : start + block_rows]
+        ranked = _ranked(z, rows, candidates[start : start + block_rows])
         donors = values[np.maximum(ranked, 0)]  # (rows, K, D)
         has = ~np.isnan(donors) & (ranked >= 0)[:, :, None]
         used = has & (np.cumsum(has, axis=1) <= FILLING_NEIGHBOURS)
         count = used.sum(axis=1)
         total = np.where(used, donors, 0.0).sum(axis=1)
-        estimate = np.where(count > 0, total / np.maximum(count, 1), median[None, :])
+        estimate = np.where(count > 0, total / np.maximum(count, 1), fallback[rows])
         filled[rows] = np.where(gaps[rows], estimate, filled[rows])
     return filled
 

@@ -156,12 +156,13 @@ def encode_tabular(
 
 def _filled(matrix: np.ndarray) -> np.ndarray:
     """The encoded matrix with its gaps filled (`dm_audit.missing_values.fill_gaps`). A matrix
-    holding an infinite value is refused next by `check_finite`: its gaps are set to 0 instead,
-    so that the refusal names the infinite value rather than a gap."""
+    holding an infinite value, or one beyond float32, is refused next by `check_finite`: its
+    gaps are set to 0 instead, so that the refusal names that value rather than a gap."""
     gaps = np.isnan(matrix)
     if not gaps.any():
         return matrix
-    if np.isinf(matrix).any():
+    # Beyond float32 a value becomes infinite in the model's input: refused as one.
+    if (np.abs(matrix[~gaps]) > np.finfo(np.float32).max).any():
         return np.where(gaps, 0.0, matrix)
     from dm_audit.missing_values import fill_gaps
 

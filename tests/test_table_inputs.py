@@ -141,6 +141,14 @@ def test_an_infinite_number_is_still_refused_by_column_and_row() -> None:
         table_to_dataset(frame)
 
 
+def test_a_number_beyond_float32_beside_a_gap_is_refused_by_name() -> None:
+    frame = mixed_table()
+    frame.loc[3, "x"] = np.nan
+    frame.loc[9, "x"] = 1e308
+    with pytest.raises(DataError, match=r"feature column 'x' .*beyond float32.* at row 9"):
+        table_to_dataset(frame)
+
+
 def test_new_rows_are_filled_as_the_table_was() -> None:
     from dm_audit.tabular import apply_encoding
 
