@@ -21,6 +21,10 @@ between two of them is the choice's alone, not a retraining's:
   score leans towards another label (at least 0.5, what ``--threshold 0.5`` asks for): the
   count holds the flags on clean tables down, the threshold finds the instance-dependent noise
   that the confident joint under-counts.
+* **Whether the neighbours' labels weigh in the score**: the default leaves the kNN label
+  agreement out of `label_issue_score` (weight 0); ``knn 1`` gives it the weight of the
+  prediction, as before. The count is the same either way; only the ranking within each class
+  (and the score's AUROC) moves.
 * **Which probabilities rank a flagged row's suggested class**: the combined prediction, or the
   ensemble the score reads (the default); the suggestion's confidence, which the automatic
   corrections compare with their floor, is the combined prediction's either way.
@@ -157,10 +161,13 @@ def prediction_probs(ev: dict[str, np.ndarray], source: str) -> np.ndarray:
     raise ValueError(f"unknown source {source!r} (choose from {list(SOURCES)})")
 
 
-def issue_flags(ev: dict[str, np.ndarray], source: str) -> tuple[np.ndarray, np.ndarray]:
+def issue_flags(
+    ev: dict[str, np.ndarray], source: str, knn_weight: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The label-issue score with its prediction read from `source`, and the audit's flags on it.
 
-    The count is the confident joint of the ensemble, as in the audit; rows flagged only by a
+    `knn_weight` replaces the audit's weight of the neighbours' label agreement. The count is
+    the confident joint of the ensemble, as in the audit; rows flagged only by a
     duplicate conflict are not reproduced (none of the development tables has one; `measure`
     checks that the default reproduces the audit's flags).
     """
@@ -173,6 +180,8 @@ def issue_flags(ev: dict[str, np.ndarray], source: str) -> tuple[np.ndarray, np.
     weights = dict(
         zip(("prediction", "dynamics", "knn"), ev["issue_weights"].tolist(), strict=True)
     )
+    if knn_weight is not None:
+        weights["knn"] = knn_weight
     score = flags.label_issue_scores(
         p[rows, given], p, given, mean_p=mean_p, knn_agreement=ev["knn"], weights=weights
     )
@@ -211,6 +220,11 @@ def measure(ev: dict[str, np.ndarray]) -> dict[str, float]:
         if wrong.any():
             out[f"f1 {source}"] = float(f1_score(wrong, flagged))
             out[f"auroc {source}"] = float(roc_auc_score(wrong, score))
+    knn_score, knn_flagged = issue_flags(ev, "ensemble", knn_weight=1.0)
+    out["flagged knn 1"] = float(knn_flagged.mean())
+    if wrong.any():
+        out["f1 knn 1"] = float(f1_score(wrong, knn_flagged))
+        out["auroc knn 1"] = float(roc_auc_score(wrong, knn_score))
     score, flagged = issue_flags(ev, "ensemble")
     leaning = score >= flags.NEUTRAL_ISSUE_SCORE
     out["flagged leaning"] = float(leaning.mean())
@@ -256,7 +270,9 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
         "f1 ensemble",
         "flagged leaning",
         "f1 leaning",
+        "f1 knn 1",
         "auroc combined",
+        "auroc knn 1",
         "auroc ensemble",
         "suggestion acc excluded combined",
         "suggestion acc allowed",
@@ -321,6 +337,26 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
         f"| mean labels right after the corrections | "
         f"{mean(rows, 'labels right after excluded combined')} | "
         f"{mean(rows, 'labels right after excluded')} |",
+        "",
+        "Whether the neighbours' label agreement weighs in the score: weight 0 (the default) or "
+        "1 (as much as the prediction), on the same audits, per dataset:",
+        "",
+        "| dataset | mean F1 knn 0 | mean F1 knn 1 | mean AUROC knn 0 | mean AUROC knn 1 | "
+        "mean share flagged clean, knn 0 / 1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        group = [r for r in noisy if r["dataset"] == dataset]
+        plain = [r for r in clean if r["dataset"] == dataset]
+        lines.append(
+            f"| {dataset} | {mean(group, 'f1 ensemble')} | {mean(group, 'f1 knn 1')} | "
+            f"{mean(group, 'auroc ensemble')} | {mean(group, 'auroc knn 1')} | "
+            f"{mean(plain, 'flagged ensemble')} / {mean(plain, 'flagged knn 1')} |"
+        )
+    lines += [
+        f"| all | {mean(noisy, 'f1 ensemble')} | {mean(noisy, 'f1 knn 1')} | "
+        f"{mean(noisy, 'auroc ensemble')} | {mean(noisy, 'auroc knn 1')} | "
+        f"{mean(clean, 'flagged ensemble')} / {mean(clean, 'flagged knn 1')} |",
         "",
         "How many to flag: each class's most suspicious rows up to the confident joint's count "
         "(the default), or every row whose score is at least 0.5 (``--threshold 0.5``):",

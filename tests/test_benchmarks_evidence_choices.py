@@ -111,7 +111,9 @@ def test_the_table_has_a_row_per_setting_and_the_means(choices):
     ]
     lines = choices.summary(rows)
     assert lines[0].startswith("| dataset | noise |")
-    assert sum(line.startswith("| d |") for line in lines) == 2
+    # One row per setting, and the dataset's row of the neighbours' weight table.
+    assert sum(line.startswith("| d |") for line in lines) == 3
+    assert any(line.startswith("| d | 1.0000 | 1.0000 |") for line in lines)
     assert any(line.startswith("| mean F1, 20-40 % noise | 1.0000 | 1.0000 |") for line in lines)
     assert any(line.startswith("| mean share flagged, clean | 0.0000 |") for line in lines)
     assert any(

@@ -33,10 +33,9 @@ def test_label_issue_scores_components() -> None:
     both = label_issue_scores(
         p_given, probs, labels, mean_p=np.array([1.0, 0.0, 0.5]), knn_agreement=np.ones(3)
     )
-    # Default weights: prediction 1, dynamics 2, knn 1.
-    np.testing.assert_allclose(
-        both, [(0.1 + 0 + 0) / 4, (0.9 + 2 * 1 + 0) / 4, (0.5 + 2 * 0.5) / 4]
-    )
+    # Default weights: prediction 1, dynamics 2, knn 0 (the agreement is given but weighs
+    # nothing).
+    np.testing.assert_allclose(both, [(0.1 + 0) / 3, (0.9 + 2 * 1) / 3, (0.5 + 2 * 0.5) / 3])
     only_knn = label_issue_scores(
         p_given, knn_agreement=np.array([0.2, 0.4, 1.0]), weights={"knn": 1.0}
     )
