@@ -1,9 +1,10 @@
 """Tables with gaps: how dm-audit fills them, measured against the alternatives and cleanlab.
 
-Every column of a table loses 15 % of its values, either at random (MCAR) or mostly among its
-largest values (MNAR: a value above the column's 70th percentile goes missing half the time, the
-way a sensor saturates or a high income goes unreported); then 20 or 40 % of the labels are
-flipped (symmetric). Each way of filling the gaps feeds the same default audit:
+Every column of a table loses values, either 15 % at random (MCAR) or among its largest values
+(MNAR: a value above the column's 70th percentile goes missing half the time, the way a sensor
+saturates or a high income goes unreported: up to 15 % of a column, less where many values tie at
+the percentile, as digits' blank pixels do); then 20 or 40 % of the labels are flipped
+(symmetric). Each way of filling the gaps feeds the same default audit:
 
 * **neighbours** (the library's, `dm_audit.missing_values.fill_gaps`, reached through a
   DataFrame as a user's table is): the mean of the column over the row's 5 nearest rows that
@@ -11,7 +12,8 @@ flipped (symmetric). Each way of filling the gaps feeds the same default audit:
 * **median + marker**: scikit-learn's ``SimpleImputer(strategy="median", add_indicator=True)``;
 * **median**: the column's median alone;
 * **KNNImputer**: scikit-learn's (5 neighbours, NaN-aware Euclidean distance on standardised
-  columns), the exact version of what the library approximates with one faiss search.
+  columns), the exact version of what the library approximates with two stages of faiss
+  searches.
 
 Side by side, cleanlab's ``find_label_issues`` on 5-fold out-of-sample probabilities of a
 ``HistGradientBoostingClassifier`` (which takes gaps as they are) and of a logistic regression
@@ -93,7 +95,7 @@ def with_gaps(x: np.ndarray, mechanism: str, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if mechanism == "MCAR":
         mask = rng.random(x.shape) < GAP_SHARE
-    else:  # half of the values above the 70th percentile: 15 % of the column
+    else:  # half of the values above the 70th percentile: at most 15 % of the column
         mask = (x > np.quantile(x, 0.7, axis=0)) & (rng.random(x.shape) < 0.5)
     return np.where(mask, np.nan, x)
 
@@ -204,7 +206,7 @@ def write(
         f"{platform.machine()}, {os.cpu_count()} cores, load {load:.2f} at the start; "
         f"{seconds / 60:.1f} min.",
         "",
-        f"{GAP_SHARE:.0%} of every column's values removed (MCAR: at random; MNAR: half of the "
+        f"Values removed from every column (MCAR: {GAP_SHARE:.0%} at random; MNAR: half of the "
         "values above the column's 70th percentile), then symmetric label noise. Cells: F1 of "
         "the label-issue flags. `dm-audit, neighbours` is the library's default (the table "
         "given as a DataFrame); the other dm-audit columns fill the gaps first and give the "
@@ -230,10 +232,13 @@ def write(
         lines += ["Mean F1:", "", means.to_frame("mean F1").to_markdown(), ""]
         if role == "choice":
             dm = [c for c in part.columns if c.startswith("dm-audit")]
-            best = part[dm].idxmax(axis=1).value_counts()
-            worst = part[dm].idxmin(axis=1).value_counts()
+            # Ties count for every tied fill.
+            scores = part[dm].round(3)
+            best = scores.eq(scores.max(axis=1), axis=0).sum()
+            worst = scores.eq(scores.min(axis=1), axis=0).sum()
             lines += [
-                f"Settings where each fill gave the best / the worst dm-audit F1 (of {len(part)}):",
+                f"Settings where each fill gave the best / the worst dm-audit F1 (of {len(part)}; "
+                "ties count for each tied fill):",
                 "",
                 pd.DataFrame({"best": best, "worst": worst}).fillna(0).astype(int).to_markdown(),
                 "",
