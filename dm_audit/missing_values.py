@@ -58,8 +58,9 @@ CANDIDATES = 50
 RANK_BLOCK_BYTES = 100 * 2**20
 # Work of the first stage's searches (gaps x donors x columns, summed over the gapped columns)
 # above which it is skipped and the second stage searches with every gap at its column's mean:
-# 10^13 multiply-adds is about an hour on two cores, reached by a table of 100,000 rows with
-# 15 % of 100 columns missing; such tables get the single search's rougher candidates instead.
+# 10^13 multiply-adds, some ten minutes at the 30 GFLOP/s two cores reach in dense kernels, is
+# reached by a table of 100,000 rows with 15 % of 100 columns missing; larger tables get the
+# single search's rougher candidates instead.
 FIRST_STAGE_BUDGET = 10**13
 # A column's donors searched in the first stage: above this many rows with the column, a seeded
 # sample of them (an exact search of the gaps against 50,000 rows of 100 columns is 5 * 10^6
