@@ -187,6 +187,7 @@ def _summary(
             **{name: int(source.get(name, 0)) for name in correction.CORRECTION_SOURCES},
         },
         "quality": compare_before_after(given, scores.probs, retrained.probs, corrections),
+        "retrain_skipped": retrained.skipped,
         "automatic_corrections": corrections.gate,
         "training_events": {
             "audit": audit_fit.models.events,

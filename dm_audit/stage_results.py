@@ -265,6 +265,9 @@ class Retrained:
     probs : ndarray (N, C) or None
         Out-of-sample probabilities of every row under the retrained models.
     seconds : float
+    skipped : str or None
+        Why the retrain did not run although it was asked for (too few rows kept to train a
+        model of every fold); None when it ran or was switched off.
     """
 
     models: CrossFit | None
@@ -272,6 +275,7 @@ class Retrained:
     residual_estimate: estimate.NoiseEstimate | None
     seconds: float
     probs: np.ndarray | None = None
+    skipped: str | None = None
 
     @property
     def effective_choice(self) -> estimate.EmphasisChoice | None:

@@ -29,7 +29,6 @@ from dm_audit.crossfit import (
     training_epochs,
 )
 from dm_audit.dataset import AuditDataset
-from dm_audit.errors import ConfigError
 from dm_audit.progress import announce, duration
 from dm_audit.stage_results import AuditFit, Corrections, ExampleScores, ProbeResult, Retrained
 from dm_audit.training import FitResult
@@ -258,8 +257,11 @@ def retrain(
     start = time.perf_counter()
     data = audited(dataset)
     keep = corrections.table["include_in_retrain"].to_numpy(dtype=bool)
-    if keep.sum() < 2:
-        raise ConfigError("fewer than two examples are left to retrain on after the corrections")
+    skipped = _retrain_impossible(keep, scores.folds)
+    if skipped is not None:
+        # The audit's flags and suggestions stand without it; failing here would lose them.
+        log.warning("no retrain: %s; the reports hold the audit's results alone", skipped)
+        return Retrained(None, None, None, time.perf_counter() - start, skipped=skipped)
     corrected = corrections.table["corrected"].to_numpy()
     labels = np.where(keep, corrected, scores.table["given"].to_numpy())
     residual = estimate.estimate_noise(
@@ -290,3 +292,20 @@ def retrain(
     )
     probs = out_of_sample_probs(models, inputs, data.n_classes, config.device)
     return Retrained(models, choice, residual, time.perf_counter() - start, probs)
+
+
+def _retrain_impossible(keep: np.ndarray, folds: np.ndarray) -> str | None:
+    """Why no model of some fold can be retrained on the kept rows, or None.
+
+    Each fold's model trains on the kept rows outside its fold, and a training needs two rows
+    (`train_crossfit`). On a tiny table whose labels the inputs barely predict, most rows can
+    go to review and leave a fold's model one row or none.
+    """
+    for k in range(int(folds.max()) + 1):
+        n_train = int(((folds != k) & keep).sum())
+        if n_train < 2:
+            return (
+                f"{int(keep.sum())} of {keep.size} rows kept their label or were corrected, "
+                f"leaving the model of fold {k + 1} {n_train} row(s) to train on"
+            )
+    return None

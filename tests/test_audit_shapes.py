@@ -8,6 +8,8 @@ back audited.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -158,3 +160,32 @@ def test_flagging_every_row_leaves_no_reference_for_the_ood_test() -> None:
     report, flagged, _ = _audit(x, truth, truth, label_issue_threshold=0.0, retrain=False)
     assert flagged.all()
     assert not report.examples["is_ood"].any()
+
+
+def test_too_few_rows_left_to_retrain_keeps_the_audit(caplog: pytest.LogCaptureFixture) -> None:
+    # Labels unrelated to the inputs and every row flagged: every row goes to review, so no
+    # fold's model has rows to retrain on. The audit's results are reported without a retrain
+    # instead of the whole run failing at its last training.
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    given = rng.integers(0, 2, 40)
+    with caplog.at_level(logging.WARNING, logger="dm_audit.stage_training"):
+        report, flagged, _ = _audit(x, given, given, label_issue_threshold=0.0)
+    assert flagged.all()
+    assert set(report.examples["correction_source"]) <= {"needs_review", "ood_set_aside"}
+    skipped = report.summary["retrain_skipped"]
+    assert skipped is not None and "fold" in skipped
+    assert "no retrain" in caplog.text
+    quality = report.summary["quality"]
+    assert quality["accuracy_after"] is None and not quality["retrain_worse"]
+    assert report.summary["seconds"]["retrain"] >= 0.0
+
+
+def test_a_retrain_needs_two_kept_rows_outside_every_fold() -> None:
+    from dm_audit.stage_training import _retrain_impossible
+
+    folds = np.array([0, 0, 0, 1, 1, 1])
+    assert _retrain_impossible(np.ones(6, dtype=bool), folds) is None
+    # Fold 1's model trains on fold 0's kept rows: one is not enough.
+    reason = _retrain_impossible(np.array([True, False, False, True, True, True]), folds)
+    assert reason is not None and "fold 2" in reason and "1 row(s)" in reason
