@@ -345,6 +345,7 @@ def retrained_model(
         "residual_noise_rate": residual.rate if residual is not None else None,
         "lambda": choice.lam if choice is not None else None,
         "beta": choice.beta if choice is not None else None,
+        "retrain_skipped": result.skipped,
     }
     if result.models is not None:
         meta |= _fit_metadata(result.models, result.seconds)
