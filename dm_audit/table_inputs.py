@@ -26,6 +26,7 @@ from dm_audit.dataset_validation import check_feature_vectors
 from dm_audit.errors import ConfigError, DataError
 from dm_audit.images import IMAGE_EXTENSIONS, to_png
 from dm_audit.table_files import TableOptions, require_column
+from dm_audit.tabular import MISSING_NUMBER_MARKERS, numbers_with_missing_markers
 
 # The warnings are about loading a source: they keep the sources' logger name.
 log = logging.getLogger("dm_audit.sources")
@@ -79,22 +80,51 @@ def _image_payload(value: object) -> bytes | None:
     return None
 
 
-def _check_text_numbers(frame: pd.DataFrame, names: Sequence[str], source: str) -> None:
-    """A text column of mostly numbers is a numeric column with a typo: say so."""
+def _check_text_numbers(
+    frame: pd.DataFrame, names: Sequence[str], source: str, notes: dict[str, Any]
+) -> list[str]:
+    """A text column of mostly numbers is a numeric column with gaps or a typo.
+
+    Its cells that only mark a missing value (`MISSING_NUMBER_MARKERS`) become gaps, filled
+    later like any other: the column is made numeric in `frame` and its name returned. Any
+    other text in it is a typo: refused, naming the row.
+    """
+    converted: list[str] = []
     for name in names:
         column = frame[name]
         if not pd.api.types.is_string_dtype(column) and column.dtype != object:
             continue
         present = column.notna().to_numpy()
-        parsed = pd.to_numeric(column, errors="coerce").notna().to_numpy()
+        numbers = pd.to_numeric(column, errors="coerce")
+        parsed = numbers.notna().to_numpy()
         n_present = int(present.sum())
-        if n_present and 0.5 <= parsed[present].mean() < 1.0:
-            row = int(np.flatnonzero(present & ~parsed)[0])
-            raise DataError(
-                f"column {name!r} of {source} looks numeric but row {row} holds "
-                f"{column.iloc[row]!r}; fix the value, or choose the inputs with --features "
-                "(feature_columns from Python)"
+        if not n_present or not 0.5 <= parsed[present].mean() < 1.0:
+            continue
+        odd = present & ~parsed
+        with_gaps = numbers_with_missing_markers(column)
+        if with_gaps is not None:
+            frame[name] = with_gaps
+            converted.append(name)
+            found = sorted(set(column[odd].astype(str).str.strip()))
+            notes.setdefault("missing_markers", []).append(
+                {"column": name, "markers": found, "rows": int(odd.sum())}
             )
+            log.warning(
+                "column %r of %s: %d cell(s) holding %s read as missing numbers",
+                name,
+                source,
+                int(odd.sum()),
+                " or ".join(repr(m) for m in found),
+            )
+            continue
+        typo = odd & ~column.astype(str).str.strip().isin(MISSING_NUMBER_MARKERS).to_numpy()
+        row = int(np.flatnonzero(typo)[0])
+        raise DataError(
+            f"column {name!r} of {source} looks numeric but row {row} holds "
+            f"{column.iloc[row]!r}; fix the value, or choose the inputs with --features "
+            "(feature_columns from Python)"
+        )
+    return converted
 
 
 def _refuse_role(name: str, roles: dict[str, str], what: str) -> None:
@@ -205,7 +235,9 @@ def _detect_input(
     ]
     numeric = [c for c in candidates if _is_numeric(frame[c])]
     if types_inferred:
-        _check_text_numbers(frame, [c for c in candidates if c not in numeric], source)
+        text = [c for c in candidates if c not in numeric]
+        numeric += _check_text_numbers(frame, text, source, notes)
+        numeric = [c for c in candidates if c in numeric]  # the table's column order
     sniffed = {c: _sniff(frame[c]) for c in candidates if c not in numeric}
     found = [(kind, c) for c, kind in sniffed.items() if kind is not None]
     tabular = [c for c in candidates if c in numeric or sniffed.get(c) is None]

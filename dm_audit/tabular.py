@@ -40,7 +40,14 @@ import pandas as pd
 
 from dm_audit.errors import DataError
 
-__all__ = ["EncodedColumns", "apply_encoding", "check_finite", "encode_tabular"]
+__all__ = [
+    "MISSING_NUMBER_MARKERS",
+    "EncodedColumns",
+    "apply_encoding",
+    "check_finite",
+    "encode_tabular",
+    "numbers_with_missing_markers",
+]
 
 # A category seen in fewer rows than this goes to the shared "infrequent" column: with one row
 # it can only be memorised, and under 2-fold cross-fitting it would sit in one fold only.
@@ -52,6 +59,12 @@ _MAX_CATEGORIES = 32
 # A column whose distinct values exceed this share of its rows is an identifier or free text.
 _ID_LIKE_SHARE = 0.5
 _MISSING = "<missing>"
+# Cells that mark a missing number in text files beyond the markers pandas already reads as
+# missing ("", "NA", "N/A", "NaN", "null", ...): "?" is the UCI repository's convention (its
+# breast-cancer, heart-disease, hepatitis and adult tables use it), "." is SAS's and Stata's,
+# "-" and "--" are spreadsheets'. Only in an otherwise numeric column are they read as gaps;
+# elsewhere they stay what they are (a category, a label).
+MISSING_NUMBER_MARKERS = frozenset({"?", ".", "-", "--"})
 
 
 @dataclass
@@ -99,6 +112,19 @@ def _as_dates(column: pd.Series) -> pd.Series | None:
         return None
     parsed = pd.to_datetime(column, format="ISO8601", errors="coerce", utc=True)
     return parsed if parsed.notna().sum() == column.notna().sum() else None
+
+
+def numbers_with_missing_markers(column: pd.Series) -> pd.Series | None:
+    """A text column of numbers whose other cells only mark gaps, as float numbers with NaN
+    there; None when it holds no number, or any text that is not a `MISSING_NUMBER_MARKERS`."""
+    present = column.notna()
+    numbers = pd.to_numeric(column, errors="coerce")
+    odd = present & numbers.isna()
+    if not numbers.notna().any() or not odd.any():
+        return None
+    if not column[odd].astype(str).str.strip().isin(MISSING_NUMBER_MARKERS).all():
+        return None
+    return numbers.astype(np.float64)
 
 
 def _text_numbers_share(column: pd.Series) -> float:
@@ -183,6 +209,10 @@ def _encode_column(
         entry["encoding"] = "boolean (0/1)"
     elif pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
         block = _record_gaps(column.to_numpy(dtype=np.float64, na_value=np.nan), entry)
+        entry["encoding"] = "numeric"
+    elif strict and (with_gaps := numbers_with_missing_markers(column)) is not None:
+        # A named feature column of numbers with "?" or "." for its gaps (text files).
+        block = _record_gaps(with_gaps.to_numpy(), entry)
         entry["encoding"] = "numeric"
     elif (dates := _as_dates(column)) is not None:
         block = _record_gaps(_days_since_epoch(dates)[:, 0], entry)

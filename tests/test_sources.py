@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import struct
@@ -484,6 +485,34 @@ def test_csv_text_in_a_numeric_column_is_reported(tmp_path):
         load_source(str(path))
     with pytest.raises(DataError, match=r"'y' is not numeric: row 2 .* holds 'oops'"):
         load_source(str(path), feature_columns=["x", "y"])
+
+
+def test_csv_missing_number_markers_are_gaps(tmp_path, caplog):
+    # "?" (UCI's marker) and "." (SAS's) in a column of numbers are gaps, filled like empty
+    # cells; a category column keeps "?" as a category of its own.
+    lines = ["label,x,y,kind"]
+    for i in range(40):
+        y = "?" if i == 5 else ("." if i == 9 else str(i % 7))
+        lines.append(f"{'ab'[i % 2]},{i},{y},{'?' if i % 3 == 0 else 'red'}")
+    path = tmp_path / "uci.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="dm_audit.sources"):
+        dataset = load_source(str(path), test_size=0.0)
+    assert "2 cell(s) holding '.' or '?' read as missing numbers" in caplog.text
+    assert dataset.notes["missing_markers"] == [{"column": "y", "markers": [".", "?"], "rows": 2}]
+    encodings = {entry["column"]: entry["encoding"] for entry in dataset.notes["inputs"]}
+    assert encodings["y"] == "numeric" and encodings["kind"].startswith("one-hot")
+    assert np.isfinite(dataset.features()).all()
+    # Named as a feature, the column reads the same way.
+    named = load_source(str(path), feature_columns=["x", "y"], test_size=0.0)
+    assert named.features().shape == (40, 2) and np.isfinite(named.features()).all()
+
+
+def test_csv_text_beside_missing_markers_is_still_a_typo(tmp_path):
+    path = tmp_path / "typo.csv"
+    path.write_text("label,x,y\na,1,?\nb,3,4\na,5,oops\nb,7,8\n")
+    with pytest.raises(DataError, match=r"'y' of .* looks numeric but row 2 holds 'oops'"):
+        load_source(str(path))
 
 
 @pytest.mark.parametrize(
