@@ -359,7 +359,11 @@ def apply_encoding(
         column = frame[name]
         if encoding == "numeric":
             values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
-            block = _fill_recorded(values, column.isna().to_numpy(), entry)
+            gaps = column.isna().to_numpy()
+            if not pd.api.types.is_numeric_dtype(column):
+                # "?" or "." where a text file had no number: a gap, as in the table.
+                gaps = gaps | column.astype(str).str.strip().isin(MISSING_NUMBER_MARKERS).to_numpy()
+            block = _fill_recorded(values, gaps, entry)
         elif encoding.startswith("boolean"):
             block = column.astype(bool).to_numpy(dtype=np.float64)[:, None]
         elif encoding.startswith("date"):

@@ -133,6 +133,10 @@ def test_a_dataframe_with_gaps_is_audited_and_new_gaps_are_filled_alike() -> Non
     new = frame.iloc[:30].copy()
     new.loc[new.index[1], "a"] = np.nan
     assert (auditor.predict(new) == truth[:30]).mean() > 0.9
+    # New rows read from a text file may mark that gap "?" (the UCI convention): a gap too.
+    marked = frame.iloc[:30].astype({"a": object})
+    marked.loc[marked.index[1], "a"] = " ?"
+    np.testing.assert_allclose(auditor.predict_proba(marked), auditor.predict_proba(new))
 
 
 def test_a_torch_dataset_of_image_tensors(make_colour_images) -> None:
