@@ -95,14 +95,11 @@ def _check_text_numbers(
         if not pd.api.types.is_string_dtype(column) and column.dtype != object:
             continue
         present = column.notna().to_numpy()
-        numbers = pd.to_numeric(column, errors="coerce")
-        parsed = numbers.notna().to_numpy()
-        n_present = int(present.sum())
-        if not n_present or not 0.5 <= parsed[present].mean() < 1.0:
-            continue
+        parsed = pd.to_numeric(column, errors="coerce").notna().to_numpy()
         odd = present & ~parsed
         with_gaps = numbers_with_missing_markers(column)
         if with_gaps is not None:
+            # However many gaps: a column of numbers and "?" has no category to one-hot.
             frame[name] = with_gaps
             converted.append(name)
             found = sorted(set(column[odd].astype(str).str.strip()))
@@ -116,6 +113,9 @@ def _check_text_numbers(
                 int(odd.sum()),
                 " or ".join(repr(m) for m in found),
             )
+            continue
+        n_present = int(present.sum())
+        if not n_present or not 0.5 <= parsed[present].mean() < 1.0:
             continue
         typo = odd & ~column.astype(str).str.strip().isin(MISSING_NUMBER_MARKERS).to_numpy()
         row = int(np.flatnonzero(typo)[0])

@@ -506,6 +506,12 @@ def test_csv_missing_number_markers_are_gaps(tmp_path, caplog):
     # Named as a feature, the column reads the same way.
     named = load_source(str(path), feature_columns=["x", "y"], test_size=0.0)
     assert named.features().shape == (40, 2) and np.isfinite(named.features()).all()
+    # Mostly gaps: still a numeric column, not categories of numbers and "?".
+    sparse = tmp_path / "sparse.csv"
+    rows = [f"{'ab'[i % 2]},{i},{i if i % 4 == 0 else '?'}" for i in range(40)]
+    sparse.write_text("label,x,y\n" + "\n".join(rows) + "\n")
+    (entry,) = [e for e in load_source(str(sparse)).notes["inputs"] if e["column"] == "y"]
+    assert entry["encoding"] == "numeric" and entry["missing"] == 30
 
 
 def test_csv_text_beside_missing_markers_is_still_a_typo(tmp_path):
