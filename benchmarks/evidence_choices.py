@@ -130,9 +130,8 @@ def evidence(spec: Any, setting: Any, seed: int, workdir: Path) -> dict[str, np.
     """The evidence of one dataset and setting, from the cache when it is there."""
     name = f"{spec.name}__{setting.name.replace(' ', '_')}__seed{seed}"
     path = CACHE / f"{name}__v{CACHE_VERSION}_{code_key()}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as stored:
-            return dict(stored)
+    if (cached := read_cached(path)) is not None:
+        return cached
     g = generality_module()
     data = spec.build(workdir, seed)
     probs = g.confusion_probs(data, seed) if setting.kind == "instance" else None
@@ -143,13 +142,26 @@ def evidence(spec: Any, setting: Any, seed: int, workdir: Path) -> dict[str, np.
         "truth": data.labels,
         "seconds": np.float64(time.perf_counter() - start),
     }
-    CACHE.mkdir(parents=True, exist_ok=True)
-    # Written whole, then renamed: a run killed mid-write leaves no torn file to read back.
+    write_cached(path, out)
+    return out
+
+
+def read_cached(path: Path) -> dict[str, np.ndarray] | None:
+    """A cached audit's evidence (plain arrays, never pickles), or None when not cached."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as stored:
+        return dict(stored)
+
+
+def write_cached(path: Path, evidence: dict[str, np.ndarray]) -> None:
+    """Keep an audit's evidence at `path`, written whole, then renamed: a run killed mid-write
+    leaves no torn file to read back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with partial.open("wb") as handle:
-        np.savez(handle, **out)
+        np.savez(handle, **evidence)
     os.replace(partial, path)
-    return out
 
 
 def prediction_probs(ev: dict[str, np.ndarray], source: str) -> np.ndarray:
@@ -171,23 +183,36 @@ def issue_flags(
     duplicate conflict are not reproduced (none of the development tables has one; `measure`
     checks that the default reproduces the audit's flags).
     """
+    weights = audit_weights(ev)
+    if knn_weight is not None:
+        weights["knn"] = knn_weight
+    return flag_rule(ev, prediction_probs(ev, source), prediction_probs(ev, "ensemble"), weights)
+
+
+def audit_weights(ev: dict[str, np.ndarray]) -> dict[str, float]:
+    """The component weights the audit used (the trajectory's already scaled by its
+    reliability)."""
+    return dict(zip(("prediction", "dynamics", "knn"), ev["issue_weights"].tolist(), strict=True))
+
+
+def flag_rule(
+    ev: dict[str, np.ndarray],
+    probs: np.ndarray,
+    count_probs: np.ndarray,
+    weights: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The audit's rule on one audit's evidence: the label-issue score with its prediction read
+    from `probs` and these component `weights`, and in each class the highest scores up to the
+    confident joint's count of `count_probs`, if at least 0.5."""
     given = ev["given"]
     rows = np.arange(given.size)
-    p = prediction_probs(ev, source)
     mean_p = ev["mean_p"] if ev["mean_p"].size else None
     if mean_p is not None:
         mean_p = np.where(np.isnan(mean_p), ev["p_given"], mean_p)
-    weights = dict(
-        zip(("prediction", "dynamics", "knn"), ev["issue_weights"].tolist(), strict=True)
-    )
-    if knn_weight is not None:
-        weights["knn"] = knn_weight
     score = flags.label_issue_scores(
-        p[rows, given], p, given, mean_p=mean_p, knn_agreement=ev["knn"], weights=weights
+        probs[rows, given], probs, given, mean_p=mean_p, knn_agreement=ev["knn"], weights=weights
     )
-    noise = estimate.estimate_noise(
-        prediction_probs(ev, "ensemble"), given, min_class_rows=CROSSFIT_FOLDS
-    )
+    noise = estimate.estimate_noise(count_probs, given, min_class_rows=CROSSFIT_FOLDS)
     counts = flags.issue_counts_per_class(noise, given)
     flagged = flags.flag_by_class_counts(score, given, counts) & (
         score >= flags.NEUTRAL_ISSUE_SCORE

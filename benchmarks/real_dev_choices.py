@@ -50,9 +50,6 @@ sys.path.insert(0, str(ROOT))
 
 import siblings  # noqa: E402  (benchmarks/siblings.py: the sibling scripts' loader)
 
-from dm_audit import estimate, flags  # noqa: E402
-from dm_audit.crossfit import CROSSFIT_FOLDS  # noqa: E402
-
 CACHE = ROOT / "data" / "runs" / "evidence_real"
 RESULTS = ROOT / "benchmarks" / "results" / "real_dev_choices.md"
 RATES = (0.0, 0.2, 0.4)
@@ -66,9 +63,8 @@ def evidence(name: str, data: Any, setting: Any, noisy: np.ndarray) -> dict[str,
     g = siblings.load("generality")
     stem = f"{name}__{setting.name.replace(' ', '_')}__v{CACHE_VERSION}_{ec.code_key()}"
     path = CACHE / f"{stem}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as stored:
-            return dict(stored)
+    if (cached := ec.read_cached(path)) is not None:
+        return cached
     out = ec.capture(data, noisy, 0) | {"given": noisy, "truth": data.labels}
     found: dict[str, np.ndarray] = {}
 
@@ -79,11 +75,7 @@ def evidence(name: str, data: Any, setting: Any, noisy: np.ndarray) -> dict[str,
 
     g.run_methods(data, noisy, 0, ("cleanlab + LR",), report)
     out |= found
-    CACHE.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as handle:
-        np.savez(handle, **out)
-    os.replace(partial, path)
+    ec.write_cached(path, out)
     return out
 
 
@@ -108,25 +100,12 @@ def temperature_scaled(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def flag_rule(
     ev: dict[str, np.ndarray], probs: np.ndarray, dynamics_factor: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The audit's score and flags with the prediction and the count read from `probs`."""
-    given = ev["given"]
-    rows = np.arange(given.size)
-    mean_p = ev["mean_p"] if ev["mean_p"].size else None
-    if mean_p is not None:
-        mean_p = np.where(np.isnan(mean_p), ev["p_given"], mean_p)
-    weights = dict(
-        zip(("prediction", "dynamics", "knn"), ev["issue_weights"].tolist(), strict=True)
-    )
+    """The audit's score and flags with the prediction and the count read from `probs`, and
+    the trajectory's weight times `dynamics_factor`."""
+    ec = siblings.load("evidence_choices")
+    weights = ec.audit_weights(ev)
     weights["dynamics"] *= dynamics_factor
-    score = flags.label_issue_scores(
-        probs[rows, given], probs, given, mean_p=mean_p, knn_agreement=ev["knn"], weights=weights
-    )
-    noise = estimate.estimate_noise(probs, given, min_class_rows=CROSSFIT_FOLDS)
-    counts = flags.issue_counts_per_class(noise, given)
-    flagged = flags.flag_by_class_counts(score, given, counts) & (
-        score >= flags.NEUTRAL_ISSUE_SCORE
-    )
-    return score, flagged
+    return ec.flag_rule(ev, probs, probs, weights)
 
 
 def linear_better(ev: dict[str, np.ndarray]) -> bool:
