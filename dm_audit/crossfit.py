@@ -29,6 +29,9 @@ from dm_audit.training import FitResult, TrainConfig, fit
 # every row is trained on by exactly one model (its dynamics) and scored by the other.
 CROSSFIT_FOLDS = 2
 
+# A fold's model needs at least this many rows to train on.
+MIN_TRAIN_ROWS = 2
+
 # The automatic batch: the CIFAR ResNet recipe's 128 (He et al. 2016), which the learning rate
 # 0.1 belongs to.
 AUTO_BATCH_SIZE = 128
@@ -222,7 +225,7 @@ def train_crossfit(
     for k in range(int(folds.max()) + 1):
         train_rows = np.flatnonzero((folds != k) & keep)
         held_out = np.flatnonzero((folds == k) & keep)
-        if train_rows.size < 2:
+        if train_rows.size < MIN_TRAIN_ROWS:
             raise ConfigError(
                 f"cross-fitting fold {k} leaves {train_rows.size} row(s) to train on; "
                 "an audit needs more rows"

@@ -19,6 +19,7 @@ from dm_audit import estimate
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import (
     CROSSFIT_FOLDS,
+    MIN_TRAIN_ROWS,
     audited,
     dataset_folds,
     dm_params,
@@ -297,13 +298,13 @@ def retrain(
 def _retrain_impossible(keep: np.ndarray, folds: np.ndarray) -> str | None:
     """Why no model of some fold can be retrained on the kept rows, or None.
 
-    Each fold's model trains on the kept rows outside its fold, and a training needs two rows
-    (`train_crossfit`). On a tiny table whose labels the inputs barely predict, most rows can
-    go to review and leave a fold's model one row or none.
+    Each fold's model trains on the kept rows outside its fold, and a training needs
+    `MIN_TRAIN_ROWS` of them (`train_crossfit`). On a tiny table whose labels the inputs
+    barely predict, most rows can go to review and leave a fold's model one row or none.
     """
     for k in range(int(folds.max()) + 1):
         n_train = int(((folds != k) & keep).sum())
-        if n_train < 2:
+        if n_train < MIN_TRAIN_ROWS:
             return (
                 f"{int(keep.sum())} of {keep.size} rows kept their label or were corrected, "
                 f"leaving the model of fold {k + 1} {n_train} row(s) to train on"
