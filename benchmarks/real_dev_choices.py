@@ -20,7 +20,19 @@ every alternative is scored on that same evidence:
   predicts the given labels out of sample better than the networks (McNemar's z above 1 on the
   rows where exactly one of them is right), else the default;
 * ``calibrated nets``: each network's probabilities temperature-scaled to the given labels
-  (one temperature per network, fitted by log-loss) before the ensemble.
+  (one temperature per network, fitted by log-loss) before the ensemble;
+* ``accuracy-weighted``: the linear reference's share of the ensemble (0, 1/4, 1/2, 3/4 or 1;
+  the networks hold the rest) chosen per table as the one whose out-of-sample prediction
+  agrees most often with the given labels, ties going to the default's 1/2;
+* ``count from the networks``: the count reads the networks alone (the score the ensemble);
+* ``every model doubts``: the default's flags plus every row that each out-of-sample model
+  (the audit network, the probe, the linear reference) predicts as another class, whose
+  ensemble margin leans away from its label and whose trajectory (where it weighs) never
+  fitted it (mean p_i at most 0.5): annotator-like noise that the confident joint
+  under-counts;
+* ``gate: both lean`` / ``gate: argmax differs``: the default's flags, kept only where the
+  ensemble margin and the trajectory both lean away from the given label, or where the
+  ensemble predicts another class (cleanlab's last filter).
 
 Test tables are never run here: benchmarks/real_tables.py reports on them.
 
@@ -55,6 +67,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "real_dev_choices.md"
 RATES = (0.0, 0.2, 0.4)
 CACHE_VERSION = 1
 KINDS = ("symmetric", "pair", "instance")
+# The linear reference's shares of the ensemble `accuracy_weighted` chooses from: the
+# default's 1/2 and the quarters on either side, the networks alone and the reference alone.
+ACCURACY_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def evidence(name: str, data: Any, setting: Any, noisy: np.ndarray) -> dict[str, np.ndarray]:
@@ -128,6 +143,15 @@ def variants(ev: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarra
     # The audit's trajectory weight is 2 (before the reliability scaling): factor w/2.
     for weight in (0.0, 1.0, 4.0):
         out[f"dynamics {weight:g}"] = flag_rule(ev, ensemble, weight / 2.0)
+    given = ev["given"]
+    networks = ec._mean_of(ev["probs"], ev["probe"]).astype(np.float64)
+    out["count from the networks"] = ec.flag_rule(ev, ensemble, networks, ec.audit_weights(ev))
+    score, flagged = out["default"]
+    leaning = margin_leans(ensemble, given)
+    unfitted = trajectory_unfitted(ev)
+    out["every model doubts"] = (score, flagged | (every_model_doubts(ev) & leaning & unfitted))
+    out["gate: both lean"] = (score, flagged & leaning & unfitted)
+    out["gate: argmax differs"] = (score, flagged & (ensemble.argmax(axis=1) != given))
     if ev["reference"].size == 0:
         # No linear reference (a class too small for its folds): every variant that reads it
         # is the audit's own rule, as the audit would run it.
@@ -138,13 +162,53 @@ def variants(ev: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarra
     out["linear if better"] = (
         out["linear only, no dynamics"] if linear_better(ev) else out["default"]
     )
-    given = ev["given"]
     nets = [temperature_scaled(ev["probs"], given)]
     if ev["probe"].size:
         nets.append(temperature_scaled(ev["probe"], given))
     calibrated = (np.mean(nets, axis=0) + linear) / 2.0
     out["calibrated nets"] = flag_rule(ev, calibrated)
+    out["accuracy-weighted"] = flag_rule(ev, accuracy_weighted(networks, linear, given))
     return out
+
+
+def accuracy_weighted(
+    networks: np.ndarray,
+    linear: np.ndarray,
+    given: np.ndarray,
+    shares: Sequence[float] = ACCURACY_SHARES,
+) -> np.ndarray:
+    """The networks and the linear reference mixed with the linear reference's share in
+    `shares` that predicts the given labels best out of sample (ties: the one nearest 1/2)."""
+    right = {
+        w: float(np.mean(((1 - w) * networks + w * linear).argmax(axis=1) == given)) for w in shares
+    }
+    best = max(right.values())
+    share = min((w for w in shares if right[w] == best), key=lambda w: abs(w - 0.5))
+    return (1 - share) * networks + share * linear
+
+
+def margin_leans(probs: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """Rows whose normalised margin ``(1 + max other - p_given) / 2`` is at least 0.5."""
+    rows = np.arange(given.size)
+    other = probs.copy()
+    other[rows, given] = -np.inf
+    return other.max(axis=1) >= probs[rows, given]
+
+
+def trajectory_unfitted(ev: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows the in-sample trajectory never fitted (mean p_i at most 0.5); every row when the
+    audit gave the trajectory no weight (it then says nothing)."""
+    mean_p = ev["mean_p"]
+    if not mean_p.size or ev["issue_weights"][1] <= 0:
+        return np.ones(ev["given"].size, dtype=bool)
+    return np.nan_to_num(mean_p, nan=1.0) <= 0.5
+
+
+def every_model_doubts(ev: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows that every out-of-sample model of the audit predicts as another class."""
+    given = ev["given"]
+    models = [ev[name] for name in ("probs", "probe", "reference") if ev[name].ndim == 2]
+    return np.all([p.argmax(axis=1) != given for p in models], axis=0)
 
 
 VARIANTS = (
@@ -156,6 +220,11 @@ VARIANTS = (
     "linear only, no dynamics",
     "linear if better",
     "calibrated nets",
+    "accuracy-weighted",
+    "count from the networks",
+    "every model doubts",
+    "gate: both lean",
+    "gate: argmax differs",
 )
 
 

@@ -107,3 +107,44 @@ def test_linear_if_better_needs_a_clear_margin(dev_choices):
     assert not dev_choices.linear_better(ev)  # both right everywhere: no margin
     worse = ev | {"probs": 1 - ev["probs"], "probe": 1 - ev["probe"]}
     assert dev_choices.linear_better(worse)
+
+
+def test_accuracy_weighting_picks_the_model_that_predicts_the_labels(dev_choices):
+    given = np.array([0, 0, 1, 1])
+    right = np.eye(2)[given] * 0.8 + 0.1
+    wrong = 1.0 - right
+    # The networks wrong everywhere, the linear reference right: shares 3/4 and 1 predict
+    # every label, and the tie goes to the one nearer the default's half.
+    np.testing.assert_allclose(
+        dev_choices.accuracy_weighted(wrong, right, given), 0.25 * wrong + 0.75 * right
+    )
+    np.testing.assert_allclose(
+        dev_choices.accuracy_weighted(right, wrong, given), 0.75 * right + 0.25 * wrong
+    )
+    # Both right: every share ties, and the default's half is kept.
+    np.testing.assert_allclose(
+        dev_choices.accuracy_weighted(right, right * 0.5 + 0.25, given), right * 0.75 + 0.125
+    )
+
+
+def test_every_model_doubts_needs_every_model_and_the_trajectory(dev_choices):
+    ev = _evidence()
+    wrong = ev["given"] != ev["truth"]
+    np.testing.assert_array_equal(dev_choices.every_model_doubts(ev), wrong)
+    # The linear reference agrees with the given labels: no row is doubted by every model.
+    agreeing = ev | {"reference": np.eye(2)[ev["given"]] * 0.6 + 0.2}
+    assert not dev_choices.every_model_doubts(agreeing).any()
+    # Without a linear reference the two networks decide.
+    alone = ev | {"reference": np.zeros(0)}
+    np.testing.assert_array_equal(dev_choices.every_model_doubts(alone), wrong)
+    # The trajectory counts only where the audit weighed it.
+    np.testing.assert_array_equal(dev_choices.trajectory_unfitted(ev), wrong)
+    unweighted = ev | {"issue_weights": np.array([1.0, 0.0, 0.0])}
+    assert dev_choices.trajectory_unfitted(unweighted).all()
+
+
+def test_the_margin_leans_at_a_tie_and_beyond(dev_choices):
+    probs = np.array([[0.6, 0.4], [0.5, 0.5], [0.3, 0.7]])
+    np.testing.assert_array_equal(
+        dev_choices.margin_leans(probs, np.array([0, 0, 0])), [False, True, True]
+    )
