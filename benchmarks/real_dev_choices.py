@@ -62,6 +62,8 @@ sys.path.insert(0, str(ROOT))
 
 import siblings  # noqa: E402  (benchmarks/siblings.py: the sibling scripts' loader)
 
+from dm_audit import flags  # noqa: E402
+
 CACHE = ROOT / "data" / "runs" / "evidence_real"
 RESULTS = ROOT / "benchmarks" / "results" / "real_dev_choices.md"
 RATES = (0.0, 0.2, 0.4)
@@ -188,20 +190,21 @@ def accuracy_weighted(
 
 
 def margin_leans(probs: np.ndarray, given: np.ndarray) -> np.ndarray:
-    """Rows whose normalised margin ``(1 + max other - p_given) / 2`` is at least 0.5."""
+    """Rows whose label-issue score from `probs` alone (the normalised margin) leans towards
+    another label: at least `flags.NEUTRAL_ISSUE_SCORE`."""
     rows = np.arange(given.size)
-    other = probs.copy()
-    other[rows, given] = -np.inf
-    return other.max(axis=1) >= probs[rows, given]
+    margin = flags.label_issue_scores(probs[rows, given], probs, given, weights={"prediction": 1})
+    return margin >= flags.NEUTRAL_ISSUE_SCORE
 
 
 def trajectory_unfitted(ev: dict[str, np.ndarray]) -> np.ndarray:
-    """Rows the in-sample trajectory never fitted (mean p_i at most 0.5); every row when the
-    audit gave the trajectory no weight (it then says nothing)."""
+    """Rows the in-sample trajectory never fitted (mean p_i at most 0.5, a row without one
+    read at its p_i, as the audit does); every row when the audit gave the trajectory no
+    weight (it then says nothing)."""
     mean_p = ev["mean_p"]
     if not mean_p.size or ev["issue_weights"][1] <= 0:
         return np.ones(ev["given"].size, dtype=bool)
-    return np.nan_to_num(mean_p, nan=1.0) <= 0.5
+    return np.where(np.isnan(mean_p), ev["p_given"], mean_p) <= 0.5
 
 
 def every_model_doubts(ev: dict[str, np.ndarray]) -> np.ndarray:
