@@ -63,6 +63,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from dm_audit.atomic import to_jsonable
+from dm_audit.config import AuditConfig
 from dm_audit.dataset import AuditDataset, default_ids
 from dm_audit.noise import inject_instance_dependent, inject_pair, inject_symmetric
 from dm_audit.sources import load_source
@@ -426,9 +427,12 @@ def audit_epochs(n: int) -> int:
         return 60 if n <= 5_000 else 40 if n <= 50_000 else 20 if n <= 500_000 else 8
 
 
-def run_dm_audit(data: BenchData, noisy: np.ndarray, seed: int) -> Detection:
-    """dm-audit with its defaults; rows missing from ``report.examples`` count as uncovered."""
-    from dm_audit.audit import AuditConfig, run_audit
+def run_dm_audit(
+    data: BenchData, noisy: np.ndarray, seed: int, config: AuditConfig | None = None
+) -> Detection:
+    """dm-audit with its defaults (or ``config``); rows missing from ``report.examples`` count
+    as uncovered."""
+    from dm_audit.audit import run_audit
 
     dataset = with_labels(data.dataset, noisy)
     flags_done: list[float] = []
@@ -438,7 +442,8 @@ def run_dm_audit(data: BenchData, noisy: np.ndarray, seed: int) -> Detection:
             flags_done.append(time.perf_counter())
 
     start = time.perf_counter()
-    report = run_audit(dataset, AuditConfig(progress=False, seed=seed), on_stage=on_stage)
+    config = config or AuditConfig(progress=False, seed=seed)
+    report = run_audit(dataset, config, on_stage=on_stage)
     seconds = time.perf_counter() - start
     examples = report.examples
     n = len(noisy)
@@ -1057,11 +1062,17 @@ def _choose_datasets(names: Sequence[str] | None, split: str) -> list[DatasetSpe
     return [s for s in chosen if split == "all" or s.split == split]
 
 
+def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return row["dataset"], row["setting"], row["seed"], row["method"]
+
+
 def merge_results(paths: Sequence[Path], out: Path) -> None:
     """Write the rows of several runs' ``generality.json`` as one result.
 
     The provenance keeps each run's command, wall time and load average; the machine and the
-    dataset table are the first run's (the runs are of one checkout on one machine).
+    dataset table are the first run's (the runs are of one machine). A later run's row replaces
+    an earlier run's of the same dataset, setting, seed and method: a change that touches some
+    datasets only reruns those.
     """
     documents = [json.loads(Path(p).read_text()) for p in paths]
     first = documents[0]
@@ -1080,7 +1091,8 @@ def merge_results(paths: Sequence[Path], out: Path) -> None:
         },
         "datasets": first["datasets"],
     }
-    rows = [row for d in documents for row in d["rows"]]
+    latest = {_row_key(row): row for d in documents for row in d["rows"]}
+    rows = list(latest.values())
     out.mkdir(parents=True, exist_ok=True)
     write_results(out, provenance, rows)
     print(f"merged {len(paths)} runs into {out / 'generality.md'}", flush=True)

@@ -215,6 +215,51 @@ def test_summary_and_wins(generality):
     assert math.isclose(wins["b"]["mean_f1"][lr], 0.6)
 
 
+def test_merge_keeps_every_row_once_and_a_later_run_replaces_an_earlier_one(
+    generality, tmp_path, monkeypatch
+):
+    import json
+
+    audit, lr = generality.DM_AUDIT, generality.CL_LR
+
+    def document(command, rows):
+        for row in rows:
+            row["seed"] = 0
+        return {
+            "command": command,
+            "seeds": [0],
+            "threads": 1,
+            "machine": {"cpu": "x"},
+            "seconds": 10.0,
+            "load_average": {"start": 1.0, "end": 1.5},
+            "datasets": [{"name": "a"}, {"name": "b"}],
+            "rows": rows,
+        }
+
+    first = document(
+        "run all",
+        [
+            _row("a", "pair 20%", 0.2, audit, 0.5),
+            _row("a", "pair 20%", 0.2, lr, 0.4),
+            _row("b", "pair 20%", 0.2, audit, 0.6),
+        ],
+    )
+    later = document("run a", [_row("a", "pair 20%", 0.2, audit, 0.7)])
+    paths = []
+    for name, doc in (("first.json", first), ("later.json", later)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(doc))
+    written = {}
+    monkeypatch.setattr(
+        generality, "write_results", lambda out, prov, rows: written.update(prov=prov, rows=rows)
+    )
+    generality.merge_results(paths, tmp_path / "out")
+    f1 = {(r["dataset"], r["method"]): r["f1"] for r in written["rows"]}
+    assert f1 == {("a", audit): 0.7, ("a", lr): 0.4, ("b", audit): 0.6}
+    assert written["prov"]["command"].startswith("run all & run a ; then ")
+    assert written["prov"]["datasets"] == first["datasets"]
+
+
 def test_time_to_flags_pairs_each_setting_with_cleanlab_on_the_same_model(generality):
     audit, torch_cl = generality.DM_AUDIT, generality.CL_TORCH
     rows = [
