@@ -33,11 +33,12 @@ class AuditConfig:
         Epochs of the short probe training; None: a quarter of ``epochs``.
     batch_size : int or None
         Examples per training step; None: 128, fewer for a conv net on a small training set
-        (8 steps per epoch where batches of at least 16 allow, the default learning rate scaled
-        alike; see `dm_audit.crossfit.training_batch`).
+        (8 steps per epoch where batches of at least 16 allow), more for other models on a large
+        one (doubled while an epoch keeps at least 10 steps, up to 512), the default learning
+        rate scaled alike; see `dm_audit.crossfit.training_batch`.
     lr : float or None
-        Learning rate; None: the training engine's default for the optimizer (0.1), scaled down
-        with a smaller automatic batch.
+        Learning rate; None: the training engine's default for the optimizer (0.1), scaled
+        with the automatic batch.
     device : str
         "auto", "cpu", "cuda", "cuda:N" or "mps".
     seed : int

@@ -209,7 +209,7 @@ def test_folds_are_stratified_seeded_and_balanced() -> None:
         fold_assignment(labels, 1, seed=0)
 
 
-def test_a_conv_net_on_a_small_training_set_gets_smaller_batches_and_a_scaled_rate() -> None:
+def test_automatic_batches_follow_the_training_set_and_scale_the_rate() -> None:
     from dm_audit.crossfit import make_train_config
 
     def trained(config: AuditConfig, n_train: int, kind: str) -> tuple[int, float]:
@@ -219,8 +219,20 @@ def test_a_conv_net_on_a_small_training_set_gets_smaller_batches_and_a_scaled_ra
         return train.batch_size, train.peak_lr
 
     auto = AuditConfig()
-    # Feature tables (the MLP) keep the recipe's batch and rate at any size.
+    # Feature tables (the MLP) keep the recipe's batch and rate up to 10 steps of 256 per
+    # epoch, then double the batch (and the rate: linear scaling rule) up to 512.
     assert trained(auto, 89, "features") == (128, 0.1)
+    assert trained(auto, 2_559, "features") == (128, 0.1)
+    batch, lr = trained(auto, 2_560, "features")
+    assert batch == 256 and lr == pytest.approx(0.2)
+    batch, lr = trained(auto, 5_119, "features")
+    assert batch == 256 and lr == pytest.approx(0.2)
+    batch, lr = trained(auto, 5_120, "features")
+    assert batch == 512 and lr == pytest.approx(0.4)
+    assert trained(auto, 1_000_000, "features")[0] == 512
+    assert trained(AuditConfig(model="mlp"), 5_120, "image")[0] == 512
+    assert trained(AuditConfig(batch_size=64), 10_000, "features") == (64, 0.1)
+    assert trained(AuditConfig(lr=0.05), 10_000, "features") == (512, 0.05)
     # A conv net gets 8 steps per epoch where batches of at least 16 allow, and the rate
     # scales with the batch (linear scaling rule).
     batch, lr = trained(auto, 150, "image")
