@@ -60,9 +60,9 @@ def test_the_results_table_pairs_the_modes_and_means_the_noisy_settings(
         row("pair 40%", 0.4, fixed, 128, 0.5, 0.85, 0.4, 12.0),
     ]
     out = tmp_path / "batch_size.md"
-    batch_size.write(rows, out, "cmd", load=1.25, seconds=120.0)
+    batch_size.write(rows, out, "cmd", seed=7, load=1.25, seconds=120.0)
     text = out.read_text()
-    assert "`cmd`" in text and "load average 1.25" in text and "2.0 min" in text
+    assert "`cmd` (seed 7," in text and "load average 1.25" in text and "2.0 min" in text
     assert (
         "| t | pair 20% | 256 | 0.800 | 0.900 | 20.00% | 6.0 | 0.700 | 0.950 | 20.00% | 10.0 |"
         in text
