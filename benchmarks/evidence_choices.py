@@ -75,10 +75,11 @@ def generality_module() -> ModuleType:
 
 
 def _mean_of(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    """As `ExampleScores` averages: `a` alone when `b` is missing or of another shape."""
-    if b is None or b.size == 0 or b.shape != a.shape:
-        return a
-    return ((a.astype(np.float64) + b) / 2.0).astype(np.float32)
+    """As `ExampleScores` averages (`dm_audit.stage_results.mean_of`); an empty `b` (a model the
+    cached audit went without) counts as missing."""
+    from dm_audit.stage_results import mean_of
+
+    return mean_of(a, None if b is None or b.size == 0 else b)
 
 
 def code_key() -> str:

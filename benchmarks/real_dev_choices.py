@@ -125,13 +125,24 @@ def flag_rule(
     return ec.flag_rule(ev, probs, probs, weights)
 
 
+def linear_probs(ev: dict[str, np.ndarray]) -> np.ndarray:
+    """The linear reference's probabilities, float64; on the rows where it abstains (a class too
+    small for it) the networks' mean, which is what the audit reads there."""
+    ec = siblings.load("evidence_choices")
+    linear = ev["reference"].astype(np.float64)
+    abstains = np.isnan(linear[:, 0])
+    if abstains.any():
+        linear[abstains] = ec._mean_of(ev["probs"], ev["probe"])[abstains]
+    return linear
+
+
 def linear_better(ev: dict[str, np.ndarray]) -> bool:
     """Whether the linear reference predicts the given labels out of sample better than the
     networks: McNemar's z above 1 on the rows where exactly one of them is right."""
     ec = siblings.load("evidence_choices")
     given = ev["given"]
     nets_right = ec._mean_of(ev["probs"], ev["probe"]).argmax(axis=1) == given
-    linear_right = ev["reference"].argmax(axis=1) == given
+    linear_right = linear_probs(ev).argmax(axis=1) == given
     only_linear = int((linear_right & ~nets_right).sum())
     only_nets = int((nets_right & ~linear_right).sum())
     return (only_linear - only_nets) / np.sqrt(max(only_linear + only_nets, 1)) > 1.0
@@ -158,7 +169,7 @@ def variants(ev: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarra
         # No linear reference (a class too small for its folds): every variant that reads it
         # is the audit's own rule, as the audit would run it.
         return out | {name: out["default"] for name in VARIANTS if name not in out}
-    linear = ev["reference"].astype(np.float64)
+    linear = linear_probs(ev)
     out["linear only"] = flag_rule(ev, linear)
     out["linear only, no dynamics"] = flag_rule(ev, linear, 0.0)
     out["linear if better"] = (
@@ -210,7 +221,9 @@ def trajectory_unfitted(ev: dict[str, np.ndarray]) -> np.ndarray:
 def every_model_doubts(ev: dict[str, np.ndarray]) -> np.ndarray:
     """Rows that every out-of-sample model of the audit predicts as another class."""
     given = ev["given"]
-    models = [ev[name] for name in ("probs", "probe", "reference") if ev[name].ndim == 2]
+    models = [ev[name] for name in ("probs", "probe") if ev[name].ndim == 2]
+    if ev["reference"].ndim == 2:
+        models.append(linear_probs(ev))
     return np.all([p.argmax(axis=1) != given for p in models], axis=0)
 
 

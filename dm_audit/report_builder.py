@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dm_audit import class_health, correction, duplicates, estimate, reports
+from dm_audit import class_health, correction, duplicates, estimate, linear_reference, reports
 from dm_audit.atomic import keep_png_renderings
 from dm_audit.config import AuditConfig
 from dm_audit.crossfit import CROSSFIT_FOLDS, audited, true_codes
@@ -164,9 +164,15 @@ def _summary(
             "rows_per_fold": np.bincount(scores.folds, minlength=CROSSFIT_FOLDS).tolist(),
         },
         # Whether the flags and suggestions averaged in the linear reference model's
-        # out-of-sample probabilities (dm_audit.linear_reference), and why not.
+        # out-of-sample probabilities (dm_audit.linear_reference), why not, and the classes too
+        # small for it, whose rows the networks audit alone.
         "linear_reference": scores.reference_probs is not None,
         "linear_reference_skipped": scores.reference_skipped,
+        "linear_reference_left_out": (
+            linear_reference.classes_left_out(given, list(data.classes))
+            if scores.reference_probs is not None
+            else []
+        ),
         "n_classes": data.n_classes,
         "classes": list(data.classes),
         "config": config.to_dict(),

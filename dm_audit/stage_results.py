@@ -175,7 +175,8 @@ class ExampleScores:
         fold (see `flag_examples`).
     reference_probs : ndarray (N, C) or None
         Out-of-sample probabilities of the linear reference model (`dm_audit.linear_reference`),
-        a second model family; None when the audit went without one.
+        a second model family; None when the audit went without one, a row of NaN where it
+        abstains (a row of a class too small for it).
     reference_skipped : str or None
         Why the audit went without the linear reference (None when it used one).
     """
@@ -192,14 +193,14 @@ class ExampleScores:
         """The audit network's out-of-sample probabilities averaged with the linear
         reference's (the network's alone without one): what a suggestion's confidence and the
         automatic-correction gate read."""
-        return _mean_of(self.probs, self.reference_probs)
+        return mean_of(self.probs, self.reference_probs)
 
     def ensemble_probs(self) -> np.ndarray:
         """The network family's probabilities (the audit's and the probe's, averaged)
         averaged with the linear reference's: what the noise count, the label-issue score's
         prediction and the suggested class read. Each family weighs half; a missing member is
         left out."""
-        return _mean_of(_mean_of(self.probs, self.probe_probs), self.reference_probs)
+        return mean_of(mean_of(self.probs, self.probe_probs), self.reference_probs)
 
     @property
     def folds(self) -> np.ndarray:
@@ -211,12 +212,17 @@ class ExampleScores:
         return [np.flatnonzero(folds == k) for k in range(len(self.embeddings))]
 
 
-def _mean_of(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+def mean_of(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     """Equal-weight mean of two probability matrices as float32; `a` alone when `b` is missing
-    or of another shape."""
+    or of another shape, and on the rows where `b` abstains (a row of NaN: the linear
+    reference on a class too small for it)."""
     if b is None or b.shape != a.shape:
         return a
-    return ((a.astype(np.float64) + b) / 2.0).astype(np.float32)
+    mean = ((a.astype(np.float64) + b) / 2.0).astype(np.float32)
+    abstains = np.isnan(b[:, 0]) if b.ndim == 2 and b.shape[1] else np.zeros(0, dtype=bool)
+    if abstains.any():
+        mean[abstains] = a[abstains]
+    return mean
 
 
 @dataclass

@@ -130,6 +130,12 @@ def _reference_probs(
             progress="scores: linear reference" if config.progress else None,
         )
         if probs is not None:
+            left = linear_reference.classes_left_out(labels, data.classes)
+            if left and config.progress:
+                announce(
+                    f"scores: the linear reference leaves {len(left)} class(es) of fewer than "
+                    f"{linear_reference.MIN_CLASS_ROWS} rows to the networks: {left[:5]}"
+                )
             return probs, None
         reason = "a fold's training rows held a single class"
     if config.progress and data.input_kind == "features" and config.linear_reference:

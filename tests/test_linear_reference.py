@@ -41,14 +41,19 @@ def test_same_seed_same_probabilities() -> None:
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_class_missing_from_a_folds_training_rows_gets_probability_zero() -> None:
+def test_a_class_too_small_to_learn_is_left_to_the_network() -> None:
     x, y = make_classification(100, 4, n_informative=2, n_redundant=0, random_state=4)
     x = np.vstack([x, [[9.0, 9.0, 9.0, 9.0]]])
-    y = np.append(y, 2)  # a class of one row: the fold holding it trains without it
+    y = np.append(y, 2)  # a class of one row, far from the others
     probs = linear_reference.reference_probs(x, y, 3, seed=0)
     assert probs is not None
-    assert probs[-1, 2] == 0.0
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # It abstains on the small class's own row, never predicts that class, and the other rows
+    # get the probabilities a model of the two large classes alone gives them.
+    assert np.isnan(probs[-1]).all()
+    assert (probs[:-1, 2] == 0.0).all()
+    np.testing.assert_allclose(probs[:-1].sum(axis=1), 1.0, atol=1e-5)
+    alone = linear_reference.reference_probs(x[:-1], y[:-1], 2, seed=0)
+    np.testing.assert_allclose(probs[:-1, :2], alone, atol=1e-6)
 
 
 def test_no_reference_when_a_fold_trains_on_one_class() -> None:
@@ -71,10 +76,16 @@ def test_which_audits_use_a_reference() -> None:
     assert "images" in linear_reference.skip_reason("image", big, 3)
     huge = np.zeros(linear_reference.MAX_REFERENCE_ROWS + 1, dtype=np.int64)
     assert "above" in linear_reference.skip_reason("features", huge, 1)
-    # A class too small for every fold model to learn it, or one never given at all.
+    # A class too small for every fold model to learn, or one never given, is left to the
+    # network; the reference needs two classes it can learn.
     few = np.append(big, [3] * (linear_reference.MIN_CLASS_ROWS - 1))
-    assert "1 class(es) with fewer than" in linear_reference.skip_reason("features", few, 4)
-    assert "fewer than" in linear_reference.skip_reason("features", big, 4)  # a class unused
+    assert linear_reference.skip_reason("features", few, 4) is None
+    assert linear_reference.skip_reason("features", big, 4) is None  # a class unused
+    np.testing.assert_array_equal(
+        linear_reference.learnable_classes(few, 5), [True, True, True, False, False]
+    )
+    one = np.append(np.zeros(400, dtype=np.int64), [1] * (linear_reference.MIN_CLASS_ROWS - 1))
+    assert "1 class(es) with at least" in linear_reference.skip_reason("features", one, 2)
 
 
 def test_combined_and_ensemble_probabilities_weigh_each_family_half() -> None:
@@ -88,6 +99,13 @@ def test_combined_and_ensemble_probabilities_weigh_each_family_half() -> None:
     alone = ExampleScores(table, audit, [], None, probe, None)
     np.testing.assert_array_equal(alone.combined_probs(), audit)
     np.testing.assert_allclose(alone.ensemble_probs(), (audit + probe) / 2, atol=1e-6)
+    # Where the reference abstains (a row of NaN), the networks speak alone.
+    abstains = ref.copy()
+    abstains[1] = np.nan
+    partial = ExampleScores(table, audit, [], None, probe, abstains)
+    np.testing.assert_allclose(partial.combined_probs()[1], audit[1], atol=1e-6)
+    np.testing.assert_allclose(partial.ensemble_probs()[1], (audit[1] + probe[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(partial.ensemble_probs()[0], scores.ensemble_probs()[0], atol=1e-6)
 
 
 def _table(seed: int = 0) -> AuditDataset:
@@ -132,7 +150,7 @@ def test_tables_of_tiny_classes_are_audited_by_the_network_alone() -> None:
     dataset = AuditDataset.from_arrays(labels, features=x, classes=[f"k{i}" for i in range(35)])
     report = run_audit(dataset, AuditConfig(progress=False, epochs=6, retrain=False))
     assert report.summary["linear_reference"] is False
-    assert "fewer than 10 rows" in report.summary["linear_reference_skipped"]
+    assert "0 class(es) with at least 10 rows" in report.summary["linear_reference_skipped"]
     assert len(report.examples) == 140
 
 
@@ -147,3 +165,25 @@ def test_a_two_row_minority_class_is_still_flagged() -> None:
     report = run_audit(dataset, AuditConfig(progress=False, epochs=10, retrain=False))
     flagged = set(report.examples.index[report.examples["is_label_issue"]])
     assert {17, 40} <= flagged and len(flagged) <= 6
+
+
+def test_one_stray_label_keeps_the_reference_for_the_other_classes() -> None:
+    # A table of three classes and one row whose label names a class of its own (a typo).
+    x, y = make_classification(
+        240, 10, n_informative=5, n_classes=3, class_sep=2.0, flip_y=0.0, random_state=0
+    )
+    names = np.array(["a", "b", "c"], dtype=object)[y]
+    names[7] = "typo"
+    dataset = AuditDataset.from_arrays(
+        names, features=x.astype(np.float32), classes=["a", "b", "c", "typo"]
+    )
+    stages: dict[str, object] = {}
+    report = run_audit(
+        dataset, AuditConfig(progress=False, retrain=False), on_stage=stages.__setitem__
+    )
+    assert report.summary["linear_reference"] is True
+    assert report.summary["linear_reference_skipped"] is None
+    assert report.summary["linear_reference_left_out"] == ["typo"]
+    reference = stages["scores"].reference_probs
+    assert np.isnan(reference[7]).all() and not np.isnan(np.delete(reference, 7, axis=0)).any()
+    assert bool(report.examples["is_label_issue"].iloc[7])
