@@ -219,7 +219,7 @@ def mean_of(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     if b is None or b.shape != a.shape:
         return a
     mean = ((a.astype(np.float64) + b) / 2.0).astype(np.float32)
-    abstains = np.isnan(b[:, 0]) if b.ndim == 2 and b.shape[1] else np.zeros(0, dtype=bool)
+    abstains = np.isnan(b[:, 0])
     if abstains.any():
         mean[abstains] = a[abstains]
     return mean
