@@ -68,7 +68,9 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
       probabilities estimates, per given class, how many of its labels are wrong
       (`estimate.estimate_noise`); each class's most suspicious rows up to that count are
       flagged (`flags.flag_by_class_counts`), if their score leans towards another label
-      (`flags.NEUTRAL_ISSUE_SCORE`). A fixed threshold or top k overrides both.
+      (`flags.NEUTRAL_ISSUE_SCORE`), except the rows of a class of fewer than
+      `FEW_SHOT_ROWS` rows that a nearest input neighbour of their label supports
+      (`_few_shot_supported`). A fixed threshold or top k overrides all of these.
     * **OOD**: `flags.ood_scores` per fold against the fold's trusted rows (the model's view),
       with the distance to the trusted rows in the input space (the input's view); then half
       the row's score and half the mean of its 5 nearest rows' in the input space, ranked again
