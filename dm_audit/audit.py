@@ -183,8 +183,10 @@ def run_audit(
     if reviews_path is not None:
         # A bad reviews file fails now, not after hours of training.
         read_reviews(reviews_path, known_ids=data.example_ids, classes=dataset.classes, strict=True)
+    # The stages read the audited dataset (`audited`: heavy-tailed columns already mapped), so
+    # none of them maps them again; the output folder and the run's identity name the input.
     if out_dir is None:
-        return _run_stages(dataset, config, None, reviews_path, on_stage)
+        return _run_stages(data, config, None, reviews_path, on_stage)
     # A bad checkpoint interval fails before an unfinished run is opened: the error path below
     # removes the work folder.
     checkpoint_interval()
@@ -194,7 +196,7 @@ def run_audit(
     if work.resumed:
         log.info("resuming the unfinished run in %s", target)
     try:
-        report = _run_stages(dataset, config, work, reviews_path, on_stage)
+        report = _run_stages(data, config, work, reviews_path, on_stage)
         paths = write_report(
             report, target, if_exists="overwrite" if if_exists == "overwrite" else "error"
         )

@@ -21,6 +21,7 @@ from dm_audit.batches import RowSubset, check_inputs
 from dm_audit.config import AuditConfig
 from dm_audit.dataset import AuditDataset
 from dm_audit.errors import ConfigError
+from dm_audit.heavy_tails import tame_heavy_tails
 from dm_audit.inference import predict_class_probs
 from dm_audit.stage_results import CrossFit
 from dm_audit.training import FitResult, TrainConfig, fit
@@ -168,10 +169,12 @@ def dm_params(choice: estimate.EmphasisChoice) -> dict[str, Any]:
 
 
 def audited(dataset: AuditDataset) -> AuditDataset:
-    """Every row of the dataset: the audit covers the training and the test split alike."""
+    """The dataset as the audit reads it: every row (the audit covers the training and the test
+    split alike), heavy-tailed feature columns by the normal scores of their ranks
+    (`dm_audit.heavy_tails`)."""
     if len(dataset) == 0:
         raise ConfigError(f"dataset {dataset.source!r} has no rows to audit")
-    return dataset
+    return tame_heavy_tails(dataset)
 
 
 def true_codes(dataset: AuditDataset) -> np.ndarray | None:

@@ -147,6 +147,10 @@ class AuditDataset:
     _told_image_sizes: set[tuple[int, int] | None] = field(
         default_factory=set, init=False, repr=False, compare=False
     )
+    # The map of heavy-tailed feature columns onto normal scores this dataset's features went
+    # through (`dm_audit.heavy_tails.tame_heavy_tails`), None when none did: kept with the
+    # final models so that new rows are read the same way.
+    heavy_tail_map: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Cheap structural checks only: full validation (`validate`) scans every value.
@@ -268,6 +272,48 @@ class AuditDataset:
             if cell.__array_interface__["data"][0] != base + int(positions[i]) * row_bytes:
                 return None
         return picked
+
+    def with_features(
+        self, matrix: np.ndarray, *, notes: dict[str, Any] | None = None
+    ) -> AuditDataset:
+        """A dataset of the same rows reading ``matrix`` as their features.
+
+        Parameters
+        ----------
+        matrix : ndarray (N, D)
+            The new features, row i for row i; when it is this dataset's own feature matrix
+            the table is shared, not copied.
+        notes : dict, optional
+            The new dataset's notes; default: a copy of these.
+
+        Returns
+        -------
+        AuditDataset
+        """
+        if self.input_kind != "features":
+            raise DataError(f"dataset {self.source!r} holds images, not feature vectors")
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        if matrix.ndim != 2 or len(matrix) != len(self.table):
+            raise DataError(f"features must have shape ({len(self.table)}, D), got {matrix.shape}")
+        shared = self._shared_features(self.table["features"].to_numpy(dtype=object))
+        table = self.table
+        same = (
+            shared is not None
+            and shared.shape == matrix.shape
+            and shared.strides == matrix.strides
+            and shared.__array_interface__["data"][0] == matrix.__array_interface__["data"][0]
+        )
+        if not same:
+            table = self.table.copy(deep=False)
+            table["features"] = list(matrix)
+        out = AuditDataset(
+            table=table,
+            classes=list(self.classes),
+            input_kind=self.input_kind,
+            source=self.source,
+            notes=dict(self.notes) if notes is None else notes,
+        )
+        return out._with_matrix(matrix, slice(0, len(matrix)))
 
     def _with_matrix(self, matrix: np.ndarray, rows: slice | np.ndarray) -> AuditDataset:
         if matrix.ndim == 2 and matrix.dtype == np.float32:

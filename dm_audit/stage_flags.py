@@ -14,7 +14,7 @@ import pandas as pd
 from dm_audit import duplicates, estimate, flags
 from dm_audit.batches import augmentation
 from dm_audit.config import AuditConfig
-from dm_audit.crossfit import CROSSFIT_FOLDS, make_train_config
+from dm_audit.crossfit import CROSSFIT_FOLDS, audited, make_train_config
 from dm_audit.dataset import AuditDataset
 from dm_audit.memory import release_unused_memory
 from dm_audit.neighbours import NeighbourGraph
@@ -96,7 +96,8 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     # and wide); F1 at 20-40 % noise up on five of seven settings, within 0.011 on the others.
     # Counted before the input space exists, so their transient copies never coincide.
     noise = estimate.estimate_noise(ensemble, labels, min_class_rows=CROSSFIT_FOLDS)
-    inputs = dataset.inputs()
+    # The features as every model of the audit read them (heavy-tailed columns by rank).
+    inputs = audited(dataset).inputs()
     steady_trajectories = not _augmented_trajectories(config, inputs.shape[1:])
     # One input space (standardised features, images averaged down) for the duplicates and the
     # OOD score's input view; features are standardised as each search reads them.

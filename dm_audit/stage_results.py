@@ -65,10 +65,14 @@ class CrossFit:
         ``fits[k]`` never saw the rows of fold k, so its predictions for them are out of sample.
     folds : ndarray (N,) int
         The fold of every row of the dataset.
+    input_map : HeavyTailMap or None
+        The map of heavy-tailed feature columns the training rows went through
+        (`dm_audit.heavy_tails`), applied to new inputs by `predict_proba`; None: none.
     """
 
     fits: list[FitResult]
     folds: np.ndarray
+    input_map: Any = None
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -85,6 +89,8 @@ class CrossFit:
 
         Every model trained on (K-1)/K of the rows; averaging them uses all of the data.
         """
+        if self.input_map is not None:
+            inputs = self.input_map.apply(inputs)
         total: np.ndarray | None = None
         for f in self.fits:
             probs = predict_class_probs(f.model, inputs, device=device, batch_size=1024)
