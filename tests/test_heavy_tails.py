@@ -45,11 +45,12 @@ def test_only_columns_whose_extreme_rows_hold_most_of_the_variance_are_heavy() -
     assert heavy == ["lognormal 2", "glitches"]
 
 
-def test_one_extreme_row_of_a_tiny_table_is_heavy() -> None:
+def test_a_tail_needs_a_hundred_rows() -> None:
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(80, 2))
-    x[7, 1] = 60.0  # one row: 1 % of 80 rounds up to one
+    x = rng.normal(size=(150, 2))
+    x[7, 1] = 60.0  # one row of 150 (its extreme 1 % are two rows)
     assert heavy_tailed_columns(x).tolist() == [1]
+    assert heavy_tailed_columns(x[:99]).size == 0  # a handful of values is no tail
     assert heavy_tailed_columns(x[:1]).size == 0
 
 
@@ -69,15 +70,25 @@ def test_the_map_gives_normal_scores_of_the_ranks_and_keeps_the_order() -> None:
     assert x[0, 0] == _columns()[0][0, 0]  # the input is not modified
 
 
+def test_a_spike_at_one_value_is_not_a_tail() -> None:
+    rng = np.random.default_rng(6)
+    sparse = np.zeros(1000)
+    sparse[:30] = rng.integers(1, 17, size=30)  # an edge pixel: mostly 0, else 1 to 16
+    sparse[30] = 1000.0  # and one of them broken: 31 rows off the spike are too few to judge
+    income = np.zeros(1000)
+    income[:400] = rng.lognormal(10.0, 2.0, size=400)  # zero-inflated and heavy-tailed
+    assert heavy_tailed_columns(np.column_stack([sparse, income])).tolist() == [1]
+
+
 def test_ties_share_one_score_and_new_values_are_interpolated_within_the_fitted_range() -> None:
     rng = np.random.default_rng(2)
     counts = np.zeros(1000)
-    counts[:12] = rng.integers(1, 500, size=12)  # a column of rare counts
+    counts[:150] = rng.lognormal(3.0, 2.0, size=150).round() + 1  # heavy-tailed counts
     x = np.column_stack([counts, rng.normal(size=1000)])
     mapping = fit_heavy_tail_map(x)
     assert mapping is not None and mapping.columns.tolist() == [0]
     out = mapping.apply(x)[:, 0]
-    # 988 zeros hold ranks 1..988: one score, that of their mean rank.
+    # 850 zeros hold ranks 1..850: one score, that of their mean rank.
     assert np.unique(out[counts == 0]).size == 1
     assert np.all(out[counts > 0] > out[counts == 0][0])
     new = mapping.apply(np.array([[-5.0, 0.0], [1e6, 0.0]]))[:, 0]
