@@ -28,6 +28,7 @@ new rows read them the same way.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,8 @@ __all__ = [
     "heavy_tailed_columns",
     "tame_heavy_tails",
 ]
+
+log = logging.getLogger(__name__)
 
 # The extreme rows: the 1 % of a column's rows farthest from its mean (at least one row).
 HEAVY_TAIL_ROWS = 0.01
@@ -226,6 +229,16 @@ def tame_heavy_tails(dataset: AuditDataset) -> AuditDataset:
         notes[NOTES_KEY] = []
         return dataset.with_features(features, notes=notes)
     notes[NOTES_KEY] = mapping.describe(_feature_names(dataset, features.shape[1]))
+    shown = ", ".join(str(e.get("column", f"feature {e['feature']}")) for e in notes[NOTES_KEY][:5])
+    more = f" and {len(notes[NOTES_KEY]) - 5} more" if len(notes[NOTES_KEY]) > 5 else ""
+    log.info(
+        "%s: %d heavy-tailed feature column(s) (%s%s) read by the normal scores of their ranks "
+        "(summary.json input.heavy_tailed_features)",
+        dataset.source,
+        len(notes[NOTES_KEY]),
+        shown,
+        more,
+    )
     tamed = dataset.with_features(mapping.apply(features), notes=notes)
     tamed.heavy_tail_map = mapping
     return tamed

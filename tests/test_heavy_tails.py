@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,14 +108,18 @@ def test_a_table_without_heavy_columns_is_read_as_it_is() -> None:
     assert tame_heavy_tails(tamed) is tamed  # examined once
 
 
-def test_a_tabular_dataset_names_the_columns_it_reads_by_rank() -> None:
+def test_a_tabular_dataset_names_the_columns_it_reads_by_rank(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     x, names = _columns(n=600, seed=4)
     frame = pd.DataFrame(x, columns=names)
     frame["colour"] = np.array(["red", "blue", "green"])[np.arange(600) % 3]
     frame["label"] = np.where(x[:, 0] > 0, "up", "down")
     data = table_to_dataset(frame, TableOptions(), source="frame")
     before = data.features().copy()
-    tamed = audited(data)
+    with caplog.at_level(logging.INFO, logger="dm_audit.heavy_tails"):
+        tamed = audited(data)
+    assert "2 heavy-tailed feature column(s) (lognormal 2, glitches)" in caplog.text
     assert tamed.notes[NOTES_KEY] == [
         {"feature": 5, "column": "lognormal 2"},
         {"feature": 6, "column": "glitches"},
