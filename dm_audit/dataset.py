@@ -380,6 +380,8 @@ class AuditDataset:
             source=self.source,
             notes=dict(self.notes),
         )
+        # The rows' features went through the same map (if any): it stays with them.
+        out.heavy_tail_map = self.heavy_tail_map
         if self._matrix is not None and self.input_kind == "features":
             matrix, rows = self._matrix
             held = np.arange(matrix.shape[0])[rows]

@@ -128,6 +128,8 @@ def test_a_tabular_dataset_names_the_columns_it_reads_by_rank(
     assert tamed.example_ids.tolist() == data.example_ids.tolist()
     assert tamed.label_codes().tolist() == data.label_codes().tolist()
     assert np.abs(tamed.features()[:, 6]).max() < 4.0
+    # A subset's rows went through the same map, which stays with them.
+    assert tamed.subset([0, 1]).heavy_tail_map is tamed.heavy_tail_map is not None
 
 
 def test_new_features_must_match_the_rows() -> None:
