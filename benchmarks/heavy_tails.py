@@ -112,7 +112,8 @@ def run(seed: int) -> list[dict[str, Any]]:
                 lambda m, d, e, into=results: into.__setitem__(m, (d, e)),
             )
             # The same audit of the raw columns: a dataset already examined is not mapped.
-            raw = replace(data, dataset=data.dataset.with_features(x, notes={NOTES_KEY: []}))
+            notes = {**data.dataset.notes, NOTES_KEY: []}
+            raw = replace(data, dataset=data.dataset.with_features(x, notes=notes))
             results[RAW] = _attempt(lambda raw=raw, noisy=noisy: g.run_dm_audit(raw, noisy, seed))
             for method in (g.DM_AUDIT, RAW, g.CL_LR, g.CL_HGB):
                 detection, error = results[method]

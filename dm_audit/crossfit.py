@@ -241,7 +241,8 @@ def train_crossfit(
 ) -> CrossFit:
     """Train one model per fold on the rows outside it (and inside `keep`).
 
-    `inputs` are the dataset's decoded inputs (decoded once per stage: images are costly);
+    `inputs` are the dataset's decoded inputs (decoded once per stage: images are costly; for
+    features, the audited ones, whose heavy-tail map the returned models carry);
     `make_config(k, n_train)` gives the training options of fold k's model, which trains on
     n_train rows. With `evaluate`, each model is evaluated after every epoch on its own fold
     (kept rows, given or corrected `labels`): the ``eval_acc`` of its history is out of sample.
@@ -275,7 +276,9 @@ def train_crossfit(
                 on_epoch_end=on_epoch_end,
             )
         )
-    return CrossFit(fits, folds)
+    # The map the inputs went through (their dataset's, `audited`) goes with the models, so that
+    # every copy of them predicts new rows the way they were trained.
+    return CrossFit(fits, folds, input_map=dataset.heavy_tail_map)
 
 
 def out_of_sample_probs(

@@ -296,15 +296,15 @@ class AuditDataset:
         if matrix.ndim != 2 or len(matrix) != len(self.table):
             raise DataError(f"features must have shape ({len(self.table)}, D), got {matrix.shape}")
         shared = self._shared_features(self.table["features"].to_numpy(dtype=object))
-        table = self.table
         same = (
             shared is not None
             and shared.shape == matrix.shape
             and shared.strides == matrix.strides
             and shared.__array_interface__["data"][0] == matrix.__array_interface__["data"][0]
         )
+        # A shallow copy either way: the new dataset never aliases this one's table object.
+        table = self.table.copy(deep=False)
         if not same:
-            table = self.table.copy(deep=False)
             table["features"] = list(matrix)
         out = AuditDataset(
             table=table,

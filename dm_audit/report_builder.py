@@ -86,17 +86,10 @@ def build_report(
         metrics=metrics,
         summary=summary,
         figures=figures,
-        final_models=_with_input_map(retrained.models or audit_fit.models, data),
+        final_models=retrained.models or audit_fit.models,
         classes=classes_frame,
         render_html=functools.partial(_html_page, data, examples, classes_frame, summary, figures),
     )
-
-
-def _with_input_map(models: CrossFit | None, data: AuditDataset) -> CrossFit | None:
-    """The final models, reading new rows' features as the audit read its own."""
-    if models is None or data.heavy_tail_map is None:
-        return models
-    return dataclasses.replace(models, input_map=data.heavy_tail_map)
 
 
 def _examples_frame(

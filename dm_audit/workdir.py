@@ -65,7 +65,9 @@ WORK_DIR_NAME = UNFINISHED_RUN_DIR
 _IDENTITY = "run.json"
 _LOCK = "lock.json"
 _FORMAT = "dm_audit.work"
-_FORMAT_VERSION = 1
+# 2: feature tables' heavy-tailed columns are read by rank (dm_audit.heavy_tails); a run
+# begun on the raw columns must not continue on mapped ones.
+_FORMAT_VERSION = 2
 # Options that cannot change a report: a run may resume with them changed.
 _IGNORED_OPTIONS = frozenset({"progress"})
 

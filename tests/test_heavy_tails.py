@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import rankdata
 
 import dm_audit
+from dm_audit.audit import AuditConfig, run_audit
 from dm_audit.crossfit import audited
 from dm_audit.dataset import AuditDataset
 from dm_audit.errors import DataError
@@ -153,3 +154,21 @@ def test_an_audit_of_heavy_tailed_columns_leaves_the_clean_table_alone_and_predi
     # New rows are read through the same map: the final models predict them as well (measured
     # 0.997; 0.927 for models trained on the raw columns).
     assert (auditor.predict(x) == truth).mean() >= 0.98
+
+
+def test_every_copy_of_the_models_carries_the_map() -> None:
+    x, _ = _columns(n=400, seed=7)
+    labels = (x[:, 0] > 0).astype(np.int64)
+    data = AuditDataset.from_arrays(labels, features=x, classes=["down", "up"])
+    stages: dict[str, object] = {}
+    report = run_audit(
+        data,
+        AuditConfig(seed=0, epochs=3, progress=False, device="cpu"),
+        on_stage=stages.__setitem__,
+    )
+    mapping = report.final_models.input_map
+    assert mapping is not None and mapping.columns.tolist() == [5, 6]
+    # The audit's models and the retrained ones (what the Dagster assets hand on) alike.
+    assert stages["audit"].models.input_map is mapping
+    assert stages["retrain"].models.input_map is mapping
+    assert report.summary["input"][NOTES_KEY] == [{"feature": 5}, {"feature": 6}]
