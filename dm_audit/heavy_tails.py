@@ -114,8 +114,13 @@ def heavy_tailed_columns(features: np.ndarray) -> np.ndarray:
     ndarray of int64
         Ascending column positions; empty when no column is heavy-tailed.
     """
+    return np.asarray([column for column, _, _ in _heavy_columns(features)], dtype=np.int64)
+
+
+def _heavy_columns(features: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Each heavy-tailed column's position, distinct values (ascending) and their counts."""
     x = np.asarray(features)
-    heavy: list[int] = []
+    heavy: list[tuple[int, np.ndarray, np.ndarray]] = []
     for start in range(0, x.shape[1], _BLOCK_COLUMNS):
         block = x[:, start : start + _BLOCK_COLUMNS].astype(np.float64)
         for j in np.flatnonzero(_tail_heavy(block)):
@@ -124,8 +129,8 @@ def heavy_tailed_columns(features: np.ndarray) -> np.ndarray:
             # Two values: the rows off the mode are all alike, and fail the test.
             off_mode = column[column != values[counts.argmax()]]
             if _tail_heavy(off_mode[:, None])[0]:
-                heavy.append(start + int(j))
-    return np.asarray(heavy, dtype=np.int64)
+                heavy.append((start + int(j), values, counts))
+    return heavy
 
 
 @dataclass(frozen=True)
@@ -180,21 +185,20 @@ def fit_heavy_tail_map(features: np.ndarray) -> HeavyTailMap | None:
     -------
     HeavyTailMap or None
     """
-    x = np.asarray(features)
-    columns = heavy_tailed_columns(x)
-    if columns.size == 0:
+    heavy = _heavy_columns(features)
+    if not heavy:
         return None
-    n = len(x)
+    n = len(features)
     knots: list[np.ndarray] = []
     scores: list[np.ndarray] = []
-    for column in columns:
-        values, counts = np.unique(x[:, column].astype(np.float64), return_counts=True)
+    for _, values, counts in heavy:
         # Tied rows share the mean of their ranks: the k-th distinct value's rows hold ranks
         # first+1 .. first+count.
         first = np.cumsum(counts) - counts
         mean_rank = first + (counts + 1) / 2.0
         knots.append(values)
         scores.append(ndtri((mean_rank - 0.5) / n))
+    columns = np.asarray([column for column, _, _ in heavy], dtype=np.int64)
     return HeavyTailMap(columns, knots, scores)
 
 
