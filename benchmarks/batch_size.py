@@ -18,12 +18,7 @@ needs ``--with pydataset``). Test tables are never run here.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import tempfile
-import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -147,21 +142,16 @@ def write(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = results_file.arguments(__doc__, RESULTS)
     parser.add_argument("--datasets", nargs="+", choices=list(TABLES), default=list(TABLES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)  # the audits' notes on filled gaps
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
+    clock = results_file.start()
     with tempfile.TemporaryDirectory(prefix="dm-audit-batch-") as workdir:
         rows = run(args.datasets, args.seed, Path(workdir))
     command = results_file.command_line(
         "uv run --group bench --with pydataset python benchmarks/batch_size.py", argv
     )
-    write(rows, args.out, command, args.seed, load, time.perf_counter() - start)
+    write(rows, args.out, command, args.seed, clock.load, clock.seconds())
 
 
 if __name__ == "__main__":

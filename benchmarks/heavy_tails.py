@@ -21,11 +21,6 @@ on the same labels.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -170,19 +165,13 @@ def write(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
+    args = results_file.arguments(__doc__, RESULTS).parse_args(argv)
+    clock = results_file.start()
     rows = run(args.seed)
     command = results_file.command_line(
         "uv run --group bench python benchmarks/heavy_tails.py", argv
     )
-    write(rows, args.out, command, args.seed, load, time.perf_counter() - start)
+    write(rows, args.out, command, args.seed, clock.load, clock.seconds())
 
 
 if __name__ == "__main__":

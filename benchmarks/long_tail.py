@@ -16,12 +16,7 @@ rows flagged, and the share of correct rows flagged among the rows given a class
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import tempfile
-import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -133,18 +128,12 @@ def write(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)  # the audits' notes on small classes
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
+    args = results_file.arguments(__doc__, RESULTS).parse_args(argv)
+    clock = results_file.start()
     with tempfile.TemporaryDirectory(prefix="dm-audit-long-tail-") as workdir:
         rows, sizes = run(args.seed, Path(workdir))
     command = results_file.command_line("uv run --group bench python benchmarks/long_tail.py", argv)
-    write(rows, sizes, args.out, command, args.seed, load, time.perf_counter() - start)
+    write(rows, sizes, args.out, command, args.seed, clock.load, clock.seconds())
 
 
 if __name__ == "__main__":

@@ -1,19 +1,55 @@
-"""What every single-file benchmark result shares: its provenance line and how it is written.
+"""What every single-file benchmark result shares: its start, provenance line and writing.
 
-``provenance`` says which command ran, with which seed and threads, on what machine, under what
-load and for how long; ``command_line`` rebuilds the command from the script's arguments;
-``write_markdown`` writes the lines under their folder and says where.
+``arguments`` is the parser of the options every such script takes (``--seed``, ``--out``);
+``start`` quiets the audits' notes and records the load and the clock; ``provenance`` says
+which command ran, with which seed and threads, on what machine, under what load and for how
+long; ``command_line`` rebuilds the command from the script's arguments; ``write_markdown``
+writes the lines under their folder and says where.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import platform
 import sys
+import time
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+
+def arguments(doc: str | None, results: Path) -> argparse.ArgumentParser:
+    """A parser described by the first line of `doc`, with ``--seed`` and ``--out`` (default
+    `results`); a script adds its own options to it."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=results, help="results file")
+    return parser
+
+
+@dataclass
+class Clock:
+    """The load average when a run started, and its seconds since."""
+
+    load: float = field(default_factory=lambda: os.getloadavg()[0])
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        """Seconds since the start."""
+        return time.perf_counter() - self.started
+
+
+def start() -> Clock:
+    """Quiet the audits' warnings and notes (small tables, small classes, filled gaps: the
+    results table says what matters) and start the clock."""
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    return Clock()
 
 
 def command_line(prefix: str, argv: Sequence[str] | None) -> str:

@@ -27,3 +27,24 @@ def test_write_markdown_makes_the_folder(results_file, tmp_path) -> None:
     out = tmp_path / "new" / "r.md"
     results_file.write_markdown(out, ["# T", "", "body"])
     assert out.read_text() == "# T\n\nbody\n"
+
+
+def test_every_script_takes_a_seed_and_a_results_file(results_file, tmp_path) -> None:
+    parser = results_file.arguments("Some benchmark.\n\nMore words.", tmp_path / "r.md")
+    assert parser.description == "Some benchmark."
+    args = parser.parse_args([])
+    assert args.seed == 0 and args.out == tmp_path / "r.md"
+    args = parser.parse_args(["--seed", "4", "--out", "x.md"])
+    assert args.seed == 4 and str(args.out) == "x.md"
+
+
+def test_the_clock_records_the_load_and_counts_seconds(results_file) -> None:
+    import logging
+
+    try:
+        clock = results_file.start()
+        assert logging.root.manager.disable == logging.WARNING  # the audits' notes are quiet
+    finally:
+        logging.disable(logging.NOTSET)
+    assert clock.load >= 0.0
+    assert 0.0 <= clock.seconds() < 60.0
