@@ -299,6 +299,43 @@ def paired_accuracy_test(
     }
 
 
+def skill_above_chance(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Balanced accuracy of the predictions ``probs.argmax(1)`` on `labels` above chance.
+
+    Chance is 1/K over the K classes present in `labels`: the balanced accuracy of any predictor
+    that ignores its input (see `balanced_accuracy_vs_chance`), however imbalanced the classes.
+    So the skill is 0 for a model that learned nothing and ``1 - 1/K`` for a perfect one, and
+    two models rank the same by it on noisy labels as on clean ones when the noise does not
+    depend on the input (it then scales every class's recall towards chance alike).
+
+    Parameters
+    ----------
+    probs : np.ndarray, shape (N, C)
+        Class probabilities (out of sample, for a fair measure).
+    labels : np.ndarray, shape (N,)
+        Given labels as non-negative integer codes.
+
+    Returns
+    -------
+    float
+        In [0, 1 - 1/K]; 0 at or below chance, and without rows.
+
+    Examples
+    --------
+    >>> skill_above_chance(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), np.array([0, 1, 1]))
+    0.25
+    """
+    codes = np.asarray(labels, dtype=np.int64)
+    if codes.size == 0:
+        return 0.0
+    predicted = np.asarray(probs).argmax(axis=1)
+    counts = np.bincount(codes)
+    hits = np.bincount(codes[predicted == codes], minlength=counts.size)
+    present = counts > 0
+    balanced = float(np.mean(hits[present] / counts[present]))
+    return max(balanced - 1.0 / int(present.sum()), 0.0)
+
+
 def balanced_accuracy_vs_chance(
     class_hits: np.ndarray, class_counts: np.ndarray, pred_share: np.ndarray
 ) -> tuple[float | None, float | None]:

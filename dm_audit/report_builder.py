@@ -109,7 +109,7 @@ def _examples_frame(
             "mean_p": scores.table["mean_p"].to_numpy() if "mean_p" in scores.table else np.nan,
             "emphasis_weight": scores.table["emphasis_weight"].to_numpy(),
             # The prediction the flags and the suggestions rank classes by: both networks of each
-            # fold, averaged with the linear reference's where there is one.
+            # fold, mixed by skill with the linear reference's where there is one.
             "predicted_label": classes[ranking.argmax(axis=1)],
             "predicted_prob": ranking.max(axis=1),
         }
@@ -154,6 +154,7 @@ def _summary(
     """summary.json: how the input was read, the estimates and choices, counts and quality."""
     given = scores.table["given"].to_numpy()
     source = corrections.table["correction_source"].value_counts()
+    weights = scores.family_weights()
     summary: dict[str, Any] = {
         "source": data.source,
         "input": data.notes,
@@ -173,6 +174,9 @@ def _summary(
             if scores.reference_probs is not None
             else []
         ),
+        # How the ensemble weighed the networks against the linear reference: by each family's
+        # skill on the given labels out of sample (ExampleScores.family_weights).
+        "ensemble_weights": None if weights is None else weights.to_dict(),
         "n_classes": data.n_classes,
         "classes": list(data.classes),
         "config": config.to_dict(),

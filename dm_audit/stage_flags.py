@@ -83,7 +83,7 @@ def flag_examples(dataset: AuditDataset, scores: ExampleScores, config: AuditCon
     table = scores.table
     labels = table["given"].to_numpy()
     agreement, votes, graphs = _neighbour_agreement(scores, labels, config)
-    # Both networks of each fold averaged with the linear reference: what the score's
+    # Both networks of each fold mixed with the linear reference by skill: what the score's
     # prediction, the duplicates' consensus and the noise count read (computed once: at 1M rows
     # every copy is N x C).
     ensemble = scores.ensemble_probs()
@@ -244,8 +244,8 @@ def _label_issue_score(
         reliability = flags.dynamics_reliability(mean_p, scores.probs, labels)
         weights["dynamics"] *= reliability
     # The prediction's evidence is what the noise count reads: both networks of each fold (the
-    # audit's and the probe's, which stops before it memorises) averaged with the linear
-    # reference. The trajectory and its reliability are the audit network's own. Chosen on the
+    # audit's and the probe's, which stops before it memorises) mixed with the linear
+    # reference by skill (`ExampleScores.family_weights`). The trajectory and its reliability are the audit network's own. Chosen on the
     # development datasets (benchmarks/evidence_choices.py: 42 settings, both variants scored on
     # the same audits; figures when chosen, with the neighbours' labels still in the score, the
     # file holds today's): mean F1 at 20-40 % noise 0.672 -> 0.679, AUROC 0.915 -> 0.919, the same

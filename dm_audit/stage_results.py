@@ -17,6 +17,7 @@ import pandas as pd
 
 from dm_audit import correction, estimate, neighbours
 from dm_audit.inference import predict_class_probs
+from dm_audit.metrics import skill_above_chance
 from dm_audit.training import FitResult
 
 
@@ -196,17 +197,27 @@ class ExampleScores:
     reference_skipped: str | None = None
 
     def combined_probs(self) -> np.ndarray:
-        """The audit network's out-of-sample probabilities averaged with the linear
-        reference's (the network's alone without one): what a suggestion's confidence and the
-        automatic-correction gate read."""
-        return mean_of(self.probs, self.reference_probs)
+        """The audit network's out-of-sample probabilities mixed with the linear reference's
+        by their skill (`family_weights`; the network's alone without one): what a
+        suggestion's confidence and the automatic-correction gate read."""
+        return skill_weighted(self.probs, self.reference_probs, self._given())
 
     def ensemble_probs(self) -> np.ndarray:
-        """The network family's probabilities (the audit's and the probe's, averaged)
-        averaged with the linear reference's: what the noise count, the label-issue score's
-        prediction and the suggested class read. Each family weighs half; a missing member is
+        """The network family's probabilities (the audit's and the probe's, averaged) mixed
+        with the linear reference's by their skill (`family_weights`): what the noise count,
+        the label-issue score's prediction and the suggested class read. A missing member is
         left out."""
-        return mean_of(mean_of(self.probs, self.probe_probs), self.reference_probs)
+        return skill_weighted(self._networks(), self.reference_probs, self._given())
+
+    def family_weights(self) -> FamilyWeights | None:
+        """How the ensemble weighs the two model families (None without a linear reference)."""
+        return family_weights(self._networks(), self.reference_probs, self._given())
+
+    def _networks(self) -> np.ndarray:
+        return mean_of(self.probs, self.probe_probs)
+
+    def _given(self) -> np.ndarray:
+        return self.table["given"].to_numpy()
 
     @property
     def folds(self) -> np.ndarray:
@@ -216,6 +227,68 @@ class ExampleScores:
         """Row numbers of each fold, in the order of that fold's embeddings."""
         folds = self.folds
         return [np.flatnonzero(folds == k) for k in range(len(self.embeddings))]
+
+
+@dataclass(frozen=True)
+class FamilyWeights:
+    """The share of the linear reference in the ensemble and the skills it follows from.
+
+    A family's skill is its balanced accuracy on the given labels out of sample above chance
+    (`dm_audit.metrics.skill_above_chance`), measured on the rows where the reference does not
+    abstain; each family weighs in proportion to its skill. A family that learned nothing (a
+    network that memorised a few dozen noisy rows and predicts new ones at chance) then weighs
+    nothing, where an equal share let it halve the evidence of the other and lifted the
+    noise count to what chance predictions imply; two equally good families weigh half each.
+    Chosen on the development datasets (benchmarks/results/evidence_choices.md: tiny tables,
+    where a network is least sure to learn; benchmarks/results/real_dev_choices.md).
+    """
+
+    reference_share: float
+    networks_skill: float
+    reference_skill: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "networks": 1.0 - self.reference_share,
+            "linear_reference": self.reference_share,
+            "networks_skill": self.networks_skill,
+            "linear_reference_skill": self.reference_skill,
+        }
+
+
+def family_weights(
+    networks: np.ndarray, reference: np.ndarray | None, labels: np.ndarray
+) -> FamilyWeights | None:
+    """The two families' weights by their skill (see `FamilyWeights`); None without a
+    reference of the networks' shape. Neither skilled: half each, nothing to choose by."""
+    if reference is None or reference.shape != networks.shape:
+        return None
+    judged = ~np.isnan(reference[:, 0])
+    if judged.all():
+        s_networks = skill_above_chance(networks, labels)
+        s_reference = skill_above_chance(reference, labels)
+    else:
+        s_networks = skill_above_chance(networks[judged], labels[judged])
+        s_reference = skill_above_chance(reference[judged], labels[judged])
+    total = s_networks + s_reference
+    share = 0.5 if total == 0.0 else s_reference / total
+    return FamilyWeights(share, s_networks, s_reference)
+
+
+def skill_weighted(
+    networks: np.ndarray, reference: np.ndarray | None, labels: np.ndarray
+) -> np.ndarray:
+    """`networks` and `reference` mixed by `family_weights`, as float32; `networks` alone
+    without a reference and on the rows where it abstains (a row of NaN)."""
+    weights = family_weights(networks, reference, labels)
+    if weights is None or reference is None:
+        return networks
+    share = weights.reference_share
+    mixed = ((1.0 - share) * networks.astype(np.float64) + share * reference).astype(np.float32)
+    abstains = np.isnan(reference[:, 0])
+    if abstains.any():
+        mixed[abstains] = networks[abstains]
+    return mixed
 
 
 def mean_of(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:

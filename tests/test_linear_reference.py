@@ -88,24 +88,52 @@ def test_which_audits_use_a_reference() -> None:
     assert "1 class(es) with at least" in linear_reference.skip_reason("features", one, 2)
 
 
-def test_combined_and_ensemble_probabilities_weigh_each_family_half() -> None:
-    audit = np.array([[0.8, 0.2], [0.4, 0.6]], dtype=np.float32)
-    probe = np.array([[0.6, 0.4], [0.2, 0.8]], dtype=np.float32)
-    ref = np.array([[0.2, 0.8], [1.0, 0.0]], dtype=np.float32)
-    table = pd.DataFrame({"fold": [0, 1]})
+def test_families_weigh_by_their_skill_on_the_given_labels() -> None:
+    given = np.array([0, 1, 0, 1])
+    audit = np.array([[0.8, 0.2], [0.4, 0.6], [0.7, 0.3], [0.3, 0.7]], dtype=np.float32)
+    probe = np.array([[0.6, 0.4], [0.2, 0.8], [0.9, 0.1], [0.1, 0.9]], dtype=np.float32)
+    ref = np.array([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4], [0.2, 0.8]], dtype=np.float32)
+    table = pd.DataFrame({"fold": [0, 1, 0, 1], "given": given})
+    networks = (audit + probe) / 2
+    # Equally skilled families (every row right: skill 1 - 1/2) weigh half each.
     scores = ExampleScores(table, audit, [], None, probe, ref)
     np.testing.assert_allclose(scores.combined_probs(), (audit + ref) / 2, atol=1e-6)
-    np.testing.assert_allclose(scores.ensemble_probs(), ((audit + probe) / 2 + ref) / 2, atol=1e-6)
+    np.testing.assert_allclose(scores.ensemble_probs(), (networks + ref) / 2, atol=1e-6)
+    assert scores.family_weights().to_dict() == {
+        "networks": 0.5,
+        "linear_reference": 0.5,
+        "networks_skill": 0.5,
+        "linear_reference_skill": 0.5,
+    }
+    # The reference wrong on one row of class 1: balanced accuracy (1 + 1/2) / 2, skill 1/4
+    # against the networks' 1/2, so it weighs a third.
+    weaker = ref.copy()
+    weaker[3] = [0.7, 0.3]
+    mixed = ExampleScores(table, audit, [], None, probe, weaker)
+    assert mixed.family_weights().reference_share == pytest.approx(1 / 3)
+    np.testing.assert_allclose(mixed.ensemble_probs(), networks * 2 / 3 + weaker / 3, atol=1e-6)
+    # Networks that predict one class whatever the row learned nothing: the reference alone.
+    chance = np.tile(np.array([[0.9, 0.1]], dtype=np.float32), (4, 1))
+    blind = ExampleScores(table, chance, [], None, chance, ref)
+    assert blind.family_weights().networks_skill == 0.0
+    np.testing.assert_allclose(blind.ensemble_probs(), ref, atol=1e-6)
+    # Neither family skilled: nothing to choose by, half each.
+    both = ExampleScores(table, chance, [], None, chance, chance[:, ::-1].copy())
+    assert both.family_weights().reference_share == 0.5
+    # Without a reference the networks speak alone.
     alone = ExampleScores(table, audit, [], None, probe, None)
+    assert alone.family_weights() is None
     np.testing.assert_array_equal(alone.combined_probs(), audit)
-    np.testing.assert_allclose(alone.ensemble_probs(), (audit + probe) / 2, atol=1e-6)
-    # Where the reference abstains (a row of NaN), the networks speak alone.
-    abstains = ref.copy()
-    abstains[1] = np.nan
+    np.testing.assert_allclose(alone.ensemble_probs(), networks, atol=1e-6)
+    # Where the reference abstains (a row of NaN) the networks speak alone, and the skills are
+    # judged on the other rows.
+    abstains = weaker.copy()
+    abstains[3] = np.nan
     partial = ExampleScores(table, audit, [], None, probe, abstains)
-    np.testing.assert_allclose(partial.combined_probs()[1], audit[1], atol=1e-6)
-    np.testing.assert_allclose(partial.ensemble_probs()[1], (audit[1] + probe[1]) / 2, atol=1e-6)
-    np.testing.assert_allclose(partial.ensemble_probs()[0], scores.ensemble_probs()[0], atol=1e-6)
+    assert partial.family_weights().reference_share == 0.5
+    np.testing.assert_allclose(partial.combined_probs()[3], audit[3], atol=1e-6)
+    np.testing.assert_allclose(partial.ensemble_probs()[3], networks[3], atol=1e-6)
+    np.testing.assert_allclose(partial.ensemble_probs()[:3], scores.ensemble_probs()[:3], atol=1e-6)
 
 
 def _table(seed: int = 0) -> AuditDataset:
@@ -127,10 +155,14 @@ def test_the_audit_averages_the_reference_in_and_can_switch_it_off() -> None:
     assert isinstance(scores, ExampleScores) and scores.reference_probs is not None
     assert stages["report"].summary["linear_reference"] is True
     assert scores.reference_probs.shape == scores.probs.shape
+    weights = stages["report"].summary["ensemble_weights"]
+    assert weights == scores.family_weights().to_dict()
+    assert weights["networks"] + weights["linear_reference"] == pytest.approx(1.0)
     stages.clear()
     off = AuditConfig(progress=False, epochs=8, retrain=False, linear_reference=False)
     run_audit(dataset, off, on_stage=stages.__setitem__)
     assert stages["scores"].reference_probs is None
+    assert stages["report"].summary["ensemble_weights"] is None
 
 
 def test_the_command_line_switches_the_reference_off() -> None:

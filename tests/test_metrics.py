@@ -158,3 +158,19 @@ def test_paired_accuracy_test_counts_the_discordant_examples():
         paired_accuracy_test(before, after[:-1])
     with pytest.raises(ValueError, match="boolean"):
         paired_accuracy_test(before.astype(int), after)
+
+
+def test_skill_is_balanced_accuracy_above_chance() -> None:
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    eye = np.eye(3)
+    # A perfect model: 1 - 1/2 over the two classes given (class 2 is never given).
+    assert metrics.skill_above_chance(eye[labels], labels) == pytest.approx(0.5)
+    # Always the majority class: 6 of 8 right, but balanced accuracy 1/2: no skill.
+    assert metrics.skill_above_chance(eye[np.zeros(8, dtype=int)], labels) == 0.0
+    # Worse than chance counts as none.
+    assert metrics.skill_above_chance(eye[1 - labels], labels) == 0.0
+    # Half of class 1 right, all of class 0: (1 + 1/2) / 2 - 1/2.
+    predicted = labels.copy()
+    predicted[7] = 0
+    assert metrics.skill_above_chance(eye[predicted], labels) == pytest.approx(0.25)
+    assert metrics.skill_above_chance(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 0.0
