@@ -23,8 +23,8 @@ from dm_audit.stage_results import Corrections, ExampleScores, Flags
 log = logging.getLogger(__name__)
 
 # Sharpens the out-of-sample prediction (the network's, mixed by skill with the linear
-# reference's where there is one) into a suggestion, as ProSelfLC's annealed temperature sharpens its
-# self-knowledge (METHOD.md §3 uses T = 0.5 on image data).
+# reference's where there is one) into a suggestion, as ProSelfLC's annealed temperature
+# sharpens its self-knowledge (METHOD.md §3 uses T = 0.5 on image data).
 SUGGESTION_TEMPERATURE = 0.5
 
 

@@ -244,13 +244,13 @@ def _label_issue_score(
         reliability = flags.dynamics_reliability(mean_p, scores.probs, labels)
         weights["dynamics"] *= reliability
     # The prediction's evidence is what the noise count reads: both networks of each fold (the
-    # audit's and the probe's, which stops before it memorises) mixed with the linear
-    # reference by skill (`ExampleScores.family_weights`). The trajectory and its reliability are the audit network's own. Chosen on the
-    # development datasets (benchmarks/evidence_choices.py: 42 settings, both variants scored on
-    # the same audits; figures when chosen, with the neighbours' labels still in the score, the
-    # file holds today's): mean F1 at 20-40 % noise 0.672 -> 0.679, AUROC 0.915 -> 0.919, the same
-    # flags on clean tables; the gain is largest where the audit network memorised its rows
-    # (tiny, wide table: AUROC 0.79 -> 0.83 at 40 % symmetric noise).
+    # audit's and the probe's, which stops before it memorises) mixed with the linear reference by
+    # skill (`ExampleScores.family_weights`). The trajectory and its reliability are the audit
+    # network's own. Chosen on the development datasets (benchmarks/evidence_choices.py: 42
+    # settings, both variants scored on the same audits; figures when chosen, with the neighbours'
+    # labels still in the score, the file holds today's): mean F1 at 20-40 % noise 0.672 -> 0.679,
+    # AUROC 0.915 -> 0.919, the same flags on clean tables; the gain is largest where the audit
+    # network memorised its rows (tiny, wide table: AUROC 0.79 -> 0.83 at 40 % symmetric noise).
     issue_score = flags.label_issue_scores(
         ensemble[np.arange(len(labels)), labels],
         ensemble,
