@@ -5,9 +5,11 @@ Every development dataset of benchmarks/generality.py runs once per noise settin
 ``data/runs/evidence/``) and the alternatives are scored on that same evidence, so a difference
 between two of them is the choice's alone, not a retraining's:
 
-* **Which probabilities the label-issue score's prediction reads**: the audit network averaged
+* **Which probabilities the label-issue score's prediction reads**: the audit network mixed
   with the linear reference (`ExampleScores.combined_probs`), or both networks of each fold,
-  the probe's too, averaged with it (`ensemble_probs`, what the noise count reads: the default).
+  the probe's too, mixed with it (`ensemble_probs`, what the noise count reads: the default);
+  either family weighs by its skill (`ExampleScores.family_weights`; benchmarks/family_weights.py
+  compares that with equal weights).
   Flags follow the audit's rule: each class's highest scores up to the confident joint's count,
   if at least 0.5.
 * **Whether a flagged row may be suggested its own given label**: the default leaves it out
@@ -166,11 +168,15 @@ def write_cached(path: Path, evidence: dict[str, np.ndarray]) -> None:
 
 
 def prediction_probs(ev: dict[str, np.ndarray], source: str) -> np.ndarray:
-    """The probabilities a score variant reads: ``combined`` or ``ensemble``."""
+    """The probabilities a score variant reads: ``combined`` or ``ensemble``, each network
+    family mixed with the linear reference by their skill, as `ExampleScores` mixes them."""
+    from dm_audit.stage_results import skill_weighted
+
+    reference = ev["reference"] if ev["reference"].size else None
     if source == "combined":
-        return _mean_of(ev["probs"], ev["reference"])
+        return skill_weighted(ev["probs"], reference, ev["given"])
     if source == "ensemble":
-        return _mean_of(_mean_of(ev["probs"], ev["probe"]), ev["reference"])
+        return skill_weighted(_mean_of(ev["probs"], ev["probe"]), reference, ev["given"])
     raise ValueError(f"unknown source {source!r} (choose from {list(SOURCES)})")
 
 

@@ -10,8 +10,9 @@ under ``data/runs/evidence_real/``, with cleanlab + LR's flags on the same noisy
 every alternative is scored on that same evidence:
 
 * ``default``: the audit's rule (the ensemble of both networks of each fold and the linear
-  reference; the in-sample trajectory weighing twice the prediction, scaled by its
-  reliability; each class's highest scores up to the confident joint's count, if at least 0.5);
+  reference, each family weighing by its skill; the in-sample trajectory weighing twice the
+  prediction, scaled by its reliability; each class's highest scores up to the confident
+  joint's count, if at least 0.5);
 * ``dynamics 0`` / ``dynamics 1`` / ``dynamics 4``: the trajectory's weight instead of 2;
 * ``linear only``: the prediction and the count read the linear reference alone, the
   trajectory kept; ``linear only, no dynamics``: the score is the linear reference's margin
@@ -24,6 +25,9 @@ every alternative is scored on that same evidence:
 * ``accuracy-weighted``: the linear reference's share of the ensemble (0, 1/4, 1/2, 3/4 or 1;
   the networks hold the rest) chosen per table as the one whose out-of-sample prediction
   agrees most often with the given labels, ties going to the default's 1/2;
+* ``equal weights``: the networks and the linear reference weigh half each in the ensemble
+  (the default weighs each family by its skill, its balanced accuracy on the given labels out
+  of sample above chance: `dm_audit.stage_results.FamilyWeights`);
 * ``count from the networks``: the count reads the networks alone (the score the ensemble);
 * ``every model doubts``: the default's flags plus every row that each out-of-sample model
   (the audit network, the probe, the linear reference) predicts as another class, whose
@@ -181,6 +185,7 @@ def variants(ev: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarra
     calibrated = (np.mean(nets, axis=0) + linear) / 2.0
     out["calibrated nets"] = flag_rule(ev, calibrated)
     out["accuracy-weighted"] = flag_rule(ev, accuracy_weighted(networks, linear, given))
+    out["equal weights"] = flag_rule(ev, (networks + linear) / 2.0)
     return out
 
 
@@ -237,6 +242,7 @@ VARIANTS = (
     "linear if better",
     "calibrated nets",
     "accuracy-weighted",
+    "equal weights",
     "count from the networks",
     "every model doubts",
     "gate: both lean",
