@@ -304,14 +304,15 @@ def skill_above_chance(probs: np.ndarray, labels: np.ndarray) -> float:
 
     Chance is 1/K over the K classes present in `labels`: the balanced accuracy of any predictor
     that ignores its input (see `balanced_accuracy_vs_chance`), however imbalanced the classes.
-    So the skill is 0 for a model that learned nothing and ``1 - 1/K`` for a perfect one, and
-    two models rank the same by it on noisy labels as on clean ones when the noise does not
-    depend on the input (it then scales every class's recall towards chance alike).
+    So the skill is 0 for a model that learned nothing and ``1 - 1/K`` for a perfect one.
+    Measured on noisy labels it is lower than on clean ones; under symmetric noise on balanced
+    classes every recall shrinks towards chance alike, so two models keep their order (other
+    noise shrinks the classes unevenly, and the order holds only roughly).
 
     Parameters
     ----------
-    probs : np.ndarray, shape (N, C)
-        Class probabilities (out of sample, for a fair measure).
+    probs : np.ndarray, shape (N, C) or (N,)
+        Class probabilities (out of sample, for a fair measure), or the predicted classes.
     labels : np.ndarray, shape (N,)
         Given labels as non-negative integer codes.
 
@@ -328,7 +329,8 @@ def skill_above_chance(probs: np.ndarray, labels: np.ndarray) -> float:
     codes = np.asarray(labels, dtype=np.int64)
     if codes.size == 0:
         return 0.0
-    predicted = np.asarray(probs).argmax(axis=1)
+    probs = np.asarray(probs)
+    predicted = probs if probs.ndim == 1 else probs.argmax(axis=1)
     counts = np.bincount(codes)
     hits = np.bincount(codes[predicted == codes], minlength=counts.size)
     present = counts > 0

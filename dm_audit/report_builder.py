@@ -154,7 +154,7 @@ def _summary(
     """summary.json: how the input was read, the estimates and choices, counts and quality."""
     given = scores.table["given"].to_numpy()
     source = corrections.table["correction_source"].value_counts()
-    weights = scores.family_weights()
+    weights = scores.family_weights
     summary: dict[str, Any] = {
         "source": data.source,
         "input": data.notes,
@@ -164,7 +164,7 @@ def _summary(
             "folds": CROSSFIT_FOLDS,
             "rows_per_fold": np.bincount(scores.folds, minlength=CROSSFIT_FOLDS).tolist(),
         },
-        # Whether the flags and suggestions averaged in the linear reference model's
+        # Whether the flags and suggestions mixed in the linear reference model's
         # out-of-sample probabilities (dm_audit.linear_reference), why not, and the classes too
         # small for it, whose rows the networks audit alone.
         "linear_reference": scores.reference_probs is not None,

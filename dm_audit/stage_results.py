@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -198,26 +199,28 @@ class ExampleScores:
 
     def combined_probs(self) -> np.ndarray:
         """The audit network's out-of-sample probabilities mixed with the linear reference's
-        by their skill (`family_weights`; the network's alone without one): what a
-        suggestion's confidence and the automatic-correction gate read."""
-        return skill_weighted(self.probs, self.reference_probs, self._given())
+        by `family_weights` (the network's alone without one): what a suggestion's confidence
+        and the automatic-correction gate read."""
+        return mix_families(self.probs, self.reference_probs, self.family_weights)
 
     def ensemble_probs(self) -> np.ndarray:
         """The network family's probabilities (the audit's and the probe's, averaged) mixed
-        with the linear reference's by their skill (`family_weights`): what the noise count,
-        the label-issue score's prediction and the suggested class read. A missing member is
-        left out."""
-        return skill_weighted(self._networks(), self.reference_probs, self._given())
+        with the linear reference's by `family_weights`: what the noise count, the label-issue
+        score's prediction and the suggested class read. A missing member is left out."""
+        return mix_families(
+            mean_of(self.probs, self.probe_probs), self.reference_probs, self.family_weights
+        )
 
+    @cached_property
     def family_weights(self) -> FamilyWeights | None:
-        """How the ensemble weighs the two model families (None without a linear reference)."""
-        return family_weights(self._networks(), self.reference_probs, self._given())
-
-    def _networks(self) -> np.ndarray:
-        return mean_of(self.probs, self.probe_probs)
-
-    def _given(self) -> np.ndarray:
-        return self.table["given"].to_numpy()
+        """How the two model families weigh, by the network family's skill (the audit's and
+        the probe's networks, averaged) and the reference's; None without a reference. Found
+        once: the flags, the corrections and the report all read the same weights."""
+        return family_weights(
+            mean_of(self.probs, self.probe_probs),
+            self.reference_probs,
+            self.table["given"].to_numpy(),
+        )
 
     @property
     def folds(self) -> np.ndarray:
@@ -235,24 +238,28 @@ class FamilyWeights:
 
     A family's skill is its balanced accuracy on the given labels out of sample above chance
     (`dm_audit.metrics.skill_above_chance`), measured on the rows where the reference does not
-    abstain; each family weighs in proportion to its skill. A family that learned nothing (a
-    network that memorised a few dozen noisy rows and predicts new ones at chance) then weighs
-    nothing, where an equal share let it halve the evidence of the other and lifted the
-    noise count to what chance predictions imply; two equally good families weigh half each.
-    Chosen on the development datasets (benchmarks/results/evidence_choices.md: tiny tables,
-    where a network is least sure to learn; benchmarks/results/real_dev_choices.md).
+    abstain (`judged_rows`); each family weighs in proportion to its skill. A family that
+    learned nothing (a network that memorised a few dozen noisy rows and predicts new ones at
+    chance) then weighs nothing, where an equal share let it halve the evidence of the other
+    and lifted the noise count to what chance predictions imply; two equally good families
+    weigh half each, and so do two with no skill (nothing to choose by). Chosen against equal
+    weights on development tables only, scored on the same audits
+    (benchmarks/results/family_weights.md; the real development tables:
+    benchmarks/results/real_dev_choices.md, "equal weights").
     """
 
     reference_share: float
     networks_skill: float
     reference_skill: float
+    judged_rows: int
 
     def to_dict(self) -> dict[str, float]:
         return {
-            "networks": 1.0 - self.reference_share,
-            "linear_reference": self.reference_share,
+            "networks_share": 1.0 - self.reference_share,
+            "linear_reference_share": self.reference_share,
             "networks_skill": self.networks_skill,
             "linear_reference_skill": self.reference_skill,
+            "judged_rows": self.judged_rows,
         }
 
 
@@ -260,27 +267,27 @@ def family_weights(
     networks: np.ndarray, reference: np.ndarray | None, labels: np.ndarray
 ) -> FamilyWeights | None:
     """The two families' weights by their skill (see `FamilyWeights`); None without a
-    reference of the networks' shape. Neither skilled: half each, nothing to choose by."""
+    reference of the networks' shape or where it abstains on every row."""
     if reference is None or reference.shape != networks.shape:
         return None
     judged = ~np.isnan(reference[:, 0])
-    if judged.all():
-        s_networks = skill_above_chance(networks, labels)
-        s_reference = skill_above_chance(reference, labels)
-    else:
-        s_networks = skill_above_chance(networks[judged], labels[judged])
-        s_reference = skill_above_chance(reference[judged], labels[judged])
+    if not judged.any():
+        return None
+    # Predictions first, then the judged rows: no N x C copy when the reference abstains.
+    labels = np.asarray(labels)[judged]
+    s_networks = skill_above_chance(networks.argmax(axis=1)[judged], labels)
+    s_reference = skill_above_chance(reference.argmax(axis=1)[judged], labels)
     total = s_networks + s_reference
     share = 0.5 if total == 0.0 else s_reference / total
-    return FamilyWeights(share, s_networks, s_reference)
+    return FamilyWeights(share, s_networks, s_reference, int(judged.sum()))
 
 
-def skill_weighted(
-    networks: np.ndarray, reference: np.ndarray | None, labels: np.ndarray
+def mix_families(
+    networks: np.ndarray, reference: np.ndarray | None, weights: FamilyWeights | None
 ) -> np.ndarray:
-    """`networks` and `reference` mixed by `family_weights`, as float32; `networks` alone
-    without a reference and on the rows where it abstains (a row of NaN)."""
-    weights = family_weights(networks, reference, labels)
+    """`networks` and `reference` mixed by `weights` (`family_weights`), as float32;
+    `networks` as they are without weights and on the rows where the reference abstains (a
+    row of NaN)."""
     if weights is None or reference is None:
         return networks
     share = weights.reference_share
@@ -289,6 +296,13 @@ def skill_weighted(
     if abstains.any():
         mixed[abstains] = networks[abstains]
     return mixed
+
+
+def skill_weighted(
+    networks: np.ndarray, reference: np.ndarray | None, labels: np.ndarray
+) -> np.ndarray:
+    """`networks` and `reference` mixed by their own `family_weights` on `labels`."""
+    return mix_families(networks, reference, family_weights(networks, reference, labels))
 
 
 def mean_of(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:

@@ -67,7 +67,9 @@ _LOCK = "lock.json"
 _FORMAT = "dm_audit.work"
 # 2: feature tables' heavy-tailed columns are read by rank (dm_audit.heavy_tails); a run
 # begun on the raw columns must not continue on mapped ones.
-_FORMAT_VERSION = 2
+# 3: the model families weigh by skill in the ensemble (ExampleScores.family_weights); flags
+# stored under equal weights must not meet corrections made under skill weights.
+_FORMAT_VERSION = 3
 # Options that cannot change a report: a run may resume with them changed.
 _IGNORED_OPTIONS = frozenset({"progress"})
 

@@ -88,7 +88,8 @@ def test_eighty_rows_where_a_network_may_learn_nothing() -> None:
         given[flip] = 1 - truth[flip]
         report, flagged, _ = _audit(x.astype(np.float32), given, truth, retrain=False)
         weights = report.summary["ensemble_weights"]
-        assert weights["networks"] + weights["linear_reference"] == pytest.approx(1.0)
+        if weights["networks_skill"] < weights["linear_reference_skill"]:
+            assert weights["linear_reference_share"] > 0.5  # the better family weighs more
         scores.append(_f1(given != truth, flagged))
     assert np.mean(scores) >= 0.82  # measured 0.887 (0.750 with equal weights)
     assert min(scores) >= 0.7

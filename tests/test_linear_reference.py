@@ -99,30 +99,40 @@ def test_families_weigh_by_their_skill_on_the_given_labels() -> None:
     scores = ExampleScores(table, audit, [], None, probe, ref)
     np.testing.assert_allclose(scores.combined_probs(), (audit + ref) / 2, atol=1e-6)
     np.testing.assert_allclose(scores.ensemble_probs(), (networks + ref) / 2, atol=1e-6)
-    assert scores.family_weights().to_dict() == {
-        "networks": 0.5,
-        "linear_reference": 0.5,
+    assert scores.family_weights.to_dict() == {
+        "networks_share": 0.5,
+        "linear_reference_share": 0.5,
         "networks_skill": 0.5,
         "linear_reference_skill": 0.5,
+        "judged_rows": 4,
     }
     # The reference wrong on one row of class 1: balanced accuracy (1 + 1/2) / 2, skill 1/4
     # against the networks' 1/2, so it weighs a third.
     weaker = ref.copy()
     weaker[3] = [0.7, 0.3]
     mixed = ExampleScores(table, audit, [], None, probe, weaker)
-    assert mixed.family_weights().reference_share == pytest.approx(1 / 3)
+    assert mixed.family_weights.reference_share == pytest.approx(1 / 3)
     np.testing.assert_allclose(mixed.ensemble_probs(), networks * 2 / 3 + weaker / 3, atol=1e-6)
     # Networks that predict one class whatever the row learned nothing: the reference alone.
     chance = np.tile(np.array([[0.9, 0.1]], dtype=np.float32), (4, 1))
     blind = ExampleScores(table, chance, [], None, chance, ref)
-    assert blind.family_weights().networks_skill == 0.0
+    assert blind.family_weights.networks_skill == 0.0
     np.testing.assert_allclose(blind.ensemble_probs(), ref, atol=1e-6)
+    # The audit network alone at chance, the probe right: the family (their mean) is judged,
+    # and the suggestions' confidence mixes the audit network by the same weights.
+    flat = np.tile(np.array([[0.6, 0.4]], dtype=np.float32), (4, 1))
+    lone = ExampleScores(table, flat, [], None, probe, weaker)
+    family = (flat + probe) / 2
+    assert lone.family_weights.networks_skill == 0.5  # the mean still predicts every row
+    assert lone.family_weights.reference_share == pytest.approx(1 / 3)
+    np.testing.assert_allclose(lone.combined_probs(), flat * 2 / 3 + weaker / 3, atol=1e-6)
+    np.testing.assert_allclose(lone.ensemble_probs(), family * 2 / 3 + weaker / 3, atol=1e-6)
     # Neither family skilled: nothing to choose by, half each.
     both = ExampleScores(table, chance, [], None, chance, chance[:, ::-1].copy())
-    assert both.family_weights().reference_share == 0.5
+    assert both.family_weights.reference_share == 0.5
     # Without a reference the networks speak alone.
     alone = ExampleScores(table, audit, [], None, probe, None)
-    assert alone.family_weights() is None
+    assert alone.family_weights is None
     np.testing.assert_array_equal(alone.combined_probs(), audit)
     np.testing.assert_allclose(alone.ensemble_probs(), networks, atol=1e-6)
     # Where the reference abstains (a row of NaN) the networks speak alone, and the skills are
@@ -130,10 +140,15 @@ def test_families_weigh_by_their_skill_on_the_given_labels() -> None:
     abstains = weaker.copy()
     abstains[3] = np.nan
     partial = ExampleScores(table, audit, [], None, probe, abstains)
-    assert partial.family_weights().reference_share == 0.5
+    assert partial.family_weights.reference_share == 0.5
+    assert partial.family_weights.judged_rows == 3
     np.testing.assert_allclose(partial.combined_probs()[3], audit[3], atol=1e-6)
     np.testing.assert_allclose(partial.ensemble_probs()[3], networks[3], atol=1e-6)
     np.testing.assert_allclose(partial.ensemble_probs()[:3], scores.ensemble_probs()[:3], atol=1e-6)
+    # A reference that abstains on every row leaves the networks alone.
+    silent = ExampleScores(table, audit, [], None, probe, np.full_like(ref, np.nan))
+    assert silent.family_weights is None
+    np.testing.assert_allclose(silent.ensemble_probs(), networks, atol=1e-6)
 
 
 def _table(seed: int = 0) -> AuditDataset:
@@ -146,7 +161,7 @@ def _table(seed: int = 0) -> AuditDataset:
     return AuditDataset.from_arrays(noisy, features=x.astype(np.float32), classes=["a", "b", "c"])
 
 
-def test_the_audit_averages_the_reference_in_and_can_switch_it_off() -> None:
+def test_the_audit_mixes_the_reference_in_and_can_switch_it_off() -> None:
     dataset = _table()
     stages: dict[str, object] = {}
     config = AuditConfig(progress=False, epochs=8, retrain=False)
@@ -155,9 +170,20 @@ def test_the_audit_averages_the_reference_in_and_can_switch_it_off() -> None:
     assert isinstance(scores, ExampleScores) and scores.reference_probs is not None
     assert stages["report"].summary["linear_reference"] is True
     assert scores.reference_probs.shape == scores.probs.shape
+    # The report's weights follow from the two families' out-of-sample predictions.
     weights = stages["report"].summary["ensemble_weights"]
-    assert weights == scores.family_weights().to_dict()
-    assert weights["networks"] + weights["linear_reference"] == pytest.approx(1.0)
+    given = dataset.label_codes()
+    networks = (scores.probs + scores.probe_probs) / 2
+    skills = [
+        np.mean([np.mean(p.argmax(axis=1)[given == k] == k) for k in range(3)]) - 1 / 3
+        for p in (networks, scores.reference_probs)
+    ]
+    assert weights["networks_skill"] == pytest.approx(max(skills[0], 0.0))
+    assert weights["linear_reference_skill"] == pytest.approx(max(skills[1], 0.0))
+    assert weights["linear_reference_share"] == pytest.approx(
+        weights["linear_reference_skill"]
+        / (weights["networks_skill"] + weights["linear_reference_skill"])
+    )
     stages.clear()
     off = AuditConfig(progress=False, epochs=8, retrain=False, linear_reference=False)
     run_audit(dataset, off, on_stage=stages.__setitem__)
