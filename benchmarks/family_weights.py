@@ -9,10 +9,16 @@ evidence, cached by benchmarks/evidence_choices.py), so a difference is the weig
 
 * ``dev datasets``: the feature tables of benchmarks/generality.py's development split, clean
   and at 20 / 40 % symmetric, pair and instance-dependent noise;
-* ``small, one cluster`` and ``small, two clusters``: `make_classification` tables of 80 to 250
+* ``small, one cluster`` and ``small, two clusters``: `make_classification` tables of 80 to 200
   rows, six seeds each, clean and at 20 % of each noise: the size where a network that learns
-  from half of the rows is least sure to learn anything (two clusters per class: classes a
-  linear model cannot separate, where the reference is the weaker family).
+  from half of the rows is least sure to learn anything (two clusters per class: classes no
+  single line separates, which costs the linear reference more than the networks).
+
+Besides the flags (F1, AUROC, share of a clean table flagged), each weighting's suggestions:
+the share of correctly flagged rows whose suggested label is the true one, and the share of
+labels right after the automatic corrections (a suggestion at least as confident as the
+default floor, read from the audit network mixed with the reference by the same weights; the
+correction gate is not applied here).
 
 cleanlab + LR runs on the same noisy labels for scale. Test datasets are never run here.
 
@@ -33,7 +39,10 @@ import siblings  # benchmarks/siblings.py: the sibling scripts' loader
 from sklearn.datasets import make_classification
 from sklearn.metrics import f1_score, roc_auc_score
 
-from dm_audit.stage_results import family_weights, mean_of
+from dm_audit import correction
+from dm_audit.config import AuditConfig
+from dm_audit.stage_correction import SUGGESTION_TEMPERATURE
+from dm_audit.stage_results import family_weights, mean_of, mix_families
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "family_weights.md"
@@ -71,14 +80,20 @@ def _small_spec(shape: Sequence[float], clusters: int) -> SimpleNamespace:
     return SimpleNamespace(name=f"small-{rows}x{features}-{classes}c-{clusters}k", build=build)
 
 
-def ensembles(ev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The ensemble each weighting reads, and the reference's share under the skill rule."""
+def weightings(ev: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each weighting's (ensemble, confidence) probabilities: the ensemble the flags, the
+    count and the suggested class read (both networks with the reference), and the audit
+    network with the reference, which a suggestion's confidence reads."""
     ec = siblings.load("evidence_choices")
     networks = ec._mean_of(ev["probs"], ev["probe"])
     reference = ev["reference"] if ev["reference"].size else None
+    weights = family_weights(networks, reference, ev["given"])
     return {
-        "skill": ec.prediction_probs(ev, "ensemble"),
-        "equal": mean_of(networks, reference),
+        "skill": (
+            mix_families(networks, reference, weights),
+            mix_families(ev["probs"], reference, weights),
+        ),
+        "equal": (mean_of(networks, reference), mean_of(ev["probs"], reference)),
     }
 
 
@@ -90,16 +105,30 @@ def reference_share(ev: dict[str, np.ndarray]) -> float | None:
 
 
 def measure(ev: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Each weighting's F1, AUROC and share flagged on one audit's evidence."""
+    """Each weighting's flags and suggestions on one audit's evidence."""
     ec = siblings.load("evidence_choices")
-    wrong = ev["given"] != ev["truth"]
+    given, truth = ev["given"], ev["truth"]
+    wrong = given != truth
+    floor = AuditConfig().min_correction_confidence
     out: dict[str, Any] = {"reference_share": reference_share(ev)}
-    for name, probs in ensembles(ev).items():
-        score, flagged = ec.flag_rule(ev, probs, probs, ec.audit_weights(ev))
+    for name, (ensemble, confident) in weightings(ev).items():
+        score, flagged = ec.flag_rule(ev, ensemble, ensemble, ec.audit_weights(ev))
         out[f"flagged {name}"] = float(flagged.mean())
+        suggested, confidence = correction.suggest_labels(
+            ensemble,
+            temperature=SUGGESTION_TEMPERATURE,
+            knn_votes=ev["votes"],
+            given=given,
+            flagged=flagged,
+            confidence_probs=confident,
+        )
+        applied = flagged & (suggested != given) & (confidence >= floor)
+        out[f"right after {name}"] = float((np.where(applied, suggested, given) == truth).mean())
         if wrong.any():
             out[f"f1 {name}"] = float(f1_score(wrong, flagged))
             out[f"auroc {name}"] = float(roc_auc_score(wrong, score))
+            if (caught := flagged & wrong).any():
+                out[f"suggestion {name}"] = float((suggested[caught] == truth[caught]).mean())
     return out
 
 
@@ -154,17 +183,20 @@ def _mean(rows: Sequence[dict[str, Any]], key: str) -> str:
 
 
 def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Per group: mean F1 and AUROC at 20-40 % noise, share flagged on clean tables."""
+    """Per group: mean F1 and AUROC at 20-40 % noise, share flagged on clean tables, the
+    suggestions' accuracy at 20 % noise and the labels right after the corrections."""
     lines = [
         "| group | audits | F1 skill | F1 equal | F1 cleanlab + LR | AUROC skill | AUROC equal "
         "| flagged clean, skill | flagged clean, equal | flagged clean, cleanlab + LR "
-        "| settings where skill / equal is higher |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| settings where skill / equal is higher | suggestion right, skill / equal "
+        "| labels right after, skill / equal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for group in dict.fromkeys(r["group"] for r in rows):
         part = [r for r in rows if r["group"] == group]
         noisy = [r for r in part if r["noise"] > 0]
         clean = [r for r in part if r["noise"] == 0]
+        at20 = [r for r in noisy if r["setting"].endswith("20%")]
         better = sum(r["f1 skill"] > r["f1 equal"] + 1e-9 for r in noisy)
         worse = sum(r["f1 skill"] < r["f1 equal"] - 1e-9 for r in noisy)
         lines.append(
@@ -172,7 +204,9 @@ def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"| {_mean(noisy, 'f1 cleanlab + LR')} | {_mean(noisy, 'auroc skill')} "
             f"| {_mean(noisy, 'auroc equal')} | {_mean(clean, 'flagged skill')} "
             f"| {_mean(clean, 'flagged equal')} | {_mean(clean, 'flagged cleanlab + LR')} "
-            f"| {better} / {worse} |"
+            f"| {better} / {worse} "
+            f"| {_mean(at20, 'suggestion skill')} / {_mean(at20, 'suggestion equal')} "
+            f"| {_mean(part, 'right after skill')} / {_mean(part, 'right after equal')} |"
         )
     return lines
 
@@ -203,8 +237,10 @@ def write(rows: list[dict[str, Any]], out: Path, command: str, seed: int, clock:
         "`skill`: each family weighs by its balanced accuracy on the given labels out of sample "
         "above chance (the default); `equal`: half each. Both read the same audits; F1 and AUROC "
         "are means over the settings with noise, `flagged clean` the mean share of a clean "
-        "table's rows flagged. The reference share is the linear reference's weight under "
-        "`skill` (0.5 is the `equal` rule).",
+        "table's rows flagged, `suggestion right` the share of correctly flagged rows at 20 % "
+        "noise whose suggestion is the true label, `labels right after` the share of labels "
+        "right after the automatic corrections (every setting). The reference share is the "
+        "linear reference's weight under `skill` (0.5 is the `equal` rule).",
         "",
         *summary_lines(rows),
         "",
