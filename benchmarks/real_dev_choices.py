@@ -24,7 +24,7 @@ every alternative is scored on that same evidence:
   (one temperature per network, fitted by log-loss) before the ensemble;
 * ``accuracy-weighted``: the linear reference's share of the ensemble (0, 1/4, 1/2, 3/4 or 1;
   the networks hold the rest) chosen per table as the one whose out-of-sample prediction
-  agrees most often with the given labels, ties going to the default's 1/2;
+  agrees most often with the given labels, ties going to 1/2 (the equal weights);
 * ``equal weights``: the networks and the linear reference weigh half each in the ensemble
   (the default weighs each family by its skill, its balanced accuracy on the given labels out
   of sample above chance: `dm_audit.stage_results.FamilyWeights`);
@@ -74,7 +74,7 @@ RATES = (0.0, 0.2, 0.4)
 CACHE_VERSION = 1
 KINDS = ("symmetric", "pair", "instance")
 # The linear reference's shares of the ensemble `accuracy_weighted` chooses from: the
-# default's 1/2 and the quarters on either side, the networks alone and the reference alone.
+# equal weights' 1/2 and the quarters on either side, the networks alone and the reference alone.
 ACCURACY_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 

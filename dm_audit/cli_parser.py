@@ -225,7 +225,7 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-linear-reference",
         action="store_true",
-        help="score with the DM networks alone: no cross-fitted logistic regression averaged "
+        help="score with the DM networks alone: no cross-fitted logistic regression mixed "
         "into the flags and suggestions of a feature table",
     )
 

@@ -63,10 +63,10 @@ class AuditConfig:
     knn_k : int
         Neighbours per example for the embedding-space label agreement and OOD distance.
     linear_reference : bool
-        Average a cross-fitted logistic regression's out-of-sample probabilities with the
-        network's for the flags, the noise count and the suggested labels
-        (`dm_audit.linear_reference`; feature tables up to 200,000 rows whose every class has
-        at least 10 rows).
+        Mix a cross-fitted logistic regression's out-of-sample probabilities with the
+        networks' (each family weighing by its skill) for the flags, the noise count and the
+        suggested labels (`dm_audit.linear_reference`; feature tables up to 200,000 rows whose
+        every class has at least 10 rows).
     retrain : bool
         Retrain on the corrected labels (the final model); False stops after the corrections.
     progress : bool

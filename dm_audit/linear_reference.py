@@ -4,19 +4,23 @@ The audit's network sees every row out of sample through two-fold cross-fitting,
 model learns from half of the rows. On small tables that is where it is weakest: a linear model
 (multinomial logistic regression on standardised features) has far fewer parameters to fit from
 the same rows and errs differently. `reference_probs` cross-fits one on `REFERENCE_FOLDS`
-stratified folds; the flags, the noise count and the suggested labels then read the mean of the
-two families' probabilities (`dm_audit.stage_results.ExampleScores.ensemble_probs` for the flags,
-the count and the suggested class, `combined_probs` for a suggestion's confidence), while the
-per-row p_i, emphasis weight and training dynamics stay the DM network's.
+stratified folds; the flags, the noise count and the suggested labels then read a mix of the
+two families' probabilities, each weighing by its skill
+(`dm_audit.stage_results.ExampleScores.ensemble_probs` for the flags, the count and the
+suggested class, `combined_probs` for a suggestion's confidence), while the per-row p_i,
+emphasis weight and training dynamics stay the DM network's.
 
 Chosen on the development split of benchmarks/generality.py (results/generality.md): the
 label-issue ranking's AUROC at 20-40 % noise rose from 0.908 to 0.919 (mean), rows flagged on
 clean tables fell from 3.6 to 2.1 % (mean), and the suggested label of a correctly flagged row
 at 20 % noise was the true one more often (92 -> 94 %); the mean F1 moved from 0.688 to 0.681,
 as fewer rows are counted under instance-dependent noise that a logistic regression chose.
-Equal weights: a stacking weight fitted to the noisy labels' log-loss gave a lower F1 on the same
-tables. Images keep the network alone: a linear model of raw pixels
-is not a reference worth averaging with a convolutional network.
+Those figures are for equal weights. The two families now weigh by their skill on the given
+labels (`dm_audit.stage_results.FamilyWeights`), which keeps a network that learned nothing on a
+small table from halving the reference's evidence (benchmarks/results/family_weights.md); a
+stacking weight fitted to the noisy labels' log-loss had given a lower F1 than equal weights.
+Images keep the network alone: a linear model of raw pixels is not a reference worth averaging
+with a convolutional network.
 
 A class with too few rows for five fold models (`MIN_CLASS_ROWS`) is left to the network: the
 reference is fitted on the other classes' rows, gives the small class probability 0, and

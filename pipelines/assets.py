@@ -199,6 +199,9 @@ def example_scores(
         "mean_p_given": float(table["p_given"].mean()),
         "share_predicted_as_given": float((table["predicted"] == table["given"]).mean()),
     }
+    if result.family_weights is not None:
+        # How the flags will weigh the networks against the linear reference.
+        meta["linear_reference_share"] = result.family_weights.reference_share
     return dg.Output(result, metadata=scalar_metadata(meta))
 
 

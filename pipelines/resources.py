@@ -122,9 +122,9 @@ class AuditSettings(dg.ConfigurableResource):
     linear_reference: bool = Field(
         default=True,
         description=(
-            "Average a cross-fitted logistic regression's out-of-sample probabilities with the "
-            "network's for the flags and suggestions (feature tables up to 200,000 rows whose "
-            "every class has at least 10 rows)."
+            "Mix a cross-fitted logistic regression's out-of-sample probabilities with the "
+            "networks' (each family weighing by its skill) for the flags and suggestions "
+            "(feature tables up to 200,000 rows whose every class has at least 10 rows)."
         ),
     )
     max_flag_rate_ratio: float = Field(
